@@ -1,0 +1,179 @@
+"""`ModelConfig`: every architectural choice of a hydra_jax model, as data.
+
+One frozen, keyword-only, hashable dataclass describes Chinchilla-style,
+GPT-2, Llama and GPT-NeoX/Pythia decoders alike. Model code branches only on
+these typed fields, never on a family name. Because the config is hashable it
+is passed to `jax.jit` as a static argument.
+
+Field names follow TransformerLens (`d_model, n_layers, n_heads, d_head,
+d_mlp, d_vocab, n_ctx`) so researchers who know that convention can read a
+config at a glance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+Norm = Literal["rms", "layer"]
+Mlp = Literal["gelu", "gelu_tanh", "swiglu"]
+Positions = Literal["rotary", "learned"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+_NORMS = ("rms", "layer")
+_MLPS = ("gelu", "gelu_tanh", "swiglu")
+_POSITIONS = ("rotary", "learned")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and family conventions of a pre-norm residual decoder.
+
+    Attributes:
+        d_model: width of the residual stream (D).
+        n_layers: number of transformer blocks (L).
+        n_heads: number of query heads (H).
+        d_head: width of one head (K).
+        d_mlp: hidden width of the MLP (F).
+        d_vocab: vocabulary size (V).
+        n_ctx: longest sequence the model accepts (learned positions have
+            exactly this many rows; rotary models refuse longer prompts too).
+        n_kv_heads: key/value heads (G); `None` means `n_heads` (multi-head
+            attention); fewer gives grouped-query attention.
+        norm: "rms" (RMSNorm: x / rms(x) * g) or "layer" (LayerNorm:
+            (x - mean) / std * g + b).
+        norm_eps: epsilon inside the norm's square root.
+        mlp: "gelu" (exact erf GELU), "gelu_tanh" (tanh approximation, as in
+            GPT-2) or "swiglu" (silu(x W_gate) * (x W_in), as in Llama).
+        positions: "rotary" or "learned" absolute position embeddings.
+        rotary_fraction: fraction of each head's dimensions that are rotated
+            (1.0 for Llama, 0.25 for Pythia); must give an even number of dims.
+        rotary_base: the rotary frequency base (theta).
+        parallel_residual: if True the MLP reads the same residual as the
+            attention (GPT-NeoX / Pythia), otherwise it reads z + a.
+        use_bias: biases on every linear map (GPT-2, Pythia) or none.
+        tie_embeddings: unembedding is the transpose of the embedding.
+        dropout: dropout rate on attention probabilities and on the attention
+            and MLP outputs; only active when a dropout key is given.
+        dtype: compute dtype ("bfloat16" for mixed precision). Norm
+            statistics, softmax and logits are always computed in float32.
+        param_dtype: storage dtype of the parameters.
+        init_std: standard deviation of the normal weight initialisation.
+    """
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    n_kv_heads: int | None = None
+    norm: Norm = "rms"
+    norm_eps: float = 1e-6
+    mlp: Mlp = "gelu"
+    positions: Positions = "rotary"
+    rotary_fraction: float = 1.0
+    rotary_base: float = 10_000.0
+    parallel_residual: bool = False
+    use_bias: bool = False
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}.")
+        if self.n_kv_heads is not None:
+            if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0:
+                raise ValueError(
+                    f"ModelConfig.n_kv_heads must be a positive int or None, got {self.n_kv_heads!r}."
+                )
+            if self.n_heads % self.n_kv_heads:
+                raise ValueError(
+                    f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                    f"({self.n_kv_heads}) for grouped-query attention."
+                )
+        _check_choice("norm", self.norm, _NORMS)
+        _check_choice("mlp", self.mlp, _MLPS)
+        _check_choice("positions", self.positions, _POSITIONS)
+        _check_choice("dtype", self.dtype, _DTYPES)
+        _check_choice("param_dtype", self.param_dtype, _DTYPES)
+        if not self.norm_eps > 0:
+            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        if not self.init_std > 0:
+            raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std!r}.")
+        if self.positions == "rotary":
+            if not 0.0 < self.rotary_fraction <= 1.0:
+                raise ValueError(
+                    f"ModelConfig.rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}."
+                )
+            if self.rotary_dim % 2 or self.rotary_dim == 0:
+                raise ValueError(
+                    f"rotary_fraction * d_head = {self.rotary_fraction} * {self.d_head} must give "
+                    f"a positive even number of rotated dims (got {self.rotary_dim}); pick a "
+                    "fraction that does."
+                )
+            if not self.rotary_base > 0:
+                raise ValueError(f"ModelConfig.rotary_base must be > 0, got {self.rotary_base!r}.")
+
+    # Derived quantities: properties, so they can never disagree with the fields.
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (G)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that rotary embeddings rotate."""
+        return round(self.rotary_fraction * self.d_head)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build a config from a mapping, naming unknown or missing keys."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig keys {unknown}; allowed keys are {sorted(fields)}.")
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"ModelConfig is missing required keys {missing}.")
+        return cls(**data)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {value!r}.")

@@ -1,0 +1,142 @@
+"""Pure layer primitives: norms, rotary embeddings, attention, MLPs.
+
+Functions of arrays only (no modules, no state), shared by the scanned model,
+the unrolled reference forward and the effect-matrix engine. Axis letters are
+those of `hydra_jax.sites`. Statistics that are numerically delicate (norm
+moments, softmax) are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hydra_jax.config import ModelConfig
+
+Array = jax.Array
+# Added to masked attention scores; finite so fully masked rows (padding
+# queries) stay NaN-free.
+MASK_VALUE = -1e30
+
+
+def norm_scale(x: Array, config: ModelConfig) -> Array:
+    """The norm's multiplicative factor 1/rms(x) (RMSNorm) or 1/std(x) (LayerNorm).
+
+    Args:
+        x: [..., D].
+    Returns:
+        [...] float32: the factor the (centred) input is multiplied by.
+    """
+    x = x.astype(jnp.float32)
+    if config.norm == "layer":
+        x = x - x.mean(-1, keepdims=True)
+    return jax.lax.rsqrt(jnp.mean(x * x, axis=-1) + config.norm_eps)
+
+
+def apply_norm(x: Array, scale: Array, gain: Array, bias: Array | None, config: ModelConfig) -> Array:
+    """Normalise `x` [..., D] with a precomputed `scale` [...] (see `norm_scale`).
+
+    Splitting the factor out lets the effect engine hold the final norm's
+    scale fixed at its clean value.
+    """
+    x = x.astype(jnp.float32)
+    if config.norm == "layer":
+        x = x - x.mean(-1, keepdims=True)
+    y = x * scale[..., None] * gain.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(config.compute_dtype)
+
+
+def norm(x: Array, gain: Array, bias: Array | None, config: ModelConfig) -> Array:
+    return apply_norm(x, norm_scale(x, config), gain, bias, config)
+
+
+def rotary_angles(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
+    """cos and sin of the rotary angles.
+
+    Args:
+        positions: [B, T] integer position ids.
+    Returns:
+        (cos, sin), each [B, T, rotary_dim // 2] float32.
+    """
+    half = config.rotary_dim // 2
+    inv_freq = config.rotary_base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array, config: ModelConfig) -> Array:
+    """Rotate the first `rotary_dim` dims of each head ("rotate half" layout).
+
+    The layout pairs dim i with dim i + rotary_dim / 2, as GPT-NeoX and the
+    Hugging Face Llama checkpoints do; the remaining dims pass unchanged
+    (partial rotary, as in Pythia).
+
+    Args:
+        x: [B, T, heads, K].
+        cos, sin: [B, T, rotary_dim // 2].
+    """
+    r = config.rotary_dim
+    half = r // 2
+    x_rot, x_pass = x[..., :r].astype(jnp.float32), x[..., r:]
+    x1, x2 = x_rot[..., :half], x_rot[..., half:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+    return jnp.concatenate([rotated, x_pass], axis=-1)
+
+
+def attention_mask(k_valid: Array, q_pos: Array, k_pos: Array) -> Array:
+    """Boolean [B, Tq, Tk] mask: the key is a real token, not in the query's future.
+
+    Queries at padding positions still get a finite result (`MASK_VALUE` is
+    finite) that nothing downstream reads.
+
+    Args:
+        k_valid: [B, Tk] True at real tokens.
+        q_pos, k_pos: [Tq], [Tk] indices into the padded sequence.
+    """
+    causal = k_pos[None, :] <= q_pos[:, None]  # [Tq, Tk]
+    return causal[None] & k_valid[:, None, :]
+
+
+def attention_heads(
+    q: Array, k: Array, v: Array, mask: Array, dropout_key: Array | None, rate: float
+) -> Array:
+    """Per-head attention outputs z_h (before W_O), grouped-query aware.
+
+    Args:
+        q: [B, Tq, H, K]; k, v: [B, Tk, G, K] with H a multiple of G.
+        mask: [B, Tq, Tk] boolean.
+    Returns:
+        [B, Tq, H, K] in q's dtype.
+    """
+    b, tq, h, kd = q.shape
+    g = k.shape[2]
+    q = q.reshape(b, tq, g, h // g, kd)
+    scores = jnp.einsum("bqgrk,bsgk->bgrqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(kd))
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_key is not None and rate > 0:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+    z = jnp.einsum("bgrqs,bsgk->bqgrk", probs.astype(v.dtype), v)
+    return z.reshape(b, tq, h, kd)
+
+
+def mlp_hidden(x: Array, w_in: Array, b_in: Array | None, w_gate: Array | None, config: ModelConfig) -> Array:
+    """The MLP's hidden activations after the non-linearity, [..., F]."""
+    pre = jnp.einsum("...d,df->...f", x, w_in)
+    if b_in is not None:
+        pre = pre + b_in
+    if config.mlp == "swiglu":
+        return jax.nn.silu(jnp.einsum("...d,df->...f", x, w_gate)) * pre
+    return jax.nn.gelu(pre, approximate=config.mlp == "gelu_tanh")
+
+
+def dropout(x: Array, key: Array | None, rate: float) -> Array:
+    if key is None or rate == 0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

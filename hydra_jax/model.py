@@ -1,0 +1,239 @@
+"""`Transformer`: the Flax NNX model, and the pure scanned forward it runs.
+
+The model is data. Parameters live in a flat, TransformerLens-named tree:
+
+    W_E [V, D]            W_pos [n_ctx, D] (learned positions only)
+    blocks/ ln1_g [L, D]  ln1_b [L, D] (LayerNorm)   W_Q [L, D, H, K]
+            W_K, W_V [L, D, G, K]    W_O [L, H, K, D]
+            b_Q [L, H, K]  b_K, b_V [L, G, K]  b_O [L, D]   (use_bias)
+            ln2_g, ln2_b [L, D]      W_in [L, D, F]  W_gate [L, D, F] (swiglu)
+            W_out [L, F, D]  b_in [L, F]  b_out [L, D]     (use_bias)
+    ln_final_g [D]  ln_final_b [D] (LayerNorm)
+    W_U [D, V] (untied)   b_U [V] (use_bias)
+
+Block weights carry a leading [L] axis and are applied by `jax.lax.scan`, so
+compile time does not grow with depth. Per-layer edits and value banks ride
+along as scan inputs; per-layer captures come back as scan outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hydra_jax import layers
+from hydra_jax.block import Context, block
+from hydra_jax.config import ModelConfig
+from hydra_jax.sites import Site
+
+Array = jax.Array
+Params = dict[str, Any]
+
+
+def init_params(config: ModelConfig, key: Array) -> Params:
+    """Random parameters for `config` (normal init, residual outputs scaled by 1/sqrt(2L))."""
+    c = config
+    d, length, h, g, k, f = c.d_model, c.n_layers, c.n_heads, c.kv_heads, c.d_head, c.d_mlp
+    dt = c.storage_dtype
+    keys = iter(jax.random.split(key, 16))
+    out_std = c.init_std / math.sqrt(2 * c.n_layers)
+
+    def normal(shape: tuple[int, ...], std: float = c.init_std) -> Array:
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dt)
+
+    def ones(*shape: int) -> Array:
+        return jnp.ones(shape, dt)
+
+    def zeros(*shape: int) -> Array:
+        return jnp.zeros(shape, dt)
+
+    blocks: Params = {
+        "ln1_g": ones(length, d),
+        "W_Q": normal((length, d, h, k)),
+        "W_K": normal((length, d, g, k)),
+        "W_V": normal((length, d, g, k)),
+        "W_O": normal((length, h, k, d), out_std),
+        "ln2_g": ones(length, d),
+        "W_in": normal((length, d, f)),
+        "W_out": normal((length, f, d), out_std),
+    }
+    if c.mlp == "swiglu":
+        blocks["W_gate"] = normal((length, d, f))
+    if c.norm == "layer":
+        blocks["ln1_b"], blocks["ln2_b"] = zeros(length, d), zeros(length, d)
+    if c.use_bias:
+        blocks |= {
+            "b_Q": zeros(length, h, k),
+            "b_K": zeros(length, g, k),
+            "b_V": zeros(length, g, k),
+            "b_O": zeros(length, d),
+            "b_in": zeros(length, f),
+            "b_out": zeros(length, d),
+        }
+    params: Params = {"W_E": normal((c.d_vocab, d)), "blocks": blocks, "ln_final_g": ones(d)}
+    if c.positions == "learned":
+        params["W_pos"] = normal((c.n_ctx, d))
+    if c.norm == "layer":
+        params["ln_final_b"] = zeros(d)
+    if not c.tie_embeddings:
+        params["W_U"] = normal((d, c.d_vocab))
+    if c.use_bias:
+        params["b_U"] = zeros(c.d_vocab)
+    return params
+
+
+def param_count(config: ModelConfig) -> int:
+    """Number of parameters of `config`, computed with `jax.eval_shape` (no allocation)."""
+    shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def unembedding(params: Params, config: ModelConfig) -> Array:
+    """W_U [D, V] (the transposed embedding when tied)."""
+    return params["W_E"].T if config.tie_embeddings else params["W_U"]
+
+
+def position_ids(valid: Array) -> Array:
+    """[B, T] position of each token within its own (left-padded) prompt; 0 at padding."""
+    return jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+
+
+def embed(params: Params, config: ModelConfig, tokens: Array, positions: Array) -> Array:
+    """z_0 [B, T, D] = W_E[tokens] (+ W_pos[positions])."""
+    z = params["W_E"][tokens]
+    if config.positions == "learned":
+        z = z + params["W_pos"][positions]
+    return z.astype(config.compute_dtype)
+
+
+def unembed(params: Params, config: ModelConfig, z: Array) -> tuple[Array, Array]:
+    """Final norm and unembedding.
+
+    Args:
+        z: [..., D] final residual stream.
+    Returns:
+        (logits [..., V] float32, final_scale [...] float32).
+    """
+    scale = layers.norm_scale(z, config)
+    h = layers.apply_norm(z, scale, params["ln_final_g"], params.get("ln_final_b"), config)
+    w_u = unembedding(params, config).astype(config.compute_dtype)
+    logits = jnp.einsum("...d,dv->...v", h, w_u, preferred_element_type=jnp.float32)
+    if config.use_bias:
+        logits = logits + params["b_U"].astype(jnp.float32)
+    return logits, scale
+
+
+def cast_params(params: Params, config: ModelConfig) -> Params:
+    """Parameters in the compute dtype (a no-op in float32)."""
+    dt = config.compute_dtype
+    return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def context(config: ModelConfig, valid: Array, capture: frozenset[Site]) -> tuple[Context, Array]:
+    """The shared block context and the position ids for a padded batch."""
+    t = valid.shape[1]
+    positions = position_ids(valid)
+    idx = jnp.arange(t)
+    mask = layers.attention_mask(valid, idx, idx)
+    rotary = layers.rotary_angles(positions, config) if config.positions == "rotary" else None
+    return Context(config, mask, rotary, capture), positions
+
+
+def forward(
+    params: Params,
+    config: ModelConfig,
+    tokens: Array,
+    valid: Array,
+    *,
+    edits: dict[Site, Any] | None = None,
+    bank: dict[Site, Array] | None = None,
+    capture: frozenset[Site] = frozenset(),
+    dropout_key: Array | None = None,
+) -> tuple[Array, dict[Site, Array]]:
+    """The pure forward pass, scanning the blocks.
+
+    Args:
+        params: the parameter tree (see module docstring).
+        tokens: [B, T] token ids, left-padded.
+        valid: [B, T] True at real tokens.
+        edits: site -> (mask [L, B, T(, H)] bool, source [L, B(, H)] int32).
+        bank: site -> [L, R, T(, H), ...] value rows the edits write from.
+        capture: sites to return.
+        dropout_key: enables dropout (training); None is deterministic.
+    Returns:
+        (logits [B, T, V] float32, cache {site: [L, B, T, ...] or [B, T, ...]}).
+    """
+    edits, bank = edits or {}, bank or {}
+    params = cast_params(params, config)
+    ctx, positions = context(config, valid, frozenset(s for s in capture if s.per_layer))
+    z = embed(params, config, tokens, positions)
+    keys = None
+    if dropout_key is not None and config.dropout > 0:
+        keys = jax.random.split(dropout_key, (config.n_layers, 3))
+
+    def step(z: Array, xs: tuple[Any, ...]) -> tuple[Array, dict[Site, Array]]:
+        p, layer_edits, layer_bank, layer_keys = xs
+        return block(p, z, ctx, layer_edits, layer_bank, layer_keys)
+
+    z, cache = jax.lax.scan(step, z, (params["blocks"], edits, bank, keys))
+    logits, scale = unembed(params, config, z)
+    if Site.RESID_FINAL in capture:
+        cache[Site.RESID_FINAL] = z
+    if Site.FINAL_SCALE in capture:
+        cache[Site.FINAL_SCALE] = scale
+    return logits, cache
+
+
+class Transformer(nnx.Module):
+    """A pre-norm decoder whose parameters are stacked over layers.
+
+    Build one with `Transformer(config, rngs=nnx.Rngs(seed))`. Calling it runs
+    the plain forward; `hydra_jax.run` adds captures and interventions.
+
+    Attributes:
+        config: the `ModelConfig`.
+        blocks: the per-layer weights, each with a leading [L] axis.
+        (top level) W_E, W_pos, ln_final_g, ln_final_b, W_U, b_U as present.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self._set(init_params(config, rngs.params()))
+
+    def _set(self, params: Params) -> None:
+        blocks = params.pop("blocks")
+        for name, value in params.items():
+            setattr(self, name, nnx.Param(value))
+        self.blocks = _Stacked(blocks)
+
+    @property
+    def params(self) -> Params:
+        """The parameters as a plain nested dict of arrays (a pytree)."""
+        return nnx.state(self, nnx.Param).to_pure_dict()
+
+    def __call__(self, tokens: Array, valid: Array | None = None, *, rngs: nnx.Rngs | None = None) -> Array:
+        """Logits [B, T, V] for left-padded `tokens` [B, T].
+
+        Args:
+            valid: [B, T] True at real tokens (default: all real).
+            rngs: when given (with `config.dropout > 0`), dropout is active
+                using `rngs.dropout()`; otherwise the pass is deterministic.
+        """
+        if valid is None:
+            valid = jnp.ones(tokens.shape, bool)
+        key = None if rngs is None else rngs.dropout()
+        logits, _ = forward(self.params, self.config, tokens, valid, dropout_key=key)
+        return logits
+
+
+class _Stacked(nnx.Module):
+    """The blocks' weights, each an `nnx.Param` with a leading [L] axis."""
+
+    def __init__(self, params: Params):
+        for name, value in params.items():
+            setattr(self, name, nnx.Param(value))

@@ -1,0 +1,77 @@
+"""`run`: the forward pass with captures and interventions, in one compiled call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import jax
+
+from hydra_jax.batch import Batch
+from hydra_jax.interventions import Intervention, InterventionStack, Resolved, resolve
+from hydra_jax.model import Transformer
+from hydra_jax.runner import check_batch, run_core
+from hydra_jax.sites import Site, as_site
+
+Array = jax.Array
+
+
+def run(
+    model: Transformer,
+    batch: Batch,
+    interventions: Intervention | InterventionStack | Resolved | None = None,
+    capture: Iterable[str | Site] = (),
+) -> tuple[Array, dict[Site, Array]]:
+    """Run `model` on `batch`, optionally intervening, and capture sites.
+
+    Args:
+        model: a `Transformer`.
+        batch: a left-padded `Batch`.
+        interventions: an `Intervention` (from `ablate`/`combine`), an
+            `InterventionStack` (from `stack`) to run N interventions in one
+            vmapped call, an already `Resolved` one, or None for a clean run.
+        capture: site names to return (see `hydra_jax.sites`). Sites are a
+            static argument: unrequested ones are never computed.
+
+    Returns:
+        (logits, cache): logits [B, T, V] float32; cache[site] is
+        [L, B, T, ...] for per-layer sites and [B, T, ...] otherwise. With a
+        stack of N interventions, every output gains a leading [N] axis.
+
+    Example:
+        >>> logits, cache = run(model, batch, ablate("attn_out", 2), capture=["mlp_out"])
+    """
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a hydra_jax.Transformer, got {type(model).__name__}.")
+    if isinstance(capture, (str, Site)):
+        capture = (capture,)
+    sites = frozenset(as_site(s) for s in capture)
+    config = model.config
+    check_batch(config, batch)
+    params = model.params
+    resolved = Resolved({}, {}) if interventions is None else resolve(params, config, batch, interventions)
+    _check_resolved(resolved, config, batch)
+    logits, cache = run_core(
+        params,
+        batch.tokens,
+        batch.valid,
+        resolved.edits,
+        resolved.bank,
+        config=config,
+        capture=sites,
+        stacked=resolved.stacked,
+    )
+    return logits, cache
+
+
+def _check_resolved(resolved: Resolved, config, batch: Batch) -> None:
+    """Shapes of a user-built `Resolved` must match the model and batch."""
+    lead = 1 if resolved.stacked else 0
+    for site, (mask, source) in resolved.edits.items():
+        want = (config.n_layers, batch.size, batch.length) + ((config.n_heads,) if site.has_heads else ())
+        if mask.shape[lead:] != want or source.shape != mask.shape:
+            raise ValueError(
+                f"Resolved edit for {site.value!r} has mask {mask.shape} and source {source.shape}; "
+                f"this model and batch need {('N',) * lead + want} for both."
+            )
+        if site not in resolved.bank:
+            raise ValueError(f"Resolved edit for {site.value!r} has no value bank.")
