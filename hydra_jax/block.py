@@ -100,7 +100,7 @@ def block(
     k = jnp.einsum("btd,dgk->btgk", h, p["W_K"])
     v = jnp.einsum("btd,dgk->btgk", h, p["W_V"])
     if cfg.use_bias:
-        q, k, v = q + p["b_Q"], k + p["b_K"], v + p["b_V"]
+        q, k, v = q + p["b_Q"][None, None], k + p["b_K"][None, None], v + p["b_V"][None, None]
     if ctx.rotary is not None:
         q = layers.apply_rotary(q, *ctx.rotary, cfg)
         k = layers.apply_rotary(k, *ctx.rotary, cfg)
@@ -110,7 +110,7 @@ def block(
         # Per-head outputs cost H times the memory of attn_out: only built when asked.
         per_head = jnp.einsum("bthk,hkd->bthd", heads, p["W_O"])
         if cfg.use_bias:
-            per_head = per_head + p["b_O"] / cfg.n_heads
+            per_head = per_head + p["b_O"][None, None, None] / cfg.n_heads
         per_head = edit(per_head, Site.HEAD_OUT, edits, bank)
         if Site.HEAD_OUT in ctx.capture:
             out[Site.HEAD_OUT] = per_head
@@ -118,7 +118,7 @@ def block(
     else:
         a = jnp.einsum("bthk,hkd->btd", heads, p["W_O"])
         if cfg.use_bias:
-            a = a + p["b_O"]
+            a = a + p["b_O"][None, None]
     a = layers.dropout(a, keys[1], rate)
     a = edit(a, Site.ATTN_OUT, edits, bank)
     if Site.ATTN_OUT in ctx.capture:
@@ -133,7 +133,7 @@ def block(
         out[Site.MLP_HIDDEN] = hidden
     m = jnp.einsum("btf,fd->btd", hidden, p["W_out"])
     if cfg.use_bias:
-        m = m + p["b_out"]
+        m = m + p["b_out"][None, None]
     m = layers.dropout(m, keys[2], rate)
     m = edit(m, Site.MLP_OUT, edits, bank)
     if Site.MLP_OUT in ctx.capture:

@@ -57,6 +57,8 @@ class ModelConfig:
             attention (GPT-NeoX / Pythia), otherwise it reads z + a.
         use_bias: biases on every linear map (GPT-2, Pythia) or none.
         tie_embeddings: unembedding is the transpose of the embedding.
+        unembed_bias: a bias b_U on the logits (absent in GPT-2, Llama,
+            Pythia; kept for families that have one).
         dropout: dropout rate on attention probabilities and on the attention
             and MLP outputs; only active when a dropout key is given.
         dtype: compute dtype ("bfloat16" for mixed precision). Norm
@@ -82,6 +84,7 @@ class ModelConfig:
     parallel_residual: bool = False
     use_bias: bool = False
     tie_embeddings: bool = False
+    unembed_bias: bool = False
     dropout: float = 0.0
     dtype: DType = "float32"
     param_dtype: DType = "float32"
@@ -93,7 +96,11 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}.")
         if self.n_kv_heads is not None:
-            if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0:
+            if (
+                not isinstance(self.n_kv_heads, int)
+                or isinstance(self.n_kv_heads, bool)
+                or self.n_kv_heads <= 0
+            ):
                 raise ValueError(
                     f"ModelConfig.n_kv_heads must be a positive int or None, got {self.n_kv_heads!r}."
                 )
@@ -118,11 +125,12 @@ class ModelConfig:
                 raise ValueError(
                     f"ModelConfig.rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}."
                 )
-            if self.rotary_dim % 2 or self.rotary_dim == 0:
+            exact = self.rotary_fraction * self.d_head
+            if abs(exact - round(exact)) > 1e-9 or self.rotary_dim % 2 or self.rotary_dim == 0:
                 raise ValueError(
-                    f"rotary_fraction * d_head = {self.rotary_fraction} * {self.d_head} must give "
-                    f"a positive even number of rotated dims (got {self.rotary_dim}); pick a "
-                    "fraction that does."
+                    f"rotary_fraction * d_head = {self.rotary_fraction} * {self.d_head} = {exact:g} "
+                    "must be a positive even whole number of rotated dims; pick a fraction that "
+                    "gives one."
                 )
             if not self.rotary_base > 0:
                 raise ValueError(f"ModelConfig.rotary_base must be > 0, got {self.rotary_base!r}.")

@@ -42,14 +42,19 @@ def apply_norm(x: Array, scale: Array, gain: Array, bias: Array | None, config: 
     x = x.astype(jnp.float32)
     if config.norm == "layer":
         x = x - x.mean(-1, keepdims=True)
-    y = x * scale[..., None] * gain.astype(jnp.float32)
+    y = x * scale[..., None] * _lead(gain.astype(jnp.float32), x.ndim)
     if bias is not None:
-        y = y + bias.astype(jnp.float32)
+        y = y + _lead(bias.astype(jnp.float32), x.ndim)
     return y.astype(config.compute_dtype)
 
 
 def norm(x: Array, gain: Array, bias: Array | None, config: ModelConfig) -> Array:
     return apply_norm(x, norm_scale(x, config), gain, bias, config)
+
+
+def _lead(v: Array, ndim: int) -> Array:
+    """`v` with leading unit axes up to `ndim` (explicit broadcasting; no rank promotion)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
 def rotary_angles(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
@@ -62,7 +67,7 @@ def rotary_angles(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
     """
     half = config.rotary_dim // 2
     inv_freq = config.rotary_base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, R/2]
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -129,7 +134,7 @@ def mlp_hidden(x: Array, w_in: Array, b_in: Array | None, w_gate: Array | None, 
     """The MLP's hidden activations after the non-linearity, [..., F]."""
     pre = jnp.einsum("...d,df->...f", x, w_in)
     if b_in is not None:
-        pre = pre + b_in
+        pre = pre + _lead(b_in, pre.ndim)
     if config.mlp == "swiglu":
         return jax.nn.silu(jnp.einsum("...d,df->...f", x, w_gate)) * pre
     return jax.nn.gelu(pre, approximate=config.mlp == "gelu_tanh")

@@ -9,7 +9,7 @@ The model is data. Parameters live in a flat, TransformerLens-named tree:
             ln2_g, ln2_b [L, D]      W_in [L, D, F]  W_gate [L, D, F] (swiglu)
             W_out [L, F, D]  b_in [L, F]  b_out [L, D]     (use_bias)
     ln_final_g [D]  ln_final_b [D] (LayerNorm)
-    W_U [D, V] (untied)   b_U [V] (use_bias)
+    W_U [D, V] (untied)   b_U [V] (unembed_bias)
 
 Block weights carry a leading [L] axis and are applied by `jax.lax.scan`, so
 compile time does not grow with depth. Per-layer edits and value banks ride
@@ -82,7 +82,7 @@ def init_params(config: ModelConfig, key: Array) -> Params:
         params["ln_final_b"] = zeros(d)
     if not c.tie_embeddings:
         params["W_U"] = normal((d, c.d_vocab))
-    if c.use_bias:
+    if c.unembed_bias:
         params["b_U"] = zeros(c.d_vocab)
     return params
 
@@ -123,8 +123,8 @@ def unembed(params: Params, config: ModelConfig, z: Array) -> tuple[Array, Array
     h = layers.apply_norm(z, scale, params["ln_final_g"], params.get("ln_final_b"), config)
     w_u = unembedding(params, config).astype(config.compute_dtype)
     logits = jnp.einsum("...d,dv->...v", h, w_u, preferred_element_type=jnp.float32)
-    if config.use_bias:
-        logits = logits + params["b_U"].astype(jnp.float32)
+    if config.unembed_bias:
+        logits = logits + params["b_U"].astype(jnp.float32).reshape((1,) * (logits.ndim - 1) + (-1,))
     return logits, scale
 
 
@@ -171,6 +171,8 @@ def forward(
     edits, bank = edits or {}, bank or {}
     params = cast_params(params, config)
     ctx, positions = context(config, valid, frozenset(s for s in capture if s.per_layer))
+    # Padding may hold any id (even one outside the vocabulary): never embed it.
+    tokens = jnp.where(valid, tokens, 0)
     z = embed(params, config, tokens, positions)
     keys = None
     if dropout_key is not None and config.dropout > 0:
@@ -214,7 +216,19 @@ class Transformer(nnx.Module):
     @property
     def params(self) -> Params:
         """The parameters as a plain nested dict of arrays (a pytree)."""
-        return nnx.state(self, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+    def set_params(self, params: Params) -> None:
+        """Replace every parameter from a nested dict with the same structure as `params`."""
+        state = nnx.state(self, nnx.Param)
+        want = jax.tree.map(jnp.shape, nnx.to_pure_dict(state))
+        got = jax.tree.map(jnp.shape, params)
+        if want != got:
+            raise ValueError(
+                f"Parameter tree does not match this model's config: expected shapes {want}, got {got}."
+            )
+        nnx.replace_by_pure_dict(state, params)
+        nnx.update(self, state)
 
     def __call__(self, tokens: Array, valid: Array | None = None, *, rngs: nnx.Rngs | None = None) -> Array:
         """Logits [B, T, V] for left-padded `tokens` [B, T].

@@ -52,9 +52,10 @@ def check_batch(config: ModelConfig, batch: Batch) -> None:
             f"Expected a hydra_jax.Batch, got {type(batch).__name__}; build one with "
             "Batch.from_prompts(tokenizer, prompts) or Batch.from_tokens(token_lists)."
         )
-    if batch.length > config.n_ctx:
+    longest = int(batch.lengths.max())
+    if longest > config.n_ctx:
         raise ValueError(
-            f"Prompts are {batch.length} tokens long but the model's context is n_ctx="
+            f"A prompt is {longest} tokens long but the model's context is n_ctx="
             f"{config.n_ctx}; shorten or drop the longest prompts."
         )
     real = batch.tokens[batch.valid]

@@ -1,0 +1,52 @@
+"""The `hydra-jax` command line, run in-process."""
+
+import json
+
+import pytest
+
+import hydra_jax
+from hydra_jax import presets
+from hydra_jax.cli import main
+
+
+def test_presets_lists_every_preset_with_its_count(capsys):
+    assert main(["presets"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].split() == ["preset", "params", "L", "D", "H/G", "norm", "mlp", "positions", "residual"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert sorted(rows) == sorted(presets.ALL)
+    assert rows["gpt2_small"][:4] == ["124,439,808", "12", "768", "12/12"]
+    assert rows["llama_1b"][3] == "32/8"
+    assert rows["pythia_160m"][-2:] == ["rotary×0.25", "parallel"]
+    assert err == ""
+
+
+def test_presets_json(capsys):
+    assert main(["presets", "tiny_llama", "--json"]) == 0
+    out = capsys.readouterr().out
+    table, _, data = out.partition("\n{")
+    assert [line.split()[0] for line in table.splitlines()] == ["preset", "tiny_llama"]
+    configs = json.loads("{" + data)
+    assert list(configs) == ["tiny_llama"]
+    assert configs["tiny_llama"]["n_kv_heads"] == 2
+    assert configs["tiny_llama"] == presets.tiny_llama.to_dict()
+
+
+def test_unknown_preset_is_an_error(capsys):
+    assert main(["presets", "tiny_gpt2", "nope"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "hydra-jax: error: Unknown preset 'nope'" in err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "usage: hydra-jax" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"hydra-jax {hydra_jax.__version__}\n"
