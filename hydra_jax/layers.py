@@ -14,8 +14,7 @@ import jax.numpy as jnp
 from hydra_jax.config import ModelConfig
 
 Array = jax.Array
-# Added to masked attention scores; finite so fully masked rows (padding
-# queries) stay NaN-free.
+# Written into masked attention scores (finite, so no inf - inf NaNs).
 MASK_VALUE = -1e30
 
 
@@ -94,15 +93,18 @@ def apply_rotary(x: Array, cos: Array, sin: Array, config: ModelConfig) -> Array
 def attention_mask(k_valid: Array, q_pos: Array, k_pos: Array) -> Array:
     """Boolean [B, Tq, Tk] mask: the key is a real token, not in the query's future.
 
-    Queries at padding positions still get a finite result (`MASK_VALUE` is
-    finite) that nothing downstream reads.
+    A query always sees itself too. For real tokens that changes nothing (a
+    real query's own position is a real key); for padding queries, which have
+    no real key at or before them, it keeps their (unused) values finite and
+    strictly causal, so editing a late position never moves an earlier one.
 
     Args:
         k_valid: [B, Tk] True at real tokens.
         q_pos, k_pos: [Tq], [Tk] indices into the padded sequence.
     """
     causal = k_pos[None, :] <= q_pos[:, None]  # [Tq, Tk]
-    return causal[None] & k_valid[:, None, :]
+    itself = k_pos[None, :] == q_pos[:, None]
+    return (causal[None] & k_valid[:, None, :]) | itself[None]
 
 
 def attention_heads(

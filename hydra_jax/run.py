@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import jax
 
 from hydra_jax.batch import Batch
+from hydra_jax.config import ModelConfig
 from hydra_jax.interventions import Intervention, InterventionStack, Resolved, resolve
 from hydra_jax.model import Transformer
 from hydra_jax.runner import check_batch, run_core
@@ -49,7 +50,7 @@ def run(
     check_batch(config, batch)
     params = model.params
     resolved = Resolved({}, {}) if interventions is None else resolve(params, config, batch, interventions)
-    _check_resolved(resolved, config, batch)
+    resolved = _checked(resolved, config, batch)
     logits, cache = run_core(
         params,
         batch.tokens,
@@ -63,15 +64,31 @@ def run(
     return logits, cache
 
 
-def _check_resolved(resolved: Resolved, config, batch: Batch) -> None:
-    """Shapes of a user-built `Resolved` must match the model and batch."""
-    lead = 1 if resolved.stacked else 0
-    for site, (mask, source) in resolved.edits.items():
-        want = (config.n_layers, batch.size, batch.length) + ((config.n_heads,) if site.has_heads else ())
-        if mask.shape[lead:] != want or source.shape != mask.shape:
+def _checked(resolved: Resolved, config: ModelConfig, batch: Batch) -> Resolved:
+    """`resolved` with `Site` keys, after checking its shapes against the model and batch."""
+    lead = ("N",) if resolved.stacked else ()
+    edits = {as_site(s): e for s, e in resolved.edits.items()}
+    bank = {as_site(s): rows for s, rows in resolved.bank.items()}
+    for site, (mask, source) in edits.items():
+        if not site.editable:
+            raise ValueError(f"Site {site.value!r} cannot be edited.")
+        feat = site.feature_shape(config)
+        want = (config.n_layers, batch.size, batch.length) + feat[:-1]
+        if mask.shape[len(lead) :] != want or source.shape != mask.shape:
             raise ValueError(
                 f"Resolved edit for {site.value!r} has mask {mask.shape} and source {source.shape}; "
-                f"this model and batch need {('N',) * lead + want} for both."
+                f"this model and batch need {(*lead, *want)} for both."
             )
-        if site not in resolved.bank:
-            raise ValueError(f"Resolved edit for {site.value!r} has no value bank.")
+        rows = bank.get(site)
+        if rows is None or rows.ndim != 3 + len(feat) or rows.shape[0] != config.n_layers:
+            raise ValueError(
+                f"Resolved edit for {site.value!r} needs a bank of shape [L, R, T, ...] = "
+                f"({config.n_layers}, R, {batch.length}, {', '.join(map(str, feat))}), got "
+                f"{None if rows is None else rows.shape}."
+            )
+        if rows.shape[2:] != (batch.length, *feat) or int(source.max(initial=0)) >= rows.shape[1]:
+            raise ValueError(
+                f"Resolved edit for {site.value!r}: bank shape {rows.shape} does not fit the batch "
+                f"or a source row index exceeds its {rows.shape[1]} rows."
+            )
+    return Resolved(edits, bank, resolved.stacked)
