@@ -73,7 +73,7 @@ def _checked(resolved: Resolved, config: ModelConfig, batch: Batch) -> Resolved:
         if not site.editable:
             raise ValueError(f"Site {site.value!r} cannot be edited.")
         feat = site.feature_shape(config)
-        want = (config.n_layers, batch.size, batch.length) + feat[:-1]
+        want = (config.n_layers, batch.size, batch.length, *feat[:-1])
         if mask.shape[len(lead) :] != want or source.shape != mask.shape:
             raise ValueError(
                 f"Resolved edit for {site.value!r} has mask {mask.shape} and source {source.shape}; "
