@@ -36,12 +36,15 @@ class Context:
         mask: [B, T, T] boolean attention mask (causal and padding).
         rotary: (cos, sin) [B, T, R/2] each, or None for learned positions.
         capture: per-layer sites to return from the block.
+        keep_kv: also return the block's keys and values (after rotary), which
+            the effect engine's final-position fast path attends to.
     """
 
     config: ModelConfig
     mask: Array
     rotary: tuple[Array, Array] | None
     capture: frozenset[Site]
+    keep_kv: bool = False
 
 
 def edit(x: Array, site: Site, edits: dict[Site, Any], bank: dict[Site, Array]) -> Array:
@@ -73,7 +76,7 @@ def block(
     edits: dict[Site, Any],
     bank: dict[Site, Array],
     dropout_keys: Array | None,
-) -> tuple[Array, dict[Site, Array]]:
+) -> tuple[Array, dict[str, Array]]:
     """Apply one block.
 
     Args:
@@ -83,12 +86,13 @@ def block(
         dropout_keys: [3, 2] keys (attention probabilities, attention output,
             MLP output) or None for a deterministic pass.
     Returns:
-        (z_next [B, T, D], captures {site: [B, T, ...]}).
+        (z_next [B, T, D], captures {site: [B, T, ...]}, and with `ctx.keep_kv`
+        under "keys" and "values" the [B, T, G, K] keys and values).
     """
     cfg = ctx.config
     rate = cfg.dropout
     keys = (None, None, None) if dropout_keys is None else tuple(dropout_keys)
-    out: dict[Site, Array] = {}
+    out: dict[str, Array] = {}
 
     z = edit(z, Site.RESID_PRE, edits, bank)
     if Site.RESID_PRE in ctx.capture:
@@ -105,6 +109,7 @@ def block(
         q = layers.apply_rotary(q, *ctx.rotary, cfg)
         k = layers.apply_rotary(k, *ctx.rotary, cfg)
     heads = layers.attention_heads(q, k, v, ctx.mask, keys[0], rate)  # [B, T, H, K]
+    kv = {"keys": k, "values": v} if ctx.keep_kv else {}
 
     if Site.HEAD_OUT in ctx.capture or Site.HEAD_OUT in edits:
         # Per-head outputs cost H times the memory of attn_out: only built when asked.
@@ -139,4 +144,4 @@ def block(
     if Site.MLP_OUT in ctx.capture:
         out[Site.MLP_OUT] = m
 
-    return z + a + m, out
+    return z + a + m, {**out, **kv}

@@ -201,14 +201,30 @@ def stack(interventions: Sequence[Intervention]) -> InterventionStack:
     return InterventionStack(items)
 
 
-def fixed_point_free_permutation(n: int, seed: int) -> np.ndarray:
-    """A seeded permutation p of range(n) with p[i] != i (a random n-cycle)."""
+def resample_sources(n: int, k: int, seed: int) -> np.ndarray:
+    """[k, n] source prompt of each prompt for k resamples, never the prompt itself.
+
+    A seeded random order of the prompts is walked as a cycle; resample j
+    reads the prompt j + 1 steps further along it, so every permutation is
+    fixed-point free and each prompt gets k distinct sources (k <= n - 1).
+    """
     if n < 2:
         raise ValueError(f"Resampling needs at least 2 prompts in the batch, got {n}.")
+    if not 1 <= k <= n - 1:
+        raise ValueError(
+            f"{k} resamples need {k + 1} prompts (each prompt takes k distinct other prompts); the "
+            f"batch has {n}. Use n_resamples <= {n - 1} or a larger batch."
+        )
     order = np.random.default_rng(seed).permutation(n)
-    perm = np.empty(n, np.int64)
-    perm[order] = np.roll(order, -1)
-    return perm
+    perms = np.empty((k, n), np.int64)
+    for j in range(k):
+        perms[j, order] = np.roll(order, -(j + 1))
+    return perms
+
+
+def fixed_point_free_permutation(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation p of range(n) with p[i] != i (a random n-cycle)."""
+    return resample_sources(n, 1, seed)[0]
 
 
 # --------------------------------------------------------------------------

@@ -134,14 +134,50 @@ def cast_params(params: Params, config: ModelConfig) -> Params:
     return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-def context(config: ModelConfig, valid: Array, capture: frozenset[Site]) -> tuple[Context, Array]:
+def context(
+    config: ModelConfig, valid: Array, capture: frozenset[Site], keep_kv: bool = False
+) -> tuple[Context, Array]:
     """The shared block context and the position ids for a padded batch."""
     t = valid.shape[1]
     positions = position_ids(valid)
     idx = jnp.arange(t)
     mask = layers.attention_mask(valid, idx, idx)
     rotary = layers.rotary_angles(positions, config) if config.positions == "rotary" else None
-    return Context(config, mask, rotary, capture), positions
+    return Context(config, mask, rotary, capture, keep_kv), positions
+
+
+def trunk(
+    params: Params,
+    config: ModelConfig,
+    tokens: Array,
+    valid: Array,
+    *,
+    edits: dict[Site, Any] | None = None,
+    bank: dict[Site, Array] | None = None,
+    capture: frozenset[Site] = frozenset(),
+    dropout_key: Array | None = None,
+    keep_kv: bool = False,
+) -> tuple[Array, dict[str, Array]]:
+    """Embedding and the scanned blocks, without the final norm and unembedding.
+
+    Returns:
+        (z_L [B, T, D], per-layer outputs {site or "keys"/"values": [L, B, T, ...]}).
+    """
+    edits, bank = edits or {}, bank or {}
+    params = cast_params(params, config)
+    ctx, positions = context(config, valid, frozenset(s for s in capture if s.per_layer), keep_kv)
+    # Padding may hold any id (even one outside the vocabulary): never embed it.
+    tokens = jnp.where(valid, tokens, 0)
+    z = embed(params, config, tokens, positions)
+    keys = None
+    if dropout_key is not None and config.dropout > 0:
+        keys = jax.random.split(dropout_key, (config.n_layers, 3))
+
+    def step(z: Array, xs: tuple[Any, ...]) -> tuple[Array, dict[str, Array]]:
+        p, layer_edits, layer_bank, layer_keys = xs
+        return block(p, z, ctx, layer_edits, layer_bank, layer_keys)
+
+    return jax.lax.scan(step, z, (params["blocks"], edits, bank, keys))
 
 
 def forward(
@@ -161,29 +197,18 @@ def forward(
         params: the parameter tree (see module docstring).
         tokens: [B, T] token ids, left-padded.
         valid: [B, T] True at real tokens.
-        edits: site -> (mask [L, B, T(, H)] bool, source [L, B(, H)] int32).
+        edits: site -> (mask [L, B, T(, H)] bool, source [L, B, T(, H)] int32).
         bank: site -> [L, R, T(, H), ...] value rows the edits write from.
         capture: sites to return.
         dropout_key: enables dropout (training); None is deterministic.
     Returns:
         (logits [B, T, V] float32, cache {site: [L, B, T, ...] or [B, T, ...]}).
     """
-    edits, bank = edits or {}, bank or {}
-    params = cast_params(params, config)
-    ctx, positions = context(config, valid, frozenset(s for s in capture if s.per_layer))
-    # Padding may hold any id (even one outside the vocabulary): never embed it.
-    tokens = jnp.where(valid, tokens, 0)
-    z = embed(params, config, tokens, positions)
-    keys = None
-    if dropout_key is not None and config.dropout > 0:
-        keys = jax.random.split(dropout_key, (config.n_layers, 3))
-
-    def step(z: Array, xs: tuple[Any, ...]) -> tuple[Array, dict[Site, Array]]:
-        p, layer_edits, layer_bank, layer_keys = xs
-        return block(p, z, ctx, layer_edits, layer_bank, layer_keys)
-
-    z, cache = jax.lax.scan(step, z, (params["blocks"], edits, bank, keys))
+    z, cache = trunk(
+        params, config, tokens, valid, edits=edits, bank=bank, capture=capture, dropout_key=dropout_key
+    )
     logits, scale = unembed(params, config, z)
+    cache = {Site(k): v for k, v in cache.items()}
     if Site.RESID_FINAL in capture:
         cache[Site.RESID_FINAL] = z
     if Site.FINAL_SCALE in capture:

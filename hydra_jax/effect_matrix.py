@@ -1,0 +1,254 @@
+"""`effect_matrix` (one compiled call) and `naive_effect_matrix` (one run per ablation).
+
+Both return an `EffectMatrix` with the same labels and meaning; the naive one
+is the obviously-correct reference the fast paths are tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import jax.numpy as jnp
+import numpy as np
+
+from hydra_jax import interventions as iv
+from hydra_jax.batch import Batch
+from hydra_jax.effects import (
+    ABLATABLE,
+    MEASURABLE,
+    Component,
+    EffectMatrix,
+    Labels,
+    components,
+    direct_effect,
+    target_direction,
+)
+from hydra_jax.engine import CODE, Plan, effect_core
+from hydra_jax.model import Transformer
+from hydra_jax.run import run
+from hydra_jax.runner import check_batch
+from hydra_jax.sites import Site, as_site
+
+Kind = Literal["zero", "mean", "resample", "patch"]
+
+
+def effect_matrix(
+    model: Transformer,
+    batch: Batch,
+    *,
+    ablate: Sequence[str] = ("attn_out",),
+    measure: Sequence[str] = ("attn_out", "mlp_out"),
+    kind: Kind = "resample",
+    position: Literal["final", "all"] = "final",
+    target: Literal["argmax", "answer"] = "argmax",
+    n_resamples: int = 1,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    source: Batch | None = None,
+) -> EffectMatrix:
+    """Every ablation × every measured component × every prompt, in one compiled call.
+
+    Args:
+        model: a `Transformer`.
+        batch: left-padded prompts.
+        ablate: sites whose every layer (every head, for "head_out") is ablated
+            in turn: any of "attn_out", "mlp_out", "head_out".
+        measure: components whose direct-effect change is measured: any of
+            "attn_out", "mlp_out", "head_out" ("attn_out" and "head_out" are
+            alternatives: heads sum to the layer).
+        kind: "resample" (the paper's default: another prompt's activation),
+            "zero", "mean" (over the batch, or over `source` as a reference
+            batch) or "patch" (prompt b of `source`).
+        position: "final" (the last token only; the fast path) or "all".
+        target: "argmax" (the clean run's most likely final token) or
+            "answer" (the batch's answer tokens).
+        n_resamples: resample sources per prompt, averaged (kind="resample").
+        chunk_size: ablation rows processed at once (memory bound); None = all.
+        seed: seeds the resampling permutations.
+        source: reference batch for "mean"; source batch (same size) for "patch".
+
+    Returns:
+        An `EffectMatrix` (shapes: total [A, B], delta_direct [A, M, B], ...).
+    """
+    config = model.config
+    ablated, measured = _check(model, batch, ablate, measure, kind, position, target, n_resamples, source)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    plan = Plan(
+        config=config,
+        kind=kind,
+        position=position,
+        target=target,
+        n_resamples=n_resamples,
+        chunk_size=chunk_size,
+        measured=tuple((CODE[c.site], c.layer, c.head or 0) for c in measured),
+        head_ablations=any(c.site is Site.HEAD_OUT for c in ablated),
+    )
+    rows = {
+        "layer": jnp.array([c.layer for c in ablated], jnp.int32),
+        "code": jnp.array([CODE[c.site] for c in ablated], jnp.int32),
+        "head": jnp.array([c.head or 0 for c in ablated], jnp.int32),
+    }
+    perms = _perms(batch.size, n_resamples, seed, kind)
+    answers = batch.answers if batch.answers is not None else np.zeros(batch.size, np.int32)
+    src = None if source is None else (source.tokens, source.valid)
+    out = effect_core(model.params, batch.tokens, batch.valid, answers, rows, perms, src, plan=plan)
+    return EffectMatrix(
+        **out, labels=Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured))
+    )
+
+
+def naive_effect_matrix(
+    model: Transformer,
+    batch: Batch,
+    *,
+    ablate: Sequence[str] = ("attn_out",),
+    measure: Sequence[str] = ("attn_out", "mlp_out"),
+    kind: Kind = "resample",
+    position: Literal["final", "all"] = "final",
+    target: Literal["argmax", "answer"] = "argmax",
+    n_resamples: int = 1,
+    seed: int = 0,
+    source: Batch | None = None,
+) -> EffectMatrix:
+    """The reference: one ordinary `run` per ablation (and resample), same quantities.
+
+    Same arguments as `effect_matrix` (less `chunk_size`). A resample is a
+    patch from the batch reordered by the same seeded permutations.
+    """
+    ablated, measured = _check(model, batch, ablate, measure, kind, position, target, n_resamples, source)
+    config = model.config
+    heads = any(c.site is Site.HEAD_OUT for c in measured)
+    capture = ["attn_out", "mlp_out", "resid_pre", "resid_final", "final_scale"] + (
+        ["head_out"] if heads else []
+    )
+    logits, clean = run(model, batch, capture=capture)
+    final_logits = logits[:, -1] - logits[:, -1].mean(-1, keepdims=True)
+    tgt = jnp.argmax(logits[:, -1], -1) if target == "argmax" else jnp.asarray(batch.answers)
+    w, bias = target_direction(model.params, config, tgt)
+    scale = clean["final_scale"][:, -1]
+
+    def measured_de(cache: dict) -> jnp.ndarray:  # [M, B] with the clean (frozen) scale
+        rows = []
+        for c in measured:
+            v = cache[c.site][c.layer, :, -1]
+            rows.append(direct_effect(v[:, c.head] if c.head is not None else v, w, scale, config))
+        return jnp.stack(rows)
+
+    def target_logit(lg: jnp.ndarray) -> jnp.ndarray:
+        centred = lg[:, -1] - lg[:, -1].mean(-1, keepdims=True)
+        return jnp.take_along_axis(centred, tgt[:, None], axis=1)[:, 0]
+
+    clean_de = measured_de(clean)
+    perms = _perms(batch.size, n_resamples, seed, kind)
+    total, delta, norm = [], [], []
+    for c in ablated:
+        runs = []
+        for k in range(n_resamples):
+            if kind == "resample":
+                edit = iv.ablate(
+                    c.site, c.layer, c.head, kind="patch", position=position, source=batch[perms[k]]
+                )
+            else:
+                edit = iv.ablate(c.site, c.layer, c.head, kind=kind, position=position, source=source)
+            lg, cache = run(model, batch, edit, capture=capture)
+            s_new, z_new = cache["final_scale"][:, -1], cache["resid_final"][:, -1]
+            dot = jnp.einsum("bd,bd->b", z_new, w, precision="highest")
+            runs.append(
+                (
+                    target_logit(lg) - target_logit(logits),
+                    measured_de(cache) - clean_de,
+                    (s_new - scale) * dot,
+                )
+            )
+        total.append(jnp.mean(jnp.stack([r[0] for r in runs]), 0))
+        delta.append(jnp.mean(jnp.stack([r[1] for r in runs]), 0))
+        norm.append(jnp.mean(jnp.stack([r[2] for r in runs]), 0))
+    embed = direct_effect(clean["resid_pre"][0, :, -1], w, scale, config)
+    return EffectMatrix(
+        total=jnp.stack(total),
+        direct_clean=clean_de,
+        delta_direct=jnp.stack(delta),
+        norm_term=jnp.stack(norm),
+        target=tgt,
+        clean_logit=jnp.take_along_axis(final_logits, tgt[:, None], axis=1)[:, 0],
+        direct_embed=embed,
+        direct_bias=bias,
+        labels=Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured)),
+    )
+
+
+def _perms(b: int, k: int, seed: int, kind: str) -> np.ndarray:
+    if kind == "resample":
+        return iv.resample_sources(b, k, seed)
+    return np.zeros((k, b), np.int64)
+
+
+def _check(
+    model: Transformer,
+    batch: Batch,
+    ablate: Sequence[str],
+    measure: Sequence[str],
+    kind: str,
+    position: str,
+    target: str,
+    n_resamples: int,
+    source: Batch | None,
+) -> tuple[list[Component], list[Component]]:
+    """Validate arguments shared by both paths; return (ablated, measured) components."""
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a hydra_jax.Transformer, got {type(model).__name__}.")
+    check_batch(model.config, batch)
+    ablate_sites = _sites(ablate, ABLATABLE, "ablate")
+    measure_sites = _sites(measure, MEASURABLE, "measure")
+    if Site.ATTN_OUT in measure_sites and Site.HEAD_OUT in measure_sites:
+        raise ValueError(
+            "measure either 'attn_out' or 'head_out', not both: the heads sum to the layer, so the "
+            "compensation sums would count attention twice."
+        )
+    if kind not in iv.KINDS:
+        raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {iv.KINDS}.")
+    if position not in ("final", "all"):
+        raise ValueError(f"position must be 'final' or 'all', got {position!r}.")
+    if target not in ("argmax", "answer"):
+        raise ValueError(f"target must be 'argmax' or 'answer', got {target!r}.")
+    if target == "answer" and batch.answers is None:
+        raise ValueError(
+            "target='answer' needs answer tokens: build the batch with "
+            "Batch.from_prompts(tokenizer, prompts, answers=...) or use target='argmax'."
+        )
+    if not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive int, got {n_resamples!r}.")
+    if kind != "resample" and n_resamples != 1:
+        raise ValueError(f"n_resamples only applies to kind='resample', not kind={kind!r}.")
+    if kind == "resample":
+        iv.resample_sources(batch.size, n_resamples, 0)  # raises if the batch is too small
+    if kind == "patch" and source is None:
+        raise ValueError("kind='patch' needs source=, a Batch with one prompt per prompt of the batch.")
+    if source is not None:
+        if kind not in ("mean", "patch"):
+            raise ValueError(f"source= is used by kind='mean' or 'patch', not kind={kind!r}.")
+        check_batch(model.config, source)
+        if kind == "patch" and source.size != batch.size:
+            raise ValueError(
+                f"A patch source needs {batch.size} prompts (one per prompt), got {source.size}."
+            )
+    ablated = components(ablate_sites, model.config)
+    measured = components(measure_sites, model.config)
+    return ablated, measured
+
+
+def _sites(names: Sequence[str], allowed: tuple[Site, ...], what: str) -> tuple[Site, ...]:
+    if isinstance(names, str):
+        names = (names,)
+    sites = tuple(dict.fromkeys(as_site(n) for n in names))
+    if not sites:
+        raise ValueError(f"{what} needs at least one site from {[s.value for s in allowed]}.")
+    bad = [s.value for s in sites if s not in allowed]
+    if bad:
+        raise ValueError(
+            f"{what} sites must be components that write into the residual stream, "
+            f"{[s.value for s in allowed]}; got {bad}."
+        )
+    return sites
