@@ -2,30 +2,49 @@
 
 Public names:
 
-    ModelConfig, presets        model shapes and family conventions
-    Transformer                 the Flax NNX decoder (weights stacked over layers)
-    Batch, Tokenizer            left-padded prompts
-    run                         forward with captures and interventions
-    interventions               ablate / combine / stack
-    sites                       site names and their TransformerLens equivalents
+    ModelConfig, presets         model shapes and family conventions
+    Transformer                  the Flax NNX decoder (weights stacked over layers)
+    Batch, Tokenizer             left-padded prompts
+    run                          forward with captures and interventions
+    interventions                ablate / combine / stack
+    sites, Site                  site names and their TransformerLens equivalents
+    direct_effects               direct effects on the target, frozen final-norm scale
+    effect_matrix                every ablation x every measured component x every prompt,
+                                 in one compiled call
+    naive_effect_matrix          the same, one run per ablation (the reference)
+    EffectMatrix, Decomposition  its result, and TE = own + attention + mlp + norm
+    hydra_summary                per-ablation Hydra statistics with bootstrap intervals
 """
 
 from hydra_jax import interventions, presets, sites
 from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.config import ModelConfig
+from hydra_jax.effect_matrix import effect_matrix, naive_effect_matrix
+from hydra_jax.effects import Component, Decomposition, DirectEffects, EffectMatrix, Labels, direct_effects
 from hydra_jax.model import Transformer, param_count
 from hydra_jax.run import run
 from hydra_jax.sites import Site
+from hydra_jax.summary import HydraSummary, hydra_summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
+    "Component",
+    "Decomposition",
+    "DirectEffects",
+    "EffectMatrix",
+    "HydraSummary",
+    "Labels",
     "ModelConfig",
     "Site",
     "Tokenizer",
     "Transformer",
+    "direct_effects",
+    "effect_matrix",
+    "hydra_summary",
     "interventions",
+    "naive_effect_matrix",
     "param_count",
     "presets",
     "run",

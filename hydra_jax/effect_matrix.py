@@ -46,6 +46,7 @@ def effect_matrix(
     chunk_size: int | None = None,
     seed: int = 0,
     source: Batch | None = None,
+    linearise: bool = False,
 ) -> EffectMatrix:
     """Every ablation × every measured component × every prompt, in one compiled call.
 
@@ -67,12 +68,15 @@ def effect_matrix(
         chunk_size: ablation rows processed at once (memory bound); None = all.
         seed: seeds the resampling permutations.
         source: reference batch for "mean"; source batch (same size) for "patch".
+        linearise: also return first-order predictions of every effect
+            (`linear_total`, `linear_delta_direct`): forward-mode derivatives
+            (`jax.jvp`) of the suffix along the edit ĉ − c, in the same call.
 
     Returns:
         An `EffectMatrix` (shapes: total [A, B], delta_direct [A, M, B], ...).
     """
-    config = model.config
     ablated, measured = _check(model, batch, ablate, measure, kind, position, target, n_resamples, source)
+    config = model.config
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
     plan = Plan(
@@ -84,6 +88,7 @@ def effect_matrix(
         chunk_size=chunk_size,
         measured=tuple((CODE[c.site], c.layer, c.head or 0) for c in measured),
         head_ablations=any(c.site is Site.HEAD_OUT for c in ablated),
+        linearise=bool(linearise),
     )
     rows = {
         "layer": jnp.array([c.layer for c in ablated], jnp.int32),

@@ -246,6 +246,9 @@ class EffectMatrix:
         direct_embed: [B] clean DE of the embeddings.
         direct_bias: [B] the final norm's and the logit's bias terms.
         labels: names of the A ablated and M measured components.
+        linear_total, linear_delta_direct: with `linearise=True`, the first-order
+            (forward-mode, `jax.jvp`) predictions of `total` and `delta_direct`
+            in the edit ĉ − c; None otherwise.
     """
 
     total: Array
@@ -257,6 +260,8 @@ class EffectMatrix:
     direct_embed: Array
     direct_bias: Array
     labels: Labels = dataclasses.field(metadata=dict(static=True))
+    linear_total: Array | None = None
+    linear_delta_direct: Array | None = None
 
     @property
     def ablated(self) -> list[Component]:
@@ -265,6 +270,22 @@ class EffectMatrix:
     @property
     def measured(self) -> list[Component]:
         return [Component.parse(s) for s in self.labels.measured]
+
+    def linear_error(self) -> dict[str, Array]:
+        """How far the first-order predictions miss, per ablation ([A]).
+
+        "total": |linear TE − TE| / (|TE| + eps), mean over prompts;
+        "delta_direct": ‖linear ΔDE − ΔDE‖ / (‖ΔDE‖ + eps) over measured
+        components and prompts. Small where the network is locally linear in
+        the edit, large where it is not.
+        """
+        if self.linear_total is None or self.linear_delta_direct is None:
+            raise ValueError("This EffectMatrix has no linear predictions; pass linearise=True.")
+        eps = 1e-12
+        te_err = jnp.abs(self.linear_total - self.total) / (jnp.abs(self.total) + eps)
+        dd = self.linear_delta_direct - self.delta_direct
+        dd_err = jnp.sqrt((dd**2).sum((1, 2))) / (jnp.sqrt((self.delta_direct**2).sum((1, 2))) + eps)
+        return {"total": te_err.mean(axis=1), "delta_direct": dd_err}
 
     def decompose(self) -> Decomposition:
         """Split every total effect into own change, attention and MLP compensation, norm term."""

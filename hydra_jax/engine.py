@@ -51,6 +51,7 @@ class Plan:
     Attributes:
         measured: (code, layer, head) of each measured component, in output order.
         head_ablations: whether any ablation is of a head (per-head outputs needed).
+        linearise: also compute first-order (jvp) predictions of every effect.
     """
 
     config: ModelConfig
@@ -61,6 +62,7 @@ class Plan:
     chunk_size: int | None
     measured: tuple[tuple[int, int, int], ...]
     head_ablations: bool
+    linearise: bool = False
 
     @property
     def measure_heads(self) -> bool:
@@ -94,7 +96,8 @@ def effect_core(
             source batch, or None.
     Returns:
         total [A, B], norm_term [A, B], delta_direct [A, M, B], direct_clean [M, B],
-        target [B], clean_logit [B], direct_embed [B], direct_bias [B].
+        target [B], clean_logit [B], direct_embed [B], direct_bias [B]; with
+        `plan.linearise` also linear_total [A, B] and linear_delta_direct [A, M, B].
     """
     cfg = plan.config
     params = cast_params(params, cfg)
@@ -112,40 +115,73 @@ def effect_core(
     if plan.needs_heads:
         clean_de["head"] = de(jnp.swapaxes(clean[Site.HEAD_OUT][:, :, -1], 1, 2))  # [L, H, B]
 
-    values, write = _ablation_values(params, cfg, plan, clean, valid, rows, perms, source)
-    n_rows = rows["layer"].shape[0] * plan.n_resamples
+    # The clean activation at each ablated site, and what each ablation writes there.
+    column = jnp.where(rows["code"] == HEAD, 2 + rows["head"], rows["code"])  # [A]
+    here = _site_table(clean, plan, final)[rows["layer"], column]  # [A, B, (T,) D]
+    values, write = _ablation_values(params, cfg, plan, here, column, valid, rows, perms, source)
+    k = plan.n_resamples
+    n_rows = rows["layer"].shape[0] * k
+
+    def flat(x: Array) -> Array:  # [A, K, ...] -> [N, ...]
+        return x.reshape(n_rows, *x.shape[2:])
+
     per_row = {
-        "layer": jnp.repeat(rows["layer"], plan.n_resamples),
-        "code": jnp.repeat(rows["code"], plan.n_resamples),
-        "head": jnp.repeat(rows["head"], plan.n_resamples),
-        "value": values.reshape(n_rows, *values.shape[2:]),
+        "layer": jnp.repeat(rows["layer"], k),
+        "code": jnp.repeat(rows["code"], k),
+        "head": jnp.repeat(rows["head"], k),
+        "value": flat(values),
     }
     if write is not None:
-        per_row["write"] = write.reshape(n_rows, *write.shape[2:])
+        per_row["write"] = flat(write)
 
     shared = dict(params=params, cfg=cfg, plan=plan, clean=clean, valid=valid, w=w, scale=scale)
-    row_fn = _final_row if final else _all_row
-    one = functools.partial(row_fn, **shared)
-    if plan.chunk_size is None:
-        out = jax.vmap(one)(per_row)
-    else:  # chunks of `chunk_size` rows, vmapped within a chunk, one after another
-        out = jax.lax.map(one, per_row, batch_size=plan.chunk_size)
+    suffix = functools.partial(_final_row if final else _all_row, **shared)
 
-    # Total effect and norm term from the ablated final residual (frozen w, moving scale).
-    z_abl = out.pop("z_final")  # [N, B, D]
-    s_abl = layers.norm_scale(z_abl, cfg)  # [N, B]
-    dot = jnp.einsum("nbd,bd->nb", z_abl.astype(jnp.float32), w, precision="highest")
-    total = s_abl * dot + (bias - clean_logit)[None]
-    norm_term = (s_abl - scale[None]) * dot
+    def effects(row: dict[str, Array]) -> dict[str, Array]:
+        out = suffix(row)
+        # Total effect and norm term from the ablated final residual (frozen w, moving scale).
+        z_abl = out.pop("z_final")  # [B, D]
+        s_abl = layers.norm_scale(z_abl, cfg)  # [B]
+        dot = jnp.einsum("bd,bd->b", z_abl.astype(jnp.float32), w, precision="highest")
+        return {**out, "total": s_abl * dot + bias - clean_logit, "norm_term": (s_abl - scale) * dot}
+
+    fns = {"exact": effects}
+    if plan.linearise:
+        per_row["clean_value"] = flat(jnp.broadcast_to(here[:, None], values.shape))
+
+        def linear(row: dict[str, Array]) -> dict[str, Array]:
+            # First order in the edit: d/dε effects(clean + ε (value − clean)) at ε = 0.
+            step = row["value"] - row["clean_value"]
+
+            def along(eps: Array) -> dict[str, Array]:
+                return effects({**row, "value": row["clean_value"] + eps * step})
+
+            return jax.jvp(along, (jnp.zeros((), step.dtype),), (jnp.ones((), step.dtype),))[1]
+
+        fns["linear"] = linear
+
+    def all_effects(row: dict[str, Array]) -> dict[str, dict[str, Array]]:
+        return {name: fn(row) for name, fn in fns.items()}
+
+    if plan.chunk_size is None:
+        out = jax.vmap(all_effects)(per_row)
+    else:  # chunks of `chunk_size` rows, vmapped within a chunk, one after another
+        out = jax.lax.map(all_effects, per_row, batch_size=plan.chunk_size)
 
     def per_ablation(x: Array) -> Array:  # [N, ...] -> [A, ...], mean over resamples
-        return x.reshape(-1, plan.n_resamples, *x.shape[1:]).mean(axis=1)
+        return x.reshape(-1, k, *x.shape[1:]).mean(axis=1)
 
-    delta = _gather_measured(plan, {k: per_ablation(v) for k, v in out.items()}, axis=1)
+    result = {}
+    for name, o in out.items():
+        o = {key: per_ablation(v) for key, v in o.items()}
+        prefix = "" if name == "exact" else "linear_"
+        result[prefix + "total"] = o.pop("total")
+        norm_term = o.pop("norm_term")
+        if name == "exact":
+            result["norm_term"] = norm_term
+        result[prefix + "delta_direct"] = _gather_measured(plan, o, axis=1)  # [A, M, B]
     return dict(
-        total=per_ablation(total),
-        norm_term=per_ablation(norm_term),
-        delta_direct=delta,  # [A, M, B]
+        **result,
         direct_clean=_gather_measured(plan, clean_de, axis=0),  # [M, B]
         target=target,
         clean_logit=clean_logit,
@@ -185,7 +221,8 @@ def _ablation_values(
     params: Params,
     cfg: ModelConfig,
     plan: Plan,
-    clean: dict[Any, Array],
+    here: Array,
+    column: Array,
     valid: Array,
     rows: dict[str, Array],
     perms: Array,
@@ -193,9 +230,6 @@ def _ablation_values(
 ) -> tuple[Array, Array | None]:
     """The value each ablation writes, [A, K, B, (T,) D], and for "all" where it may write [A, K, B, T]."""
     final = plan.position == "final"
-    column = jnp.where(rows["code"] == HEAD, 2 + rows["head"], rows["code"])  # [A]
-    table = _site_table(clean, plan, final)
-    here = table[rows["layer"], column]  # [A, B, (T,) D] the clean activation of each ablated site
     k = plan.n_resamples
     if plan.kind == "resample":
         values = here[:, perms]  # [A, K, B, (T,) D]
@@ -299,7 +333,9 @@ def _final_row(
         own = jnp.einsum("bk,kd->bd", zh[:, head], p["W_O"][head]) + b_o[None] / cfg.n_heads
         a = jnp.where(here & (code == ATTN), value, a)
         a = jnp.where(here & (code == HEAD), a - own + value, a)
-        a = jnp.where(before, x["a"], a)
+        # Below the ablated layer, and the attention beside an ablated MLP, stay clean.
+        attn_clean = before | (here & (code == MLP))
+        a = jnp.where(attn_clean, x["a"], a)
         mlp_in = z if cfg.parallel_residual else z + a
         hidden = layers.mlp_hidden(
             layers.norm(mlp_in, p["ln2_g"], p.get("ln2_b"), cfg),
@@ -318,7 +354,7 @@ def _final_row(
             per_head = jnp.einsum("bhk,hkd->bhd", zh, p["W_O"]) + b_o[None, None] / cfg.n_heads
             is_own = here & (code == HEAD) & (jnp.arange(cfg.n_heads) == head)  # [H]
             per_head = jnp.where(is_own[None, :, None], value[:, None], per_head)
-            per_head = jnp.where(before, x["heads"], per_head)
+            per_head = jnp.where(attn_clean, x["heads"], per_head)
             out["head"] = de(jnp.swapaxes(per_head - x["heads"], 0, 1))  # [H, B]
         return z + a + m, out
 
@@ -373,11 +409,14 @@ def _all_row(
             edits[Site.HEAD_OUT] = (mask, jnp.broadcast_to(source[..., None], mask.shape))
             bank[Site.HEAD_OUT] = jnp.broadcast_to(value[:, :, None], (b, t, cfg.n_heads, value.shape[-1]))
         z_next, cap = block(x["p"], z, ctx, edits, bank, None)
-        a = jnp.where(before, x["a"], cap[Site.ATTN_OUT][:, -1])
+        # Below the ablated layer, and the attention beside an ablated MLP, are unchanged
+        # by causality; report them as exactly clean.
+        attn_clean = before | (here & (code == MLP))
+        a = jnp.where(attn_clean, x["a"], cap[Site.ATTN_OUT][:, -1])
         m = jnp.where(before, x["m"], cap[Site.MLP_OUT][:, -1])
         out = {"attn": de(a - x["a"]), "mlp": de(m - x["m"])}
         if plan.measure_heads:
-            per_head = jnp.where(before, x["heads"], cap[Site.HEAD_OUT][:, -1])
+            per_head = jnp.where(attn_clean, x["heads"], cap[Site.HEAD_OUT][:, -1])
             out["head"] = de(jnp.swapaxes(per_head - x["heads"], 0, 1))
         return z_next, out
 

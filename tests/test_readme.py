@@ -17,5 +17,6 @@ def python_blocks(path: pathlib.Path) -> list[str]:
 
 @pytest.mark.parametrize("path", [p for p in DOCS if python_blocks(p)], ids=lambda p: p.name)
 def test_examples_run(path):
+    namespace = {"__name__": "__docs__"}  # blocks of one page run in order, like a notebook
     for block in python_blocks(path):
-        exec(compile(block, str(path), "exec"), {"__name__": "__docs__"})
+        exec(compile(block, str(path), "exec"), namespace)
