@@ -14,10 +14,12 @@ Public names:
     naive_effect_matrix          the same, one run per ablation (the reference)
     EffectMatrix, Decomposition  its result, and TE = own + attention + mlp + norm
     hydra_summary                per-ablation Hydra statistics with bootstrap intervals
+    save, load                   checkpoint directories (orbax parameters, config, tokenizer)
 """
 
 from hydra_jax import interventions, presets, sites
 from hydra_jax.batch import Batch, Tokenizer
+from hydra_jax.checkpoint import load, save
 from hydra_jax.config import ModelConfig
 from hydra_jax.effect_matrix import effect_matrix, naive_effect_matrix
 from hydra_jax.effects import Component, Decomposition, DirectEffects, EffectMatrix, Labels, direct_effects
@@ -44,9 +46,11 @@ __all__ = [
     "effect_matrix",
     "hydra_summary",
     "interventions",
+    "load",
     "naive_effect_matrix",
     "param_count",
     "presets",
     "run",
+    "save",
     "sites",
 ]
