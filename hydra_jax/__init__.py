@@ -15,9 +15,10 @@ Public names:
     EffectMatrix, Decomposition  its result, and TE = own + attention + mlp + norm
     hydra_summary                per-ablation Hydra statistics with bootstrap intervals
     save, load                   checkpoint directories (orbax parameters, config, tokenizer)
+    data                         the synthetic factual world, FactDataset, tokenizer training
 """
 
-from hydra_jax import interventions, presets, sites
+from hydra_jax import data, interventions, presets, sites
 from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.checkpoint import load, save
 from hydra_jax.config import ModelConfig
@@ -42,6 +43,7 @@ __all__ = [
     "Site",
     "Tokenizer",
     "Transformer",
+    "data",
     "direct_effects",
     "effect_matrix",
     "hydra_summary",

@@ -48,6 +48,7 @@ def save(
     *,
     card: str | None = None,
     overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> str:
     """Write `model` (and its tokenizer) as a checkpoint directory at `path`.
 
@@ -57,6 +58,8 @@ def save(
         path: the checkpoint directory to create.
         card: MODEL_CARD.md text; default: a card stating the config and size.
         overwrite: replace an existing checkpoint at `path`.
+        extra_files: name -> path of files to copy in (a loss curve, the
+            recipe); they are covered by the manifest like every other file.
     Returns:
         The absolute path written.
     """
@@ -77,6 +80,8 @@ def save(
             tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "MODEL_CARD.md"), "w") as f:
             f.write(card if card is not None else default_card(config))
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, os.path.join(tmp, name))
         _write_manifest(tmp)
         if os.path.exists(path):
             shutil.rmtree(path)

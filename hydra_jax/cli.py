@@ -45,6 +45,14 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from hydra_jax.recipe import run_recipe
+
+    model_dir = run_recipe(args.config, args.out, progress=not args.quiet)
+    print(f"Model written to {model_dir} (see its MODEL_CARD.md).")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hydra-jax",
@@ -61,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="presets to show (default: all)")
     p.add_argument("--json", action="store_true", help="also print each config as JSON")
     p.set_defaults(func=_presets)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model on the synthetic factual world from a recipe",
+        description="Train a model from a JSON recipe (data, model and optimiser settings; see "
+        "hydra_jax/recipe.py). Re-running with the same --out resumes from the latest checkpoint. "
+        "Example: hydra-jax train --config checkpoints/hydra-8l/recipe.json --out runs/hydra-8l",
+    )
+    p.add_argument("--config", required=True, help="recipe JSON file")
+    p.add_argument("--out", required=True, help="run directory (created; resumed if it holds a run)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
     return parser
 
 
@@ -72,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"hydra-jax: error: {err}", file=sys.stderr)
         return 2
 
