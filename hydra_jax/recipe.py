@@ -28,6 +28,8 @@ from typing import Any
 from hydra_jax.checkpoint import save
 from hydra_jax.train import TrainConfig, accuracy, pack, train
 
+CHECK_PROMPTS = 2000
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
@@ -78,6 +80,8 @@ def run_recipe(path: str | os.PathLike[str], out: str | os.PathLike[str], *, pro
         progress=progress,
     )
     held_out = accuracy(model.params, model.config, eval_facts, tokenizer)
+    # The fixed subset the test suite re-measures against this card.
+    check = accuracy(model.params, model.config, eval_facts.sample(CHECK_PROMPTS, seed=0), tokenizer)["all"]
     train_facts = world.facts("train").sample(data.train_eval_prompts, seed=0)
     seen = accuracy(model.params, model.config, train_facts, tokenizer)
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -99,6 +103,7 @@ def run_recipe(path: str | os.PathLike[str], out: str | os.PathLike[str], *, pro
             train_prompts=len(train_facts),
             data_time=data_time,
             final_loss=_final_loss(metrics),
+            check=check,
         )
         card = model_card(**facts)
         # The shipped model is saved without dropout and in float32: analyses are deterministic.
@@ -160,6 +165,7 @@ def model_card(
     train_prompts: int,
     data_time: float,
     final_loss: float,
+    check: float,
 ) -> str:
     m = train.model
     rows = "\n".join(
@@ -188,8 +194,8 @@ Evaluation prompts use held-out templates never seen in training.
 
 ## Training
 
-Seed {train.seed}; {summary["steps"]:,} steps of {train.batch_size} × {train.seq_len} tokens
-({summary["tokens"]:,} tokens this run); AdamW (peak lr {train.lr}, {train.warmup} warm-up steps, cosine
+Seed {train.seed}; {summary["steps"]:,} steps of {train.batch_size} sequences of {train.seq_len} + 1 tokens
+({summary["tokens"]:,} tokens); AdamW (peak lr {train.lr}, {train.warmup} warm-up steps, cosine
 decay to {train.lr * train.final_lr_fraction:g}, weight decay {train.weight_decay}, clipping {train.clip}),
 {train.dtype} compute. Final training loss {final_loss:.3f} nats/token (mean of the last 10 logged steps).
 Wall time {summary["wall_time_s"] / 60:.1f} min of training (+{data_time:.0f} s data and tokenizer) on
@@ -202,6 +208,8 @@ Wall time {summary["wall_time_s"] / 60:.1f} min of training (+{data_time:.0f} s 
 Top-1 accuracy of the final-position prediction, measured after training:
 held-out templates (all {eval_prompts:,} evaluation prompts) **{held_out["all"]:.1%}**;
 training templates ({train_prompts:,} sampled prompts) {seen["all"]:.1%}.
+Check subset (`World(seed={data["world_seed"]}).facts("eval").sample({CHECK_PROMPTS}, seed=0)`, re-measured
+by the test suite): {check:.2%}.
 
 | relation | training templates | held-out templates |
 |---|---|---|

@@ -201,6 +201,19 @@ def _final_logits(params: Params, tokens: Array, valid: Array, *, config: ModelC
     return logits[:, -1]
 
 
+def _elapsed(metrics_path: str, step: int) -> float:
+    """Training seconds logged up to `step` by earlier sessions of this run (0 for a new run)."""
+    if step == 0 or not os.path.exists(metrics_path):
+        return 0.0
+    elapsed = 0.0
+    with open(metrics_path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("step", 0) <= step and "elapsed_s" in row:
+                elapsed = row["elapsed_s"]
+    return elapsed
+
+
 def train(
     cfg: TrainConfig,
     out: str | os.PathLike[str],
@@ -246,7 +259,9 @@ def train(
         target = {"params": params, "opt_state": opt_state}
         restored = manager.restore(start, args=ocp.args.StandardRestore(target))
         params, opt_state = restored["params"], restored["opt_state"]
-    metrics_file = open(os.path.join(out, "metrics.jsonl"), "a")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    elapsed_before = _elapsed(metrics_path, start)  # training time of earlier, interrupted sessions
+    metrics_file = open(metrics_path, "a")
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     key = jax.random.key(cfg.seed)
     lr_at = schedule(cfg)
@@ -267,6 +282,7 @@ def train(
                     "grad_norm": float(stats["grad_norm"]),
                     "lr": float(lr_at(step)),
                     "tokens_per_s": tokens_done / (time.time() - t_start),
+                    "elapsed_s": elapsed_before + time.time() - t_start,
                 }
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -290,8 +306,8 @@ def train(
     model.set_params(jax.tree.map(np.asarray, params))
     summary = {
         "steps": end,
-        "wall_time_s": time.time() - t_start,
-        "tokens": tokens_done,
+        "wall_time_s": elapsed_before + time.time() - t_start,
+        "tokens": end * cfg.batch_size * (cfg.seq_len + 1),
         "params": param_count(config),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
     }

@@ -19,10 +19,13 @@ Public names:
     default_world              World(seed=0)
     default_facts              default_world().facts(split), cached
     default_tokenizer          default_world().train_tokenizer(), cached
+    load_counterfact           Counterfact / known-facts JSON -> FactDataset (split "external")
+    answer_token_ids           first answer token per prompt, flagging multi-token answers
 
 Importing this package needs only numpy and tokenizers (beyond hydra_jax itself).
 """
 
+from hydra_jax.data.counterfact import answer_token_ids, load_counterfact
 from hydra_jax.data.defaults import default_facts, default_tokenizer, default_world
 from hydra_jax.data.facts import FactDataset
 from hydra_jax.data.relations import RELATION_NAMES, RELATIONS, SPLITS, Relation
@@ -37,9 +40,11 @@ __all__ = [
     "Relation",
     "Subject",
     "World",
+    "answer_token_ids",
     "check_single_tokens",
     "default_facts",
     "default_tokenizer",
     "default_world",
+    "load_counterfact",
     "train_tokenizer",
 ]

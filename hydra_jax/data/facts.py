@@ -9,8 +9,10 @@ Conventions:
   `hydra_jax.data.RELATIONS`, whatever rows a subset keeps), and
   ``template_ids[i]`` indexes that relation's templates *of this split*:
   ``RELATIONS[relation_ids[i]].templates(split)[template_ids[i]]``.
-* ``split`` is "train" (training templates, the sentences models saw) or
-  "eval" (held-out templates, never in training text).
+* ``split`` is "train" (training templates, the sentences models saw),
+  "eval" (held-out templates, never in training text) or "external"
+  (prompts read from a file, e.g. `load_counterfact`; their `relations` are
+  the file's relation ids and they have no template ids).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ class FactDataset:
     relations: tuple[str, ...] = RELATION_NAMES
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"Unknown split {self.split!r}; expected one of {SPLITS}.")
+        if self.split not in (*SPLITS, "external"):
+            raise ValueError(f"Unknown split {self.split!r}; expected one of {(*SPLITS, 'external')}.")
         columns = ("prompts", "answers", "subjects", "relation_ids", "template_ids")
         for name in columns:  # accept any sequence, store tuples so the dataset stays immutable
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -98,7 +100,9 @@ class FactDataset:
         return self.subset([i for i, x in enumerate(self.relation_ids) if x == r])
 
     def templates(self) -> tuple[str, ...]:
-        """The template of each row."""
+        """The template of each row (world prompts only)."""
+        if self.split == "external":
+            raise ValueError("Prompts read from a file have no templates.")
         return tuple(
             RELATIONS[r].templates(self.split)[t]
             for r, t in zip(self.relation_ids, self.template_ids, strict=True)
