@@ -1,0 +1,174 @@
+"""`hydra-jax analyze` end to end on a tiny model: files, schema, determinism, bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import hydra_jax as hj
+from hydra_jax.cli import main
+from hydra_jax.data import default_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    tokenizer = default_tokenizer(2048)
+    config = hj.ModelConfig(
+        d_model=32, n_layers=2, n_heads=2, d_head=16, d_mlp=64, d_vocab=tokenizer.vocab_size, n_ctx=64
+    )
+    model = hj.Transformer(config, rngs=nnx.Rngs(0))
+    return hj.save(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def args(checkpoint, out, *extra, **options):
+    """The analyze command line; `options` (n_prompts="0") override the small defaults."""
+    opts = {
+        "model": str(checkpoint),
+        "n_prompts": "24",
+        "batch_size": "12",
+        "n_resamples": "2",
+        "n_bootstrap": "50",
+    }
+    opts |= options
+    flags = [item for k, v in opts.items() for item in ("--" + k.replace("_", "-"), v)]
+    return ["analyze", *flags, "--out", str(out), "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def report(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports") / "report"
+    assert main(args(tiny_checkpoint, out)) == 0
+    return out
+
+
+def test_report_files_and_schema(report):
+    from hydra_jax.report import validate_summary
+
+    names = set(os.listdir(report))
+    figures = {"direct_vs_total.png", "decomposition.png", "coupling.png", "erasure.png", "repair.png"}
+    assert {"summary.json", "effects.npz", "report.md"} | figures <= names
+    for name in figures:
+        data = (report / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000, name
+        assert name in (report / "report.md").read_text()
+    doc = json.loads((report / "summary.json").read_text())
+    validate_summary(doc)
+    assert doc["data"]["prompts"] == 24 and doc["settings"]["n_resamples"] == 2
+    with np.load(report / "effects.npz", allow_pickle=False) as npz:
+        a, m = 4, 4  # attn_out and mlp_out of 2 layers, ablated and measured
+        assert npz["total"].shape == (a, 24)
+        assert npz["delta_direct"].shape == (a, m, 24)
+        assert npz["direct_clean"].shape == (m, 24)
+        assert list(npz["labels_ablated"]) == ["attn_out.0", "mlp_out.0", "attn_out.1", "mlp_out.1"]
+
+
+def test_report_agrees_with_effect_matrix(report, tiny_checkpoint):
+    """The report's numbers are hj.effect_matrix's on the same prompts, batches and seeds."""
+    from hydra_jax.analyze import Settings, measure, resolve_data
+
+    model, tokenizer = hj.load(tiny_checkpoint)
+    settings = Settings(n_prompts=24, batch_size=12, n_resamples=2)
+    batch, _ = resolve_data("default", tokenizer, model.config, 24, 0)
+    em, _ = measure(model, batch, settings, progress=False)
+    first = hj.effect_matrix(
+        model, batch[list(range(12))], ablate=("attn_out", "mlp_out"), n_resamples=2, seed=0
+    )
+    np.testing.assert_allclose(em.total[:, :12], first.total, rtol=1e-6)
+    with np.load(report / "effects.npz", allow_pickle=False) as npz:
+        np.testing.assert_allclose(npz["total"], em.total, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(npz["delta_direct"], em.delta_direct, rtol=1e-6, atol=1e-8)
+
+
+def test_same_seed_same_numbers(report, tiny_checkpoint, tmp_path):
+    assert main(args(tiny_checkpoint, tmp_path / "again")) == 0
+    first = json.loads((report / "summary.json").read_text())
+    second = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert first["per_ablation"] == second["per_ablation"]
+    assert first["erasure"] == second["erasure"]
+
+
+def test_compare_and_heads(tiny_checkpoint, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(args(tiny_checkpoint, out, "--compare", str(tiny_checkpoint), "--granularity", "head")) == 0
+    assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["compare"] is not None
+    assert len(doc["per_ablation"]) == 4  # 2 layers x 2 heads
+
+
+BAD = [
+    ({"model": "/nonexistent/model"}, "neither a checkpoint directory nor a preset"),
+    ({"model": "gpt5"}, "neither a checkpoint directory nor a preset"),
+    ({"n_prompts": "0"}, "--n-prompts must be a positive integer"),
+    ({"n_resamples": "12"}, "--n-resamples 12 needs batches of more than 12 prompts"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), BAD)
+def test_bad_arguments_exit_nonzero_and_write_nothing(tiny_checkpoint, tmp_path, capsys, options, message):
+    out = tmp_path / "report"
+    assert main(args(tiny_checkpoint, out, **options)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".hydra-report-")]
+
+
+def test_bad_data_and_output(tiny_checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert main(args(tiny_checkpoint, tmp_path / "r1", "--data", str(empty))) == 2
+    assert "non-empty JSON list" in capsys.readouterr().err
+    assert main(args(tiny_checkpoint, tmp_path / "r2", "--data", str(tmp_path / "missing.json"))) == 2
+    assert "No dataset file" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(args(tiny_checkpoint, blocker / "report")) == 2
+    assert "Cannot write the report" in capsys.readouterr().err
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    assert main(args(tiny_checkpoint, existing)) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert os.listdir(existing) == ["keep.txt"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".hydra-report-")]
+
+
+def test_counterfact_and_known_facts_formats(tmp_path):
+    cf = [
+        {"requested_rewrite": {"prompt": "{} is located in the city of", "subject": "Eiffel Tower",
+                               "target_true": {"str": "Paris"}, "relation_id": "P131"}},
+        {"requested_rewrite": {"prompt": "{} was born in", "subject": "Ada Lovelace",
+                               "target_true": {"str": "London"}, "relation_id": "P19"}},
+    ]  # fmt: skip
+    (tmp_path / "cf.json").write_text(json.dumps(cf))
+    facts = hj.data.load_counterfact(tmp_path / "cf.json")
+    assert facts.prompts == ("Eiffel Tower is located in the city of", "Ada Lovelace was born in")
+    assert facts.answers == (" Paris", " London") and facts.relations == ("P131", "P19")
+    assert facts.relation_ids == (0, 1) and facts.split == "external"
+    known = [{"prompt": "The Space Needle is in", "subject": "Space Needle", "attribute": "Seattle",
+              "relation_id": "P131"}]  # fmt: skip
+    (tmp_path / "known.json").write_text(json.dumps(known))
+    facts = hj.data.load_counterfact(tmp_path / "known.json")
+    assert facts.prompts == ("The Space Needle is in",) and facts.answers == (" Seattle",)
+    tokenizer = default_tokenizer(2048)
+    ids, flagged = hj.data.answer_token_ids(facts, tokenizer)
+    assert ids.shape == flagged.shape == (1,)
+    assert flagged[0] == (len(tokenizer.encode(" Seattle", add_special_tokens=False)) > 1)
+    bad = [
+        ([{"requested_rewrite": {"prompt": "no slot", "subject": "x", "target_true": {"str": "y"},
+                                 "relation_id": "r"}}], "has no {} subject slot"),
+        ([{"prompt": "p", "subject": "s", "attribute": "a"}], "missing 'relation_id'"),
+        ([{"something": 1}], "neither 'requested_rewrite'"),
+        ({"a": 1}, "non-empty JSON list"),
+    ]  # fmt: skip
+    for content, message in bad:
+        (tmp_path / "bad.json").write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=message):
+            hj.data.load_counterfact(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        hj.data.load_counterfact(tmp_path / "bad.json")
