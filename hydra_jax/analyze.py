@@ -224,6 +224,9 @@ def analyze(
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".hydra-report-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the report is an ordinary directory
     except OSError as err:
         raise ValueError(f"Cannot write the report under {parent!r}: {err.strerror}.") from err
     try:
