@@ -41,7 +41,7 @@ import numpy as np
 
 from hydra_jax import layers
 from hydra_jax.config import ModelConfig
-from hydra_jax.model import Params, unembed, unembedding
+from hydra_jax.model import Params, Transformer, unembed, unembedding
 from hydra_jax.sites import Site, as_site
 
 Array = jax.Array
@@ -174,7 +174,7 @@ class DirectEffects:
 
 
 def direct_effects(
-    model,
+    model: Transformer,
     cache: dict,
     target: Array | Literal["argmax"] = "argmax",
     *,

@@ -1117,3 +1117,42 @@ def _plot_compare(a: HydraSummary, b: HydraSummary, name_a: str, name_b: str) ->
     right.legend(fontsize=8)
     fig.suptitle(f"{name_a} vs {name_b}")
     return fig
+
+
+def schema_markdown() -> str:
+    """docs/report-format.md: the output files and every key of summary.json, from the schemas."""
+    lines = [
+        "# The report directory",
+        "",
+        "`hydra-jax analyze` writes these files (generated from `hydra_jax.report`'s schemas;",
+        "`tests/test_report.py` checks this page is current).",
+        "",
+        "| file | contents |",
+        "|---|---|",
+        "| `report.md` | the numbers and the figures, each with what to look for |",
+        "| `summary.json` | the keys below (`validate_summary` checks a document) |",
+        "| `effects.npz` | the arrays below (`np.load(path, allow_pickle=False)`) |",
+        *(f"| `{file}` | see report.md |" for file in (*FIGURES.values(), COMPARE_FIGURE)),
+        "",
+        "## effects.npz",
+        "",
+        "| array | shape and meaning |",
+        "|---|---|",
+        *(f"| `{k}` | {v.replace('|', '∣')} |" for k, v in NPZ_SCHEMA.items()),
+        "",
+        "## summary.json",
+        "",
+        "| key | type | meaning |",
+        "|---|---|---|",
+    ]
+
+    def walk(schema: Mapping[str, Any], prefix: str) -> None:
+        for key, spec in schema.items():
+            doc = spec["doc"].replace("|", "∣")
+            lines.append(f"| `{prefix}{key}` | {spec['type'].replace('|', ' or ')} | {doc} |")
+            for sub in ("keys", "items"):
+                if isinstance(spec.get(sub), Mapping):
+                    walk(spec[sub], f"{prefix}{key}{'[]' if sub == 'items' else ''}.")
+
+    walk(SUMMARY_SCHEMA, "")
+    return "\n".join(lines) + "\n"

@@ -246,3 +246,12 @@ def test_bad_meta(layer_run, tmp_path):
         report.write_report(tmp_path, em=em, summary=s, meta={**meta, "data": {"when": object()}})
     with pytest.raises(FileNotFoundError):
         report.write_report(tmp_path / "missing", em=em, summary=s, meta=meta)
+
+
+def test_report_format_page_is_current():
+    import pathlib
+
+    from hydra_jax.report import schema_markdown
+
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "report-format.md"
+    assert page.read_text() == schema_markdown(), "regenerate docs/report-format.md with schema_markdown()"
