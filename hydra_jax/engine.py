@@ -35,6 +35,7 @@ from hydra_jax import layers
 from hydra_jax.block import Context, block
 from hydra_jax.config import ModelConfig
 from hydra_jax.effects import direct_effect, target_direction
+from hydra_jax.interventions import align_right
 from hydra_jax.model import Params, cast_params, position_ids, trunk, unembed
 from hydra_jax.sites import Site
 
@@ -247,7 +248,7 @@ def _ablation_values(
         _, src_clean = trunk(params, cfg, src_tokens, src_valid, capture=frozenset(sites))
         src = _site_table(src_clean, plan, final)[rows["layer"], column]
         if not final:
-            src, src_valid = _align_right(src, src_valid, valid.shape[1])
+            src, src_valid = align_right(src, src_valid, valid.shape[1])
     if plan.kind == "mean":
         if final:
             values = src.mean(axis=1, keepdims=True)  # every prompt has a real final token
@@ -266,18 +267,6 @@ def _ablation_values(
         return values, None
     write = jnp.broadcast_to((valid & src_valid)[None, None], (here.shape[0], k, *valid.shape))
     return values, write
-
-
-def _align_right(acts: Array, valid: Array, t: int) -> tuple[Array, Array]:
-    """Right-align source activations [A, S, Ts, D] and validity [S, Ts] to length `t`."""
-    ts = valid.shape[1]
-    if ts >= t:
-        return acts[:, :, ts - t :], valid[:, ts - t :]
-    pad = t - ts
-    return (
-        jnp.pad(acts, [(0, 0), (0, 0), (pad, 0), (0, 0)]),
-        jnp.pad(valid, [(0, 0), (pad, 0)]),
-    )
 
 
 # --------------------------------------------------------------------------

@@ -277,6 +277,22 @@ def resolve(
     return Resolved(edits, bank, stacked)
 
 
+def align_right(acts: Array, valid: Any, t: int) -> tuple[Array, Any]:
+    """Source activations [X, S, Ts, ...] and validity [S, Ts] right-aligned to length `t`.
+
+    Final tokens line up. A longer source loses its first positions; a shorter
+    one is padded on the left with zeros marked invalid, so nothing is written
+    where it has no real token. `valid` stays numpy if it is numpy (host-side
+    resolution) and jax otherwise (inside the effect engine's jit).
+    """
+    xp = np if isinstance(valid, np.ndarray) else jnp
+    ts = valid.shape[1]
+    if ts >= t:
+        return acts[:, :, ts - t :], valid[:, ts - t :]
+    pad = [(0, 0), (0, 0), (t - ts, 0)] + [(0, 0)] * (acts.ndim - 3)
+    return jnp.pad(acts, pad), xp.pad(valid, [(0, 0), (t - ts, 0)])
+
+
 def _int_tuple(value: int | Sequence[int], name: str) -> tuple[int, ...]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return (int(value),)
@@ -439,11 +455,7 @@ class _Banks:
         else:
             source = self.batch if e.source is None else e.source
             acts, valid = self._cache(source)[site], source.valid  # [L, S, Ts, ...], [S, Ts]
-        ts = valid.shape[1]
-        if ts >= t:
-            return acts[:, :, ts - t :], valid[:, ts - t :]
-        pad = [(0, 0), (0, 0), (t - ts, 0)] + [(0, 0)] * (acts.ndim - 3)
-        return jnp.pad(acts, pad), np.pad(valid, [(0, 0), (t - ts, 0)])
+        return align_right(acts, valid, t)
 
     def _from_cache(self, e: Ablation) -> Array:
         site = e.site
