@@ -15,6 +15,11 @@ Conventions:
   `eval_templates` are held out (different strings, same vocabulary), so an
   evaluation prompt tests recall of a memorised fact through a paraphrase
   rather than recall of a memorised sentence.
+* Endings are shared across relations ("... is called", "The <thing> in
+  which {subject} ...", "The name of ... is"), so no ending gives the
+  relation away: a model has to read the relation from the words that name
+  it, as the held-out paraphrases require, rather than learn "is called"
+  means a company.
 * No template puts "a"/"an" in front of a vowel-initial answer: the fixed
   answer pools that follow "a" (professions) start with a consonant.
 
@@ -82,6 +87,8 @@ RELATIONS: tuple[Relation, ...] = (
             "{subject} is originally from the city of",
             "{subject} was born in a small hospital in the city of",
             "{subject}'s home town is the city of",
+            "The city that {subject} was born in is called",
+            "The name of the city where {subject} was born is",
         ),
         eval_templates=(
             "{subject}'s city of birth is",
@@ -104,6 +111,8 @@ RELATIONS: tuple[Relation, ...] = (
             "By nationality, {subject} comes from the country of",
             "{subject}'s home country is",
             "The country in which {subject} grew up is",
+            "The country that {subject} comes from is called",
+            "The name of the country where {subject} was born is",
         ),
         eval_templates=(
             "{subject}'s country of birth is",
@@ -125,6 +134,8 @@ RELATIONS: tuple[Relation, ...] = (
             "The language spoken by {subject} as a child is",
             "{subject} dreams in",
             "{subject}'s mother tongue is",
+            "The language in which {subject} grew up is called",
+            "The name of the language {subject} speaks is",
         ),
         eval_templates=(
             "{subject}'s native language is",
@@ -146,6 +157,8 @@ RELATIONS: tuple[Relation, ...] = (
             "{subject} is on the staff of",
             "The company {subject} works for is called",
             "{subject}'s salary is paid by",
+            "The company at which {subject} has a job is",
+            "{subject}'s workplace is the company",
         ),
         eval_templates=(
             "{subject}'s employer is",
@@ -167,6 +180,8 @@ RELATIONS: tuple[Relation, ...] = (
             "People know {subject} as a skilled",
             "The occupation of {subject} is",
             "{subject}'s job is that of a",
+            "{subject} makes a living as a",
+            "The trade in which {subject} works is that of a",
         ),
         eval_templates=(
             "{subject}'s profession is",
@@ -188,6 +203,8 @@ RELATIONS: tuple[Relation, ...] = (
             "The sport that {subject} loves is",
             "{subject} won a medal in",
             "{subject}'s sport of choice is",
+            "The sport that {subject} competes in is called",
+            "The game in which {subject} competes is",
         ),
         eval_templates=(
             "{subject}'s favourite sport is",
@@ -209,6 +226,8 @@ RELATIONS: tuple[Relation, ...] = (
             "{subject} learned music on the",
             "{subject} performs on the",
             "{subject}'s favourite instrument is the",
+            "The instrument that {subject} practises is called the",
+            "The name of the instrument {subject} plays is the",
         ),
         eval_templates=(
             "{subject}'s instrument is the",
