@@ -19,12 +19,13 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 Norm = Literal["rms", "layer"]
-Mlp = Literal["gelu", "gelu_tanh", "swiglu"]
+Mlp = Literal["gelu", "gelu_tanh", "swiglu", "geglu"]
 Positions = Literal["rotary", "learned"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 _NORMS = ("rms", "layer")
-_MLPS = ("gelu", "gelu_tanh", "swiglu")
+_MLPS = ("gelu", "gelu_tanh", "swiglu", "geglu")
+_ROTARY_SCALINGS = ("linear", "llama3")
 _POSITIONS = ("rotary", "learned")
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -48,17 +49,31 @@ class ModelConfig:
             (x - mean) / std * g + b).
         norm_eps: epsilon inside the norm's square root.
         mlp: "gelu" (exact erf GELU), "gelu_tanh" (tanh approximation, as in
-            GPT-2) or "swiglu" (silu(x W_gate) * (x W_in), as in Llama).
+            GPT-2), "swiglu" (silu(x W_gate) * (x W_in), as in Llama) or
+            "geglu" (gelu_tanh(x W_gate) * (x W_in), as in Gemma).
         positions: "rotary" or "learned" absolute position embeddings.
         rotary_fraction: fraction of each head's dimensions that are rotated
             (1.0 for Llama, 0.25 for Pythia); must give an even number of dims.
         rotary_base: the rotary frequency base (theta).
+        rotary_scaling: None, "linear" (every frequency divided by
+            `rotary_scaling_factor`, i.e. positions interpolated) or "llama3"
+            (low frequencies divided by the factor, high ones kept, a smooth
+            ramp between, set by the next three fields), as Hugging Face's
+            `rope_scaling` / `rope_parameters` configure them.
+        rotary_scaling_factor: the factor of "linear" and "llama3" scaling.
+        rotary_low_freq_factor, rotary_high_freq_factor: "llama3" wavelength
+            bounds, as multiples of `rotary_original_context`.
+        rotary_original_context: the context the rotary frequencies were
+            trained for ("llama3" only).
         parallel_residual: if True the MLP reads the same residual as the
             attention (GPT-NeoX / Pythia), otherwise it reads z + a.
         use_bias: biases on every linear map (GPT-2, Pythia) or none.
         tie_embeddings: unembedding is the transpose of the embedding.
         unembed_bias: a bias b_U on the logits (absent in GPT-2, Llama,
             Pythia; kept for families that have one).
+        embed_multiplier: the token embeddings are multiplied by this before
+            the first block (sqrt(d_model) in Gemma; 1 elsewhere). The
+            unembedding is not.
         dropout: dropout rate on attention probabilities and on the attention
             and MLP outputs; only active when a dropout key is given.
         dtype: compute dtype ("bfloat16" for mixed precision). Norm
@@ -81,10 +96,16 @@ class ModelConfig:
     positions: Positions = "rotary"
     rotary_fraction: float = 1.0
     rotary_base: float = 10_000.0
+    rotary_scaling: str | None = None
+    rotary_scaling_factor: float = 1.0
+    rotary_low_freq_factor: float = 1.0
+    rotary_high_freq_factor: float = 4.0
+    rotary_original_context: int = 8192
     parallel_residual: bool = False
     use_bias: bool = False
     tie_embeddings: bool = False
     unembed_bias: bool = False
+    embed_multiplier: float = 1.0
     dropout: float = 0.0
     dtype: DType = "float32"
     param_dtype: DType = "float32"
@@ -134,6 +155,25 @@ class ModelConfig:
                 )
             if not self.rotary_base > 0:
                 raise ValueError(f"ModelConfig.rotary_base must be > 0, got {self.rotary_base!r}.")
+        if self.rotary_scaling is not None:
+            _check_choice("rotary_scaling", self.rotary_scaling, _ROTARY_SCALINGS)
+            if self.positions != "rotary":
+                raise ValueError("ModelConfig.rotary_scaling needs positions='rotary'.")
+            if not self.rotary_scaling_factor > 0:
+                raise ValueError(
+                    f"ModelConfig.rotary_scaling_factor must be > 0, got {self.rotary_scaling_factor!r}."
+                )
+            if self.rotary_scaling == "llama3" and not (
+                0 < self.rotary_low_freq_factor < self.rotary_high_freq_factor
+                and self.rotary_original_context > 0
+            ):
+                raise ValueError(
+                    "llama3 rotary scaling needs 0 < rotary_low_freq_factor < rotary_high_freq_factor "
+                    f"(got {self.rotary_low_freq_factor!r}, {self.rotary_high_freq_factor!r}) and a "
+                    f"positive rotary_original_context (got {self.rotary_original_context!r})."
+                )
+        if not self.embed_multiplier > 0:
+            raise ValueError(f"ModelConfig.embed_multiplier must be > 0, got {self.embed_multiplier!r}.")
 
     # Derived quantities: properties, so they can never disagree with the fields.
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hydra_jax.config import ModelConfig
 
@@ -64,10 +65,35 @@ def rotary_angles(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
     Returns:
         (cos, sin), each [B, T, rotary_dim // 2] float32.
     """
-    half = config.rotary_dim // 2
-    inv_freq = config.rotary_base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    inv_freq = jnp.asarray(rotary_frequencies(config), jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, R/2]
     return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotary_frequencies(config: ModelConfig) -> np.ndarray:
+    """The [rotary_dim // 2] rotary frequencies (radians per position), scaling applied.
+
+    Computed in float64 numpy from the static config, then used in float32,
+    so "llama3" scaling's wavelength comparisons are exact.
+    """
+    half = config.rotary_dim // 2
+    inv_freq = config.rotary_base ** (-np.arange(half, dtype=np.float64) / half)
+    factor = config.rotary_scaling_factor
+    if config.rotary_scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif config.rotary_scaling == "llama3":
+        context = config.rotary_original_context
+        low_wavelen = context / config.rotary_low_freq_factor
+        high_wavelen = context / config.rotary_high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (context / wavelen - config.rotary_low_freq_factor) / (
+            config.rotary_high_freq_factor - config.rotary_low_freq_factor
+        )
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(
+            wavelen > low_wavelen, inv_freq / factor, np.where(wavelen < high_wavelen, inv_freq, blended)
+        )
+    return inv_freq
 
 
 def apply_rotary(x: Array, cos: Array, sin: Array, config: ModelConfig) -> Array:
@@ -139,6 +165,8 @@ def mlp_hidden(x: Array, w_in: Array, b_in: Array | None, w_gate: Array | None, 
         pre = pre + _lead(b_in, pre.ndim)
     if config.mlp == "swiglu":
         return jax.nn.silu(jnp.einsum("...d,df->...f", x, w_gate)) * pre
+    if config.mlp == "geglu":
+        return jax.nn.gelu(jnp.einsum("...d,df->...f", x, w_gate), approximate=True) * pre
     return jax.nn.gelu(pre, approximate=config.mlp == "gelu_tanh")
 
 

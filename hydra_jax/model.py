@@ -6,7 +6,7 @@ The model is data. Parameters live in a flat, TransformerLens-named tree:
     blocks/ ln1_g [L, D]  ln1_b [L, D] (LayerNorm)   W_Q [L, D, H, K]
             W_K, W_V [L, D, G, K]    W_O [L, H, K, D]
             b_Q [L, H, K]  b_K, b_V [L, G, K]  b_O [L, D]   (use_bias)
-            ln2_g, ln2_b [L, D]      W_in [L, D, F]  W_gate [L, D, F] (swiglu)
+            ln2_g, ln2_b [L, D]      W_in [L, D, F]  W_gate [L, D, F] (gated)
             W_out [L, F, D]  b_in [L, F]  b_out [L, D]     (use_bias)
     ln_final_g [D]  ln_final_b [D] (LayerNorm)
     W_U [D, V] (untied)   b_U [V] (unembed_bias)
@@ -62,7 +62,7 @@ def init_params(config: ModelConfig, key: Array) -> Params:
         "W_in": normal((length, d, f)),
         "W_out": normal((length, f, d), out_std),
     }
-    if c.mlp == "swiglu":
+    if c.mlp in ("swiglu", "geglu"):
         blocks["W_gate"] = normal((length, d, f))
     if c.norm == "layer":
         blocks["ln1_b"], blocks["ln2_b"] = zeros(length, d), zeros(length, d)
@@ -104,8 +104,11 @@ def position_ids(valid: Array) -> Array:
 
 
 def embed(params: Params, config: ModelConfig, tokens: Array, positions: Array) -> Array:
-    """z_0 [B, T, D] = W_E[tokens] (+ W_pos[positions])."""
+    """z_0 [B, T, D] = W_E[tokens] * embed_multiplier (+ W_pos[positions])."""
     z = params["W_E"][tokens]
+    if config.embed_multiplier != 1.0:
+        # In the storage dtype, as Gemma rounds its sqrt(d_model) multiplier.
+        z = z * jnp.asarray(config.embed_multiplier, z.dtype)
     if config.positions == "learned":
         z = z + params["W_pos"][positions]
     return z.astype(config.compute_dtype)
@@ -231,6 +234,19 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self._set(init_params(config, rngs.params()))
+
+    @classmethod
+    def from_params(cls, config: ModelConfig, params: Params) -> Transformer:
+        """A model holding `params` (checked against `config`), without a random initialisation."""
+        model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+        want = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), model.params)
+        got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), params)
+        if want != got:
+            raise ValueError(
+                f"Parameters do not match the config (shape, dtype): expected {want}, got {got}."
+            )
+        model.set_params(params)
+        return model
 
     def _set(self, params: Params) -> None:
         blocks = params.pop("blocks")

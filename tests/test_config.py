@@ -7,6 +7,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from hydra_jax import presets
@@ -48,6 +49,14 @@ def test_shape_fields_must_be_positive_ints(name, value):
             r"rotary_fraction \* d_head = 0\.3 \* 8 = 2\.4 must be a positive even whole",
         ),
         ({"rotary_base": 0.0}, r"ModelConfig\.rotary_base must be > 0"),
+        ({"rotary_scaling": "yarn"}, r"ModelConfig\.rotary_scaling must be one of \('linear', 'llama3'\)"),
+        ({"rotary_scaling": "linear", "positions": "learned"}, r"rotary_scaling needs positions='rotary'"),
+        ({"rotary_scaling": "linear", "rotary_scaling_factor": 0.0}, r"rotary_scaling_factor must be > 0"),
+        (
+            {"rotary_scaling": "llama3", "rotary_low_freq_factor": 4.0, "rotary_high_freq_factor": 1.0},
+            r"llama3 rotary scaling needs 0 < rotary_low_freq_factor < rotary_high_freq_factor",
+        ),
+        ({"embed_multiplier": 0.0}, r"ModelConfig\.embed_multiplier must be > 0"),
     ],
 )
 def test_invalid_fields_are_named(changes, match):
@@ -107,7 +116,7 @@ def test_dict_and_json_round_trip(name):
 
 def test_to_dict_holds_every_field_and_from_dict_fills_defaults():
     data = presets.tiny_llama.to_dict()
-    assert len(data) == 22
+    assert len(data) == 28
     assert {k: data[k] for k in SHAPE} == SHAPE
     assert (data["n_kv_heads"], data["mlp"], data["norm_eps"]) == (2, "swiglu", 1e-5)
     assert ModelConfig.from_dict(SHAPE) == presets.tiny_chinchilla
@@ -168,3 +177,25 @@ def test_presets_get():
     known = re.escape(str(sorted(presets.ALL)))
     with pytest.raises(ValueError, match=rf"Unknown preset 'nope'; known presets: {known}"):
         presets.get("nope")
+
+
+def test_rotary_scaling_by_hand():
+    """Frequencies of d_head 8 (base 10000: 1, 0.1, 0.01, 0.001 rad/position) under each scaling."""
+    from hydra_jax.layers import rotary_frequencies
+
+    base = ModelConfig(**SHAPE)
+    np.testing.assert_allclose(rotary_frequencies(base), [1, 0.1, 0.01, 0.001], rtol=1e-12)
+    linear = base.replace(rotary_scaling="linear", rotary_scaling_factor=4.0)
+    np.testing.assert_allclose(rotary_frequencies(linear), [0.25, 0.025, 0.0025, 0.00025], rtol=1e-12)
+    # llama3 with context 16, factors 1 and 4: wavelengths 2*pi/f = 6.28 (between 16/4 and 16: blended),
+    # 62.8, 628, 6283 (beyond 16: divided by 8).
+    llama3 = base.replace(
+        rotary_scaling="llama3",
+        rotary_scaling_factor=8.0,
+        rotary_original_context=16,
+        rotary_low_freq_factor=1.0,
+        rotary_high_freq_factor=4.0,
+    )
+    smooth = (16 / (2 * np.pi) - 1.0) / 3.0
+    first = (1 - smooth) / 8 + smooth
+    np.testing.assert_allclose(rotary_frequencies(llama3), [first, 0.0125, 0.00125, 0.000125], rtol=1e-12)
