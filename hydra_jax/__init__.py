@@ -18,12 +18,13 @@ Public names:
     data                         the synthetic factual world, FactDataset, tokenizer training
 """
 
-from hydra_jax import data, interventions, presets, sites
+from hydra_jax import data, hf, interventions, presets, sites
 from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.checkpoint import load, save
 from hydra_jax.config import ModelConfig
 from hydra_jax.effect_matrix import effect_matrix, naive_effect_matrix
 from hydra_jax.effects import Component, Decomposition, DirectEffects, EffectMatrix, Labels, direct_effects
+from hydra_jax.hf import convert, from_hf
 from hydra_jax.model import Transformer, param_count
 from hydra_jax.run import run
 from hydra_jax.sites import Site
@@ -43,9 +44,12 @@ __all__ = [
     "Site",
     "Tokenizer",
     "Transformer",
+    "convert",
     "data",
     "direct_effects",
     "effect_matrix",
+    "from_hf",
+    "hf",
     "hydra_summary",
     "interventions",
     "load",

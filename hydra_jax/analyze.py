@@ -30,6 +30,7 @@ from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.checkpoint import load
 from hydra_jax.effect_matrix import effect_matrix
 from hydra_jax.effects import EffectMatrix
+from hydra_jax.hf import from_hf, is_hf_dir
 from hydra_jax.model import Transformer, param_count
 from hydra_jax.summary import HydraSummary, hydra_summary
 
@@ -82,20 +83,18 @@ def resolve_model(spec: str | None) -> tuple[Transformer, Tokenizer, dict[str, A
             )
         spec = str(path)
     if os.path.isdir(spec):
-        if not os.path.isfile(os.path.join(spec, "MANIFEST.json")) and os.path.isfile(
-            os.path.join(spec, "config.json")
-        ):
-            raise ValueError(
-                f"{spec!r} is not a hydra_jax checkpoint (no MANIFEST.json); Hugging Face directories "
-                "are not supported by this version."
-            )
-        model, tokenizer = load(spec)
+        hf_dir = not os.path.isfile(os.path.join(spec, "MANIFEST.json")) and is_hf_dir(spec)
+        model, tokenizer = from_hf(spec) if hf_dir else load(spec)
         if tokenizer is None:
             raise ValueError(f"Checkpoint {spec!r} has no tokenizer.json; analyze needs one to read prompts.")
         return (
             model,
             tokenizer,
-            {"name": os.path.basename(os.path.normpath(spec)), "path": os.path.abspath(spec)},
+            {
+                "name": os.path.basename(os.path.normpath(spec)),
+                "path": os.path.abspath(spec),
+                "format": "huggingface" if hf_dir else "hydra_jax",
+            },
         )
     if spec in presets.ALL:
         # Random weights of a preset's shape, reading prompts with the default world's tokenizer.

@@ -1,6 +1,9 @@
 """The `hydra-jax` command line.
 
-hydra-jax presets           list the model presets with parameter counts
+hydra-jax analyze [--model M] [--data D] ...   the paper's analyses, written as a report
+hydra-jax train --config RECIPE --out DIR      train a model on the synthetic factual world
+hydra-jax convert HF_DIR OUT_DIR               a local Hugging Face checkpoint as a hydra_jax one
+hydra-jax presets                              list the model presets with parameter counts
 hydra-jax --version
 """
 
@@ -51,6 +54,14 @@ def _train(args: argparse.Namespace) -> int:
 
     model_dir = run_recipe(args.config, args.out, progress=not args.quiet)
     print(f"Model written to {model_dir} (see its MODEL_CARD.md).")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from hydra_jax.hf import convert
+
+    out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"hydra_jax checkpoint written to {out}; analyse it with: hydra-jax analyze --model {out}")
     return 0
 
 
@@ -111,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="a hydra_jax checkpoint directory or a preset name (random weights); "
+        help="a hydra_jax checkpoint directory, a local Hugging Face directory, or a preset name "
+        "(random weights); "
         "default: the shipped dropout-free model checkpoints/hydra-8l",
     )
     p.add_argument(
@@ -142,6 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_analyze)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a local Hugging Face checkpoint into a hydra_jax checkpoint",
+        description="Read a local Hugging Face directory (config.json, model.safetensors or shards with "
+        "their index, tokenizer.json) of a GPT-2, Llama/Mistral, GPT-NeoX/Pythia or Gemma model and write "
+        "a hydra_jax checkpoint (orbax parameters, config, tokenizer, model card) that hj.load and "
+        "hydra-jax analyze read. Pickle-only checkpoints (pytorch_model.bin) are refused. "
+        "Example: hydra-jax convert ~/models/gpt2 gpt2-hj",
+    )
+    p.add_argument("hf_dir", help="the Hugging Face model directory")
+    p.add_argument("out_dir", help="the hydra_jax checkpoint directory to write")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="parameter and compute dtype (default: the dtype the weights are stored in)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser(
         "presets",
