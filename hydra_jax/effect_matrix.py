@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,6 +29,7 @@ from hydra_jax.engine import CODE, Plan, effect_core
 from hydra_jax.model import Transformer
 from hydra_jax.run import run
 from hydra_jax.runner import check_batch
+from hydra_jax.sharding import ABLATIONS, PROMPTS, Layout, layout_for
 from hydra_jax.sites import Site, as_site
 
 Kind = Literal["zero", "mean", "resample", "patch"]
@@ -47,6 +49,8 @@ def effect_matrix(
     seed: int = 0,
     source: Batch | None = None,
     linearise: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    shard_params: bool = False,
 ) -> EffectMatrix:
     """Every ablation × every measured component × every prompt, in one compiled call.
 
@@ -66,11 +70,24 @@ def effect_matrix(
             "answer" (the batch's answer tokens).
         n_resamples: resample sources per prompt, averaged (kind="resample").
         chunk_size: ablation rows processed at once (memory bound); None = all.
+            With a mesh: rows processed at once by each device along the
+            mesh's "ablations" axis (all of them at once when it has none).
         seed: seeds the resampling permutations.
         source: reference batch for "mean"; source batch (same size) for "patch".
         linearise: also return first-order predictions of every effect
             (`linear_total`, `linear_delta_direct`): forward-mode derivatives
             (`jax.jvp`) of the suffix along the edit ĉ − c, in the same call.
+        mesh: split the computation over the devices of a `jax.sharding.Mesh`
+            whose axes are named "prompts" (splits the prompts; must divide
+            the batch size), "ablations" (splits the ablation rows, padded
+            internally to a multiple of its size) and/or "model" (splits the
+            parameters; needs `shard_params`). Results equal the one-device
+            ones and come back as global arrays split the same way; see
+            docs/sharding.md. None: the default device.
+        shard_params: split the large parameter matrices (heads, d_mlp,
+            vocabulary) over the mesh's "model" axis, or its "ablations" axis
+            when it has none, for models that do not fit one device.
+            Otherwise parameters are replicated on every device.
 
     Returns:
         An `EffectMatrix` (shapes: total [A, B], delta_direct [A, M, B], ...).
@@ -79,6 +96,7 @@ def effect_matrix(
     config = model.config
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    layout = layout_for(mesh, shard_params, batch.size)
     plan = Plan(
         config=config,
         kind=kind,
@@ -89,6 +107,7 @@ def effect_matrix(
         measured=tuple((CODE[c.site], c.layer, c.head or 0) for c in measured),
         head_ablations=any(c.site is Site.HEAD_OUT for c in ablated),
         linearise=bool(linearise),
+        layout=layout,
     )
     rows = {
         "layer": jnp.array([c.layer for c in ablated], jnp.int32),
@@ -98,7 +117,12 @@ def effect_matrix(
     perms = _perms(batch.size, n_resamples, seed, kind)
     answers = batch.answers if batch.answers is not None else np.zeros(batch.size, np.int32)
     src = None if source is None else (source.tokens, source.valid)
-    out = effect_core(model.params, batch.tokens, batch.valid, answers, rows, perms, src, plan=plan)
+    args = (model.params, batch.tokens, batch.valid, answers, rows, perms, src)
+    if layout is not None:
+        args, n_ablations = _place(layout, kind, *args)
+    out = effect_core(*args, plan=plan)
+    if layout is not None and n_ablations != len(ablated):  # drop the padding rows
+        out = {k: v[: len(ablated)] if k in _PER_ABLATION else v for k, v in out.items()}
     return EffectMatrix(
         **out, labels=Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured))
     )
@@ -182,6 +206,44 @@ def naive_effect_matrix(
         direct_bias=bias,
         labels=Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured)),
     )
+
+
+_PER_ABLATION = ("total", "norm_term", "delta_direct", "linear_total", "linear_delta_direct")
+
+
+def _place(
+    layout: Layout,
+    kind: str,
+    params: dict,
+    tokens: np.ndarray,
+    valid: np.ndarray,
+    answers: np.ndarray,
+    rows: dict[str, jnp.ndarray],
+    perms: np.ndarray,
+    src: tuple[np.ndarray, np.ndarray] | None,
+) -> tuple[tuple, int]:
+    """The arguments of `effect_core` placed on the mesh, and the padded number of ablations.
+
+    The ablations are padded to a multiple of the "ablations" axis size (so
+    the N = ablations x resamples rows split evenly) by repeating the last
+    one; the caller drops the padding's results.
+    """
+    n = len(rows["layer"])
+    n_padded = -(-n // layout.size(ABLATIONS)) * layout.size(ABLATIONS)
+    rows = {k: np.asarray(v) for k, v in rows.items()}
+    rows = {k: np.concatenate([v, np.repeat(v[-1:], n_padded - n)]) for k, v in rows.items()}
+    if src is not None:  # a patch source has one prompt per prompt; a mean reference any number
+        src = tuple(layout.put(x, PROMPTS if kind == "patch" else None) for x in src)
+    args = (
+        layout.put_params(params),
+        layout.put(tokens, PROMPTS),
+        layout.put(valid, PROMPTS),
+        layout.put(answers, PROMPTS),
+        {k: layout.put(v, ABLATIONS) for k, v in rows.items()},
+        layout.put(perms),
+        src,
+    )
+    return args, n_padded
 
 
 def _perms(b: int, k: int, seed: int, kind: str) -> np.ndarray:

@@ -18,6 +18,11 @@ Inside one `jax.jit`:
 4. direct effects of every measured component (with the frozen clean scale),
    total effects and norm terms, averaged over resamples.
 
+With a mesh (`plan.layout`, see `hydra_jax.sharding`) the same computation is
+split over devices by XLA: the clean pass and every per-prompt array over the
+"prompts" axis, the ablation rows over "ablations", pinned with
+`with_sharding_constraint`. Without one nothing here changes.
+
 Ablation rows are described by arrays (layer, site code, head), so one
 compiled function serves any set of ablations of the same size.
 """
@@ -37,6 +42,7 @@ from hydra_jax.config import ModelConfig
 from hydra_jax.effects import direct_effect, target_direction
 from hydra_jax.interventions import align_right
 from hydra_jax.model import Params, cast_params, position_ids, trunk, unembed
+from hydra_jax.sharding import Layout
 from hydra_jax.sites import Site
 
 Array = jax.Array
@@ -53,6 +59,8 @@ class Plan:
         measured: (code, layer, head) of each measured component, in output order.
         head_ablations: whether any ablation is of a head (per-head outputs needed).
         linearise: also compute first-order (jvp) predictions of every effect.
+        layout: the mesh the computation is split over (None: one device). The
+            ablation rows must divide evenly over its "ablations" axis.
     """
 
     config: ModelConfig
@@ -64,6 +72,7 @@ class Plan:
     measured: tuple[tuple[int, int, int], ...]
     head_ablations: bool
     linearise: bool = False
+    layout: Layout | None = None
 
     @property
     def measure_heads(self) -> bool:
@@ -105,6 +114,8 @@ def effect_core(
     final = plan.position == "final"
     sites = {Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT} | ({Site.HEAD_OUT} if plan.needs_heads else set())
     z, clean = trunk(params, cfg, tokens, valid, capture=frozenset(sites), keep_kv=final)
+    if plan.layout is not None:  # the clean pass stays split over prompts: [B, ...], [L, B, ...]
+        z, clean = plan.layout.by_prompt(z, 0), plan.layout.by_prompt(clean, 1)
 
     # Target direction and the clean run's direct effects (final position).
     logits, scale = unembed(params, cfg, z[:, -1])  # [B, V], [B]
@@ -164,10 +175,14 @@ def effect_core(
     def all_effects(row: dict[str, Array]) -> dict[str, dict[str, Array]]:
         return {name: fn(row) for name, fn in fns.items()}
 
+    if plan.layout is not None:  # rows over "ablations", their prompts over "prompts"
+        per_row = plan.layout.rows(per_row)
     if plan.chunk_size is None:
         out = jax.vmap(all_effects)(per_row)
-    else:  # chunks of `chunk_size` rows, vmapped within a chunk, one after another
+    elif plan.layout is None:  # chunks of `chunk_size` rows, vmapped within a chunk, one after another
         out = jax.lax.map(all_effects, per_row, batch_size=plan.chunk_size)
+    else:  # every device steps through its own rows, `chunk_size` at a time
+        out = plan.layout.map_rows(all_effects, per_row, plan.chunk_size)
 
     def per_ablation(x: Array) -> Array:  # [N, ...] -> [A, ...], mean over resamples
         return x.reshape(-1, k, *x.shape[1:]).mean(axis=1)
@@ -181,14 +196,16 @@ def effect_core(
         if name == "exact":
             result["norm_term"] = norm_term
         result[prefix + "delta_direct"] = _gather_measured(plan, o, axis=1)  # [A, M, B]
-    return dict(
-        **result,
+    per_prompt = dict(
         direct_clean=_gather_measured(plan, clean_de, axis=0),  # [M, B]
         target=target,
         clean_logit=clean_logit,
         direct_embed=de(clean[Site.RESID_PRE][0, :, -1]),
         direct_bias=bias,
     )
+    if plan.layout is not None:
+        result, per_prompt = plan.layout.per_ablation(result), plan.layout.per_prompt(per_prompt)
+    return dict(**result, **per_prompt)
 
 
 def _gather_measured(plan: Plan, by_name: dict[str, Array], axis: int) -> Array:
