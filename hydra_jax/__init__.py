@@ -12,9 +12,11 @@ Public names:
     effect_matrix                every ablation x every measured component x every prompt,
                                  in one compiled call
     naive_effect_matrix          the same, one run per ablation (the reference)
+    compile_effect_matrix        effect_matrix compiled ahead of time (timing, memory analysis)
     EffectMatrix, Decomposition  its result, and TE = own + attention + mlp + norm
     hydra_summary                per-ablation Hydra statistics with bootstrap intervals
     save, load                   checkpoint directories (orbax parameters, config, tokenizer)
+    from_hf, convert             local Hugging Face checkpoints (GPT-2, Llama, GPT-NeoX, Gemma)
     data                         the synthetic factual world, FactDataset, tokenizer training
 """
 
@@ -22,7 +24,7 @@ from hydra_jax import data, hf, interventions, presets, sites
 from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.checkpoint import load, save
 from hydra_jax.config import ModelConfig
-from hydra_jax.effect_matrix import effect_matrix, naive_effect_matrix
+from hydra_jax.effect_matrix import compile_effect_matrix, effect_matrix, naive_effect_matrix
 from hydra_jax.effects import Component, Decomposition, DirectEffects, EffectMatrix, Labels, direct_effects
 from hydra_jax.hf import convert, from_hf
 from hydra_jax.model import Transformer, param_count
@@ -44,6 +46,7 @@ __all__ = [
     "Site",
     "Tokenizer",
     "Transformer",
+    "compile_effect_matrix",
     "convert",
     "data",
     "direct_effects",

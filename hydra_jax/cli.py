@@ -3,6 +3,7 @@
 hydra-jax analyze [--model M] [--data D] ...   the paper's analyses, written as a report
 hydra-jax train --config RECIPE --out DIR      train a model on the synthetic factual world
 hydra-jax convert HF_DIR OUT_DIR               a local Hugging Face checkpoint as a hydra_jax one
+hydra-jax bench [--preset P] [--out DIR]       what effect matrices cost, against TransformerLens
 hydra-jax presets                              list the model presets with parameter counts
 hydra-jax --version
 """
@@ -62,6 +63,38 @@ def _convert(args: argparse.Namespace) -> int:
 
     out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     print(f"hydra_jax checkpoint written to {out}; analyse it with: hydra-jax analyze --model {out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from hydra_jax.bench import SuiteConfig, run_suite, write
+
+    suite = SuiteConfig(
+        preset=args.preset,
+        dtype=args.dtype,
+        batch=args.batch,
+        tokens=args.tokens,
+        repeats=args.repeats,
+        slow_repeats=args.slow_repeats,
+        heads=not args.no_heads,
+        slow=not args.no_slow,
+        peer=not args.no_peer,
+        series=not args.no_series,
+        quick=args.quick,
+    )
+    if suite.peer:
+        try:
+            import transformer_lens  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "TransformerLens is not installed; install the bench extra "
+                '(pip install torch==2.13.0 && pip install -e ".[bench]") or pass --no-peer.'
+            ) from None
+    result = run_suite(suite, log=(lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    json_path, md_path = write(result, args.out)
+    with open(md_path) as f:
+        print(f.read())
+    print(f"Results written to {json_path} and {md_path}.")
     return 0
 
 
@@ -174,6 +207,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark effect matrices against the naive loop and TransformerLens",
+        description="Time the effect matrix of a final-position resample sweep (every attention layer, "
+        "and every head) with hydra_jax's fast path, its all-position path and its naive loop, and with "
+        "TransformerLens on the same weights; account for the FLOPs and compare with a dense matmul "
+        "measured in the same run; scaling, compile-time and memory series. Writes results.json and "
+        "results.md to --out. See benchmarks/README.md.",
+    )
+    p.add_argument("--preset", default="gpt2_small", help="model shape, random weights (default gpt2_small)")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="parameters and compute"
+    )
+    p.add_argument("--batch", type=int, default=16, help="prompts (default 16)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens per prompt (default 32)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats of the fast path (default 5)")
+    p.add_argument(
+        "--slow-repeats", type=int, default=1, help="timed repeats of the slow methods (default 1)"
+    )
+    p.add_argument("--no-heads", action="store_true", help="skip the layer x head sweep")
+    p.add_argument("--no-slow", action="store_true", help="skip the naive loop and the all-position path")
+    p.add_argument("--no-peer", action="store_true", help="skip TransformerLens")
+    p.add_argument("--no-series", action="store_true", help="skip the scaling, compile and memory series")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (checks the suite runs)")
+    p.add_argument("--out", default="bench_results", help="output directory (default bench_results/)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser(
         "presets",

@@ -6,8 +6,11 @@ is the obviously-correct reference the fast paths are tested against.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -92,13 +95,50 @@ def effect_matrix(
     Returns:
         An `EffectMatrix` (shapes: total [A, B], delta_direct [A, M, B], ...).
     """
+    prepared = _prepare(
+        model, batch, ablate, measure, kind, position, target, n_resamples, chunk_size, seed, source,
+        linearise, mesh, shard_params,
+    )  # fmt: skip
+    return prepared.finish(effect_core(*prepared.args, plan=prepared.plan))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """effect_core's arguments and static plan, and how to turn its output into an EffectMatrix."""
+
+    args: tuple
+    plan: Plan
+    labels: Labels
+    n_ablations: int  # before padding the rows for a mesh
+
+    def finish(self, out: dict[str, jax.Array]) -> EffectMatrix:
+        if len(out["total"]) != self.n_ablations:  # drop the padding rows
+            out = {k: v[: self.n_ablations] if k in _PER_ABLATION else v for k, v in out.items()}
+        return EffectMatrix(**out, labels=self.labels)
+
+
+def _prepare(
+    model: Transformer,
+    batch: Batch,
+    ablate: Sequence[str],
+    measure: Sequence[str],
+    kind: Kind,
+    position: str,
+    target: str,
+    n_resamples: int,
+    chunk_size: int | None,
+    seed: int,
+    source: Batch | None,
+    linearise: bool,
+    mesh: jax.sharding.Mesh | None,
+    shard_params: bool,
+) -> _Prepared:
     ablated, measured = _check(model, batch, ablate, measure, kind, position, target, n_resamples, source)
-    config = model.config
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
     layout = layout_for(mesh, shard_params, batch.size)
     plan = Plan(
-        config=config,
+        config=model.config,
         kind=kind,
         position=position,
         target=target,
@@ -119,13 +159,55 @@ def effect_matrix(
     src = None if source is None else (source.tokens, source.valid)
     args = (model.params, batch.tokens, batch.valid, answers, rows, perms, src)
     if layout is not None:
-        args, n_ablations = _place(layout, kind, *args)
-    out = effect_core(*args, plan=plan)
-    if layout is not None and n_ablations != len(ablated):  # drop the padding rows
-        out = {k: v[: len(ablated)] if k in _PER_ABLATION else v for k, v in out.items()}
-    return EffectMatrix(
-        **out, labels=Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured))
-    )
+        args = _place(layout, kind, *args)
+    labels = Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured))
+    return _Prepared(args=args, plan=plan, labels=labels, n_ablations=len(ablated))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledEffectMatrix:
+    """An effect matrix compiled ahead of time for one model and batch; call it to compute.
+
+    Attributes:
+        compiled: the `jax.stages.Compiled` program (`cost_analysis()`,
+            `memory_analysis()`, `as_text()`).
+        compile_s: seconds spent lowering and compiling it.
+    """
+
+    compiled: jax.stages.Compiled
+    compile_s: float
+    prepared: _Prepared
+
+    def __call__(self) -> EffectMatrix:
+        """The effect matrix (the same numbers `effect_matrix` returns for the same arguments)."""
+        return self.prepared.finish(self.compiled(*self.prepared.args))
+
+
+def compile_effect_matrix(
+    model: Transformer, batch: Batch, *, fresh: bool = False, **kwargs: Any
+) -> CompiledEffectMatrix:
+    """`effect_matrix(model, batch, **kwargs)` compiled ahead of time, without running it.
+
+    Separates compilation from execution: benchmarks time the call alone, and
+    `compiled.memory_analysis()` / `cost_analysis()` show what a sweep needs
+    before it runs. Takes exactly `effect_matrix`'s keyword arguments, plus
+    `fresh=True` to clear JAX's in-process caches first, so that `compile_s`
+    measures a real compilation rather than a cache hit.
+    """
+    names = inspect.signature(effect_matrix).parameters
+    unknown = sorted(set(kwargs) - set(names) | ({"model", "batch"} & set(kwargs)))
+    if unknown:
+        raise TypeError(
+            f"compile_effect_matrix got unexpected arguments {unknown}; it takes effect_matrix's."
+        )
+    bound = inspect.signature(effect_matrix).bind(model, batch, **kwargs)
+    bound.apply_defaults()
+    prepared = _prepare(**bound.arguments)
+    if fresh:  # JAX reuses an identical program compiled earlier in this process
+        jax.clear_caches()
+    start = time.perf_counter()
+    compiled = effect_core.lower(*prepared.args, plan=prepared.plan).compile()
+    return CompiledEffectMatrix(compiled=compiled, compile_s=time.perf_counter() - start, prepared=prepared)
 
 
 def naive_effect_matrix(
@@ -221,8 +303,8 @@ def _place(
     rows: dict[str, jnp.ndarray],
     perms: np.ndarray,
     src: tuple[np.ndarray, np.ndarray] | None,
-) -> tuple[tuple, int]:
-    """The arguments of `effect_core` placed on the mesh, and the padded number of ablations.
+) -> tuple:
+    """The arguments of `effect_core` placed on the mesh.
 
     The ablations are padded to a multiple of the "ablations" axis size (so
     the N = ablations x resamples rows split evenly) by repeating the last
@@ -243,7 +325,7 @@ def _place(
         layout.put(perms),
         src,
     )
-    return args, n_padded
+    return args
 
 
 def _perms(b: int, k: int, seed: int, kind: str) -> np.ndarray:
