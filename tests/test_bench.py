@@ -74,6 +74,7 @@ def test_bench_command_writes_every_section(tmp_path, capsys):
     methods = {r["method"] for r in sweeps["layer"]["rows"]}
     assert methods == {
         "fast path (final position)",
+        "clean forward alone (no ablations; a lower bound)",
         "all-position path",
         "naive loop (hj.naive_effect_matrix)",
     }

@@ -53,9 +53,9 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             f"Repeats: {sweep['rows'][0]['repeats']} for the fast path, {sweep['rows'][-1]['repeats']} for "
             "the others. hydra_jax's two paths are compiled ahead of time (`hj.compile_effect_matrix`; "
-            "the compile column) and timed without compilation; the naive loop's time includes compiling "
-            "its forward once. Memory: arguments, outputs and temporaries of the compiled program (XLA's "
-            "memory analysis).",
+            "the compile column) and timed without compilation; the naive loop is timed after one untimed "
+            "pass that compiles it. Memory: arguments, outputs and temporaries of the compiled program "
+            "(XLA's memory analysis).",
             "",
             f"FLOP account: minimal work {f['minimal'] / 1e9:.1f} GFLOP "
             f"(clean forward {f['clean'] / 1e9:.1f}, "
@@ -67,6 +67,13 @@ def markdown(r: dict[str, Any]) -> str:
             f"minimal work = **{sweep['roofline_fraction']:.0%} of the matmul rate** "
             f"({sweep['engine_roofline_fraction']:.0%} counting the work it actually does).",
         ]
+        clean = next((row for row in sweep["rows"] if row["method"].startswith("clean forward")), None)
+        if clean is not None:
+            lines.append(
+                f"Where the fast path's time goes: the clean forward alone takes {_s(clean['median'])} "
+                f"({clean['median'] / _fast(sweep):.0%} of it; {f['clean'] / f['engine']:.0%} of its FLOPs); "
+                "the rest is the recomputed final-token suffixes and the effects."
+            )
         if sweep["agreement"]:
             a = sweep["agreement"]
             lines.append(
