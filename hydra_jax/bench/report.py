@@ -33,6 +33,8 @@ def markdown(r: dict[str, Any]) -> str:
         "attention and MLP layer's direct effect. Suite wall time "
         f"{r['wall_s'] / 60:.1f} min; peak process memory {_mib(r['peak_rss_bytes'])}.",
         "",
+        *(f"Note: {n}" for n in r.get("notes", [])),
+        *([""] if r.get("notes") else []),
     ]
     for sweep in sw["sweeps"]:
         f = sweep["flops"]
