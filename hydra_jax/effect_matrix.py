@@ -28,7 +28,7 @@ from hydra_jax.effects import (
     direct_effect,
     target_direction,
 )
-from hydra_jax.engine import CODE, Plan, effect_core
+from hydra_jax.engine import CODE, Plan, effect_core, segments_for
 from hydra_jax.model import Transformer
 from hydra_jax.run import run
 from hydra_jax.runner import check_batch
@@ -54,6 +54,7 @@ def effect_matrix(
     linearise: bool = False,
     mesh: jax.sharding.Mesh | None = None,
     shard_params: bool = False,
+    scan_segments: int = 4,
 ) -> EffectMatrix:
     """Every ablation × every measured component × every prompt, in one compiled call.
 
@@ -91,13 +92,21 @@ def effect_matrix(
             vocabulary) over the mesh's "model" axis, or its "ablations" axis
             when it has none, for models that do not fit one device.
             Otherwise parameters are replicated on every device.
+        scan_segments: the most pieces the suffix's layer scan is cut into.
+            Each ablation row is recomputed from the piece holding its layer
+            on, so more pieces mean less work (a layer sweep of L layers
+            needs about (L + 1) / 2 layer steps per row, not L) and one more
+            compiled scan body each; 1 runs every row through every layer.
+            Results do not depend on it. With a mesh, and for position="all"
+            with a chunk_size (whose memory bound it would loosen), the scan
+            is not cut.
 
     Returns:
         An `EffectMatrix` (shapes: total [A, B], delta_direct [A, M, B], ...).
     """
     prepared = _prepare(
         model, batch, ablate, measure, kind, position, target, n_resamples, chunk_size, seed, source,
-        linearise, mesh, shard_params,
+        linearise, mesh, shard_params, scan_segments,
     )  # fmt: skip
     return prepared.finish(effect_core(*prepared.args, plan=prepared.plan))
 
@@ -132,11 +141,19 @@ def _prepare(
     linearise: bool,
     mesh: jax.sharding.Mesh | None,
     shard_params: bool,
+    scan_segments: int,
 ) -> _Prepared:
     ablated, measured = _check(model, batch, ablate, measure, kind, position, target, n_resamples, source)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    if isinstance(scan_segments, bool) or not isinstance(scan_segments, int) or scan_segments < 1:
+        raise ValueError(
+            f"scan_segments must be a positive int (1: one scan over every layer), got {scan_segments!r}."
+        )
     layout = layout_for(mesh, shard_params, batch.size)
+    segments = None
+    if layout is None and not (position == "all" and chunk_size is not None):
+        segments = segments_for([c.layer for c in ablated], model.config.n_layers, scan_segments)
     plan = Plan(
         config=model.config,
         kind=kind,
@@ -148,6 +165,7 @@ def _prepare(
         head_ablations=any(c.site is Site.HEAD_OUT for c in ablated),
         linearise=bool(linearise),
         layout=layout,
+        segments=segments,
     )
     rows = {
         "layer": jnp.array([c.layer for c in ablated], jnp.int32),

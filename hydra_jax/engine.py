@@ -12,9 +12,12 @@ Inside one `jax.jit`:
      A layer step costs one token's matmuls instead of T tokens'.
    - position "all": every position is recomputed with the ordinary block.
    Layers are a `lax.scan` over the stacked weights; ablations are vmapped
-   (`lax.map` in chunks of `chunk_size` to bound memory). Every ablation runs
-   the whole scan, but below its ablated layer it holds the clean values
-   exactly, so upstream changes are exactly zero;
+   (`lax.map` in chunks of `chunk_size` to bound memory). The scan is split
+   into a few segments (`plan.segments`, see `segments_for`): rows sorted by
+   layer, a segment runs only the rows ablated below its end, so a row costs
+   roughly the layers from its own on, not all L. Within a segment a row
+   below its ablated layer holds the clean values exactly, so upstream
+   changes are exactly zero;
 4. direct effects of every measured component (with the frozen clean scale),
    total effects and norm terms, averaged over resamples.
 
@@ -31,10 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hydra_jax import layers
 from hydra_jax.block import Context, block
@@ -61,6 +66,9 @@ class Plan:
         linearise: also compute first-order (jvp) predictions of every effect.
         layout: the mesh the computation is split over (None: one device). The
             ablation rows must divide evenly over its "ablations" axis.
+        segments: how the suffix's layer scan is split (`segments_for` of the
+            rows' layers): ((first, stop, ablations below stop), ...). None:
+            one scan over every layer for every row.
     """
 
     config: ModelConfig
@@ -73,6 +81,7 @@ class Plan:
     head_ablations: bool
     linearise: bool = False
     layout: Layout | None = None
+    segments: tuple[tuple[int, int, int], ...] | None = None
 
     @property
     def measure_heads(self) -> bool:
@@ -127,6 +136,16 @@ def effect_core(
     if plan.needs_heads:
         clean_de["head"] = de(jnp.swapaxes(clean[Site.HEAD_OUT][:, :, -1], 1, 2))  # [L, H, B]
 
+    segmented = _is_segmented(plan, rows["layer"].shape[0])
+    if segmented:  # rows by layer, so that a segment's active rows are a prefix
+        order = jnp.argsort(rows["layer"], stable=True)
+        rows = {key: x[order] for key, x in rows.items()}
+        # The static segments must describe these rows (effect_matrix derives both from the
+        # same ablations); results of rows they do not describe would be wrong, so are NaN.
+        consistent = rows["layer"][0] >= plan.segments[0][0]
+        for _, stop, active in plan.segments:
+            consistent &= jnp.sum(rows["layer"] < stop) <= active
+
     # The clean activation at each ablated site, and what each ablation writes there.
     column = jnp.where(rows["code"] == HEAD, 2 + rows["head"], rows["code"])  # [A]
     here = _site_table(clean, plan, final)[rows["layer"], column]  # [A, B, (T,) D]
@@ -141,51 +160,37 @@ def effect_core(
         "layer": jnp.repeat(rows["layer"], k),
         "code": jnp.repeat(rows["code"], k),
         "head": jnp.repeat(rows["head"], k),
-        "value": flat(values),
     }
     if write is not None:
         per_row["write"] = flat(write)
 
     shared = dict(params=params, cfg=cfg, plan=plan, clean=clean, valid=valid, w=w, scale=scale)
-    suffix = functools.partial(_final_row if final else _all_row, **shared)
+    xs, step = (_final_suffix if final else _all_suffix)(**shared)
+    segments = plan.segments if segmented else ((0, cfg.n_layers, rows["layer"].shape[0]),)
 
-    def effects(row: dict[str, Array]) -> dict[str, Array]:
-        out = suffix(row)
+    def effects(value: Array) -> dict[str, Array]:
+        """Every row's effects when each writes `value` [N, B, (T,) D]."""
+        out = _run_rows({**per_row, "value": value}, xs, step, plan, segments, k)
         # Total effect and norm term from the ablated final residual (frozen w, moving scale).
-        z_abl = out.pop("z_final")  # [B, D]
-        s_abl = layers.norm_scale(z_abl, cfg)  # [B]
-        dot = jnp.einsum("bd,bd->b", z_abl.astype(jnp.float32), w, precision="highest")
-        return {**out, "total": s_abl * dot + bias - clean_logit, "norm_term": (s_abl - scale) * dot}
+        z_abl = out.pop("z")  # [N, B, (T,) D]
+        z_abl = z_abl if final else z_abl[:, :, -1]
+        s_abl = layers.norm_scale(z_abl, cfg)  # [N, B]
+        dot = jnp.einsum("nbd,bd->nb", z_abl.astype(jnp.float32), w, precision="highest")
+        total = s_abl * dot + (bias - clean_logit)[None]
+        return {**out, "total": total, "norm_term": (s_abl - scale[None]) * dot}
 
-    fns = {"exact": effects}
+    value = flat(values)
+    out = {"exact": effects(value)}
     if plan.linearise:
-        per_row["clean_value"] = flat(jnp.broadcast_to(here[:, None], values.shape))
+        # First order in the edit: d/dε effects(clean + ε (value − clean)) at ε = 0.
+        clean_value = flat(jnp.broadcast_to(here[:, None], values.shape))
+        step_value = value - clean_value
+        zero, one = jnp.zeros((), value.dtype), jnp.ones((), value.dtype)
+        out["linear"] = jax.jvp(lambda eps: effects(clean_value + eps * step_value), (zero,), (one,))[1]
 
-        def linear(row: dict[str, Array]) -> dict[str, Array]:
-            # First order in the edit: d/dε effects(clean + ε (value − clean)) at ε = 0.
-            step = row["value"] - row["clean_value"]
-
-            def along(eps: Array) -> dict[str, Array]:
-                return effects({**row, "value": row["clean_value"] + eps * step})
-
-            return jax.jvp(along, (jnp.zeros((), step.dtype),), (jnp.ones((), step.dtype),))[1]
-
-        fns["linear"] = linear
-
-    def all_effects(row: dict[str, Array]) -> dict[str, dict[str, Array]]:
-        return {name: fn(row) for name, fn in fns.items()}
-
-    if plan.layout is not None:  # rows over "ablations", their prompts over "prompts"
-        per_row = plan.layout.rows(per_row)
-    if plan.chunk_size is None:
-        out = jax.vmap(all_effects)(per_row)
-    elif plan.layout is None:  # chunks of `chunk_size` rows, vmapped within a chunk, one after another
-        out = jax.lax.map(all_effects, per_row, batch_size=plan.chunk_size)
-    else:  # every device steps through its own rows, `chunk_size` at a time
-        out = plan.layout.map_rows(all_effects, per_row, plan.chunk_size)
-
-    def per_ablation(x: Array) -> Array:  # [N, ...] -> [A, ...], mean over resamples
-        return x.reshape(-1, k, *x.shape[1:]).mean(axis=1)
+    def per_ablation(x: Array) -> Array:  # [N, ...] -> [A, ...], mean over resamples, label order
+        x = x.reshape(-1, k, *x.shape[1:]).mean(axis=1)
+        return x[jnp.argsort(order)] if segmented else x
 
     result = {}
     for name, o in out.items():
@@ -203,6 +208,8 @@ def effect_core(
         direct_embed=de(clean[Site.RESID_PRE][0, :, -1]),
         direct_bias=bias,
     )
+    if segmented:
+        result = {key: jnp.where(consistent, x, jnp.nan) for key, x in result.items()}
     if plan.layout is not None:
         result, per_prompt = plan.layout.per_ablation(result), plan.layout.per_prompt(per_prompt)
     return dict(**result, **per_prompt)
@@ -287,11 +294,116 @@ def _ablation_values(
 
 
 # --------------------------------------------------------------------------
-# The suffix of one ablation row: final position only
+# Running the suffix of every row, segment by segment
 
 
-def _final_row(
-    row: dict[str, Array],
+def segments_for(
+    row_layers: Sequence[int], n_layers: int, n_segments: int
+) -> tuple[tuple[int, int, int], ...]:
+    """Split the layer scan into at most `n_segments` pieces that minimise the suffix work.
+
+    A row is recomputed from the segment holding its ablated layer on, so a
+    segment [first, stop) runs the rows whose layer is below `stop`. The cut
+    points are chosen by dynamic programming over the layers to minimise
+    Σ_segments (rows run) × (layers in it), the suffix's layer steps (ties go
+    to fewer segments); layers below the lowest ablated one are not run.
+
+    Args:
+        row_layers: the ablated layer of every ablation row, in any order.
+        n_layers: the model's depth L.
+        n_segments: the most segments (each one is a separately compiled scan).
+    Returns:
+        ((first, stop, rows below stop), ...) covering [min(row_layers), L).
+    """
+    ablated = np.asarray(row_layers, np.int64)
+    if ablated.size == 0:
+        raise ValueError("segments_for needs at least one ablation row.")
+    if n_segments < 1:
+        raise ValueError(f"n_segments must be a positive int, got {n_segments!r}.")
+    low = int(ablated.min())
+    below = [int((ablated < stop).sum()) for stop in range(n_layers + 1)]  # rows a segment to `stop` runs
+    # best[c]: (least work, segments, last cut) covering [low, c) with up to j segments, j = 1, 2, ...
+    best = {c: (below[c] * (c - low), 1, low) for c in range(low + 1, n_layers + 1)}
+    table = [best]
+    for j in range(2, n_segments + 1):
+        prev = table[-1]
+        best = {
+            c: min([prev[c]] + [(prev[a][0] + below[c] * (c - a), j, a) for a in range(low + 1, c)])
+            for c in range(low + 1, n_layers + 1)
+        }
+        table.append(best)
+    out, c = [], n_layers
+    while c > low:
+        _, j, a = table[-1][c] if not out else table[j - 2][c]
+        out.append((a, c, below[c]))
+        c = a
+    return tuple(reversed(out))
+
+
+def _is_segmented(plan: Plan, n_ablations: int) -> bool:
+    """Whether rows run segment by segment (else every row scans every layer, as one segment)."""
+    return plan.segments not in (None, ((0, plan.config.n_layers, n_ablations),))
+
+
+def _run_rows(
+    per_row: dict[str, Array],
+    xs: dict[str, Array],
+    step: Callable[..., tuple[Array, dict[str, Array]]],
+    plan: Plan,
+    segments: tuple[tuple[int, int, int], ...],
+    k: int,
+) -> dict[str, Array]:
+    """Every row's suffix: final residual "z" [N, B, (T,) D] and per-layer outputs {name: [N, L, ...]}.
+
+    Segment [first, stop) scans its layers for the rows below `stop` (a prefix:
+    rows are sorted by layer) and hands their residuals on to the next segment;
+    the other rows sit below their ablated layer there, where every change is
+    exactly zero. Rows are vmapped, or mapped `chunk_size` at a time, or
+    split over the mesh.
+    """
+    n = per_row["layer"].shape[0]
+    z = jnp.broadcast_to(xs["z"][0], (n, *xs["z"].shape[1:]))  # each row resets to clean at its layer
+    parts = []
+    for first, stop, active in segments:
+        active *= k  # ablations -> rows
+
+        def run(row: dict[str, Array], first: int = first, stop: int = stop) -> dict[str, Array]:
+            def body(carry: Array, i: Array) -> tuple[Array, dict[str, Array]]:
+                # Layer i of the clean inputs, indexed in the loop (slicing xs would copy it).
+                return step(row, carry, jax.tree.map(lambda leaf: leaf[i], xs))
+
+            z_out, out = jax.lax.scan(body, row["z"], jnp.arange(first, stop))
+            return {"z": z_out, **out}
+
+        rows = {key: x[:active] for key, x in per_row.items()} | {"z": z[:active]}
+        if plan.layout is not None:  # rows over "ablations", their prompts over "prompts"
+            rows = plan.layout.rows(rows)
+        if plan.chunk_size is None:
+            got = jax.vmap(run)(rows)
+        elif plan.layout is None:  # chunks of `chunk_size` rows, vmapped within a chunk, one after another
+            got = jax.lax.map(run, rows, batch_size=plan.chunk_size)
+        else:  # every device steps through its own rows, `chunk_size` at a time
+            got = plan.layout.map_rows(run, rows, plan.chunk_size)
+        z_active = got.pop("z")
+        z = z_active if active == n else jnp.concatenate([z_active, z[active:]])
+        parts.append({key: _pad_rows(x, n) for key, x in got.items()})
+    out = {key: jnp.concatenate([p[key] for p in parts], axis=1) for key in parts[0]}
+    first = segments[0][0]
+    if first > 0:  # no row is ablated below `first`: nothing changes there
+        out = {key: jnp.pad(x, [(0, 0), (first, 0)] + [(0, 0)] * (x.ndim - 2)) for key, x in out.items()}
+    return {"z": z, **out}
+
+
+def _pad_rows(x: Array, n: int) -> Array:
+    """[active, ...] -> [n, ...] with zeros for the rows not run (unchanged: exactly zero)."""
+    return x if x.shape[0] == n else jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+# --------------------------------------------------------------------------
+# The suffix step of one ablation row: final position only
+
+
+def _final_suffix(
     *,
     params: Params,
     cfg: ModelConfig,
@@ -300,13 +412,16 @@ def _final_row(
     valid: Array,
     w: Array,
     scale: Array,
-) -> dict[str, Array]:
-    """Recompute the final token from the ablated layer on, against clean keys and values."""
-    start, code, head, value = row["layer"], row["code"], row["head"], row["value"]  # value [B, D]
+) -> tuple[dict[str, Array], Callable[..., tuple[Array, dict[str, Array]]]]:
+    """Per-layer clean inputs, and the layer step recomputing a row's final token.
+
+    The final token attends to the clean keys and values of the earlier
+    positions (unchanged by causality) and its own recomputed ones.
+    """
     rotary = None
     if cfg.positions == "rotary":
         rotary = layers.rotary_angles(position_ids(valid)[:, -1:], cfg)  # [B, 1, R/2] each
-    mask = valid[:, None, :]  # [B, 1, T]: the final query sees every real key (itself included)
+    earlier = valid[:, :-1]  # [B, T-1]: the earlier real keys the final query sees (and its own)
     de = functools.partial(direct_effect, w=w, scale=scale, config=cfg)
     xs = {
         "layer": jnp.arange(cfg.n_layers),
@@ -320,7 +435,8 @@ def _final_row(
     if plan.measure_heads:
         xs["heads"] = clean[Site.HEAD_OUT][:, :, -1]  # [L, B, H, D]
 
-    def step(z: Array, x: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    def step(row: dict[str, Array], z: Array, x: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+        start, code, head, value = row["layer"], row["code"], row["head"], row["value"]  # value [B, D]
         p, here, before = x["p"], x["layer"] == start, x["layer"] < start
         z = jnp.where(x["layer"] <= start, x["z"], z)  # clean up to the ablated layer
         h = layers.norm(z[:, None], p["ln1_g"], p.get("ln1_b"), cfg)  # [B, 1, D]
@@ -331,9 +447,7 @@ def _final_row(
             q, k, v = q + p["b_Q"][None, None], k + p["b_K"][None, None], v + p["b_V"][None, None]
         if rotary is not None:
             q, k = layers.apply_rotary(q, *rotary, cfg), layers.apply_rotary(k, *rotary, cfg)
-        keys = jnp.concatenate([x["keys"], k.astype(x["keys"].dtype)], axis=1)  # [B, T, G, K]
-        vals = jnp.concatenate([x["values"], v.astype(x["values"].dtype)], axis=1)
-        zh = layers.attention_heads(q, keys, vals, mask, None, 0.0)[:, 0]  # [B, H, K]
+        zh = _final_attention(q[:, 0], x["keys"], x["values"], k[:, 0], v[:, 0], earlier)  # [B, H, K]
         b_o = p["b_O"] if cfg.use_bias else jnp.zeros((cfg.d_model,), zh.dtype)
         a = jnp.einsum("bhk,hkd->bd", zh, p["W_O"]) + b_o[None]
         own = jnp.einsum("bk,kd->bd", zh[:, head], p["W_O"][head]) + b_o[None] / cfg.n_heads
@@ -364,16 +478,14 @@ def _final_row(
             out["head"] = de(jnp.swapaxes(per_head - x["heads"], 0, 1))  # [H, B]
         return z + a + m, out
 
-    z_final, out = jax.lax.scan(step, xs["z"][0], xs)
-    return {**out, "z_final": z_final}
+    return xs, step
 
 
 # --------------------------------------------------------------------------
-# The suffix of one ablation row: every position
+# The suffix step of one ablation row: every position
 
 
-def _all_row(
-    row: dict[str, Array],
+def _all_suffix(
     *,
     params: Params,
     cfg: ModelConfig,
@@ -382,9 +494,8 @@ def _all_row(
     valid: Array,
     w: Array,
     scale: Array,
-) -> dict[str, Array]:
-    """Recompute every position from the ablated layer on, with the ordinary block."""
-    start, code, head, value, write = row["layer"], row["code"], row["head"], row["value"], row["write"]
+) -> tuple[dict[str, Array], Callable[..., tuple[Array, dict[str, Array]]]]:
+    """Per-layer clean inputs, and the layer step recomputing every position of a row."""
     b, t = valid.shape
     idx = jnp.arange(t)
     rotary = layers.rotary_angles(position_ids(valid), cfg) if cfg.positions == "rotary" else None
@@ -402,7 +513,8 @@ def _all_row(
     if plan.measure_heads:
         xs["heads"] = clean[Site.HEAD_OUT][:, :, -1]
 
-    def step(z: Array, x: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    def step(row: dict[str, Array], z: Array, x: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+        start, code, head, value, write = row["layer"], row["code"], row["head"], row["value"], row["write"]
         here, before = x["layer"] == start, x["layer"] < start
         z = jnp.where(x["layer"] <= start, x["z"], z)
         edits, bank = {}, {}
@@ -426,5 +538,31 @@ def _all_row(
             out["head"] = de(jnp.swapaxes(per_head - x["heads"], 0, 1))
         return z_next, out
 
-    z_final, out = jax.lax.scan(step, xs["z"][0], xs)
-    return {**out, "z_final": z_final[:, -1]}
+    return xs, step
+
+
+def _final_attention(q: Array, keys: Array, values: Array, k: Array, v: Array, earlier: Array) -> Array:
+    """One query's attention over the clean earlier keys and its own, grouped-query aware.
+
+    Equal to `layers.attention_heads` over the keys with the own one appended,
+    without building that per-row copy of the cache: the scores against the
+    shared clean cache and against the own key are softmaxed together.
+
+    Args:
+        q: [B, H, K] the final token's queries; k, v: [B, G, K] its own key and value.
+        keys, values: [B, T-1, G, K] the clean earlier positions.
+        earlier: [B, T-1] which earlier positions are real.
+    Returns:
+        [B, H, K] per-head outputs before W_O, in q's dtype.
+    """
+    b, h, kd = q.shape
+    g = keys.shape[2]
+    q = q.reshape(b, g, h // g, kd)
+    norm = jnp.sqrt(jnp.float32(kd))
+    cached = jnp.einsum("bgrk,bsgk->bgrs", q, keys, preferred_element_type=jnp.float32) / norm
+    cached = jnp.where(earlier[:, None, None], cached, layers.MASK_VALUE)
+    own = jnp.einsum("bgrk,bgk->bgr", q, k.astype(q.dtype), preferred_element_type=jnp.float32) / norm
+    probs = jax.nn.softmax(jnp.concatenate([cached, own[..., None]], axis=-1), axis=-1)
+    z = jnp.einsum("bgrs,bsgk->bgrk", probs[..., :-1].astype(values.dtype), values)
+    z = z + probs[..., -1:].astype(v.dtype) * v[:, :, None].astype(z.dtype)
+    return z.reshape(b, h, kd).astype(q.dtype)

@@ -27,7 +27,12 @@ def test_flop_account_by_hand():
     assert acc.clean == 35520 + 2 * 2 * 8 * 10
     # attn_out.0: its layer's MLP and two later layers; mlp_out.2: nothing after it. Two prompts.
     assert acc.suffix_minimal == 2 * (512 + 2 * 1184 + 0)
-    assert acc.suffix_engine == 2 * 2 * 3 * 1184
+    # The engine's scan segments are [0, 2) for attn_out.0 alone and [2, 3) for both rows: each
+    # row runs full steps from its segment's first layer on (3 and 1 layers).
+    assert acc.suffix_engine == 2 * (3 * 1184 + 1 * 1184)
+    assert flops.account(SMALL, 2, 5, [("attn_out", 0), ("mlp_out", 2)], scan_segments=1).suffix_engine == (
+        2 * 2 * 3 * 1184
+    )
     assert acc.peer_per_ablation == acc.clean + 2 * (35520 + 320)  # per row: a forward + final unembedding
     assert acc.predicted_speedup == pytest.approx(acc.peer_per_ablation / (acc.clean + acc.suffix_minimal))
     # Gated MLPs have three matrices; grouped-query attention projects fewer keys and values.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax.numpy as jnp
@@ -11,8 +12,9 @@ from conftest import FAMILIES, ragged_batch, random_model
 from flax import nnx
 
 import hydra_jax as hj
-from hydra_jax.effect_matrix import effect_matrix, naive_effect_matrix
+from hydra_jax.effect_matrix import compile_effect_matrix, effect_matrix, naive_effect_matrix
 from hydra_jax.effects import Component, direct_effects
+from hydra_jax.engine import effect_core, segments_for
 from hydra_jax.interventions import resample_sources
 from hydra_jax.testing import count_compilations
 
@@ -89,6 +91,76 @@ def test_measuring_heads_equals_naive(position):
     assert_same(fast, ref)
     d = fast.decompose()
     np.testing.assert_allclose(d.own + d.attention + d.mlp + d.norm, fast.total, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("position", ["final", "all"])
+def test_scan_segments_do_not_change_results(position):
+    """Rows skip the layers below their segment; every cut gives the naive reference's numbers."""
+    model = random_model(hj.presets.tiny_gpt2.replace(n_layers=6))
+    batch = ragged_batch(model.config)
+    kw = dict(ablate=("mlp_out", "head_out", "attn_out"), kind="resample", n_resamples=2, position=position)
+    ref = naive_effect_matrix(model, batch, **kw)
+    for segments in (1, 2, 3, 6, 10):
+        assert_same(effect_matrix(model, batch, scan_segments=segments, **kw), ref)
+    # Linearised predictions do not depend on the cut either.
+    one, four = (effect_matrix(model, batch, scan_segments=n, linearise=True, **kw) for n in (1, 4))
+    for name in ("linear_total", "linear_delta_direct"):
+        x, y = np.asarray(getattr(four, name)), np.asarray(getattr(one, name))
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * np.abs(y).max(), err_msg=name)
+
+
+def brute_force_segments(layers, n_layers, n_segments):
+    """Least layer steps over every set of cut points (the definition segments_for optimises)."""
+    low, best = min(layers), None
+    inner = range(low + 1, n_layers)
+    for k in range(n_segments):
+        for cuts in itertools.combinations(inner, k):
+            bounds = (low, *cuts, n_layers)
+            work = sum(
+                sum(layer < stop for layer in layers) * (stop - first)
+                for first, stop in itertools.pairwise(bounds)
+            )
+            best = work if best is None else min(best, work)
+    return best
+
+
+def test_segments_for_minimises_the_layer_steps():
+    # A 12-layer sweep, one row per layer: four equal segments of 3, 6, 9, 12 rows.
+    assert segments_for(range(12), 12, 4) == ((0, 3, 3), (3, 6, 6), (6, 9, 9), (9, 12, 12))
+    assert segments_for(range(12), 12, 1) == ((0, 12, 12),)
+    # Layers below the lowest ablated one are not run; a second cut that saves nothing is not made.
+    assert segments_for([11], 12, 4) == ((11, 12, 1),)
+    assert segments_for([5, 7], 12, 4) == ((5, 7, 1), (7, 12, 2))  # 2 + 10 steps
+    # One segment per layer is the minimal work: each row runs exactly the layers from its own on.
+    layers = [0, 0, 3, 5, 5, 5, 7]
+    per_layer = segments_for(layers, 8, 8)
+    assert sum(n * (stop - first) for first, stop, n in per_layer) == sum(8 - layer for layer in layers)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n_layers = int(rng.integers(1, 9))
+        layers = rng.integers(0, n_layers, int(rng.integers(1, 7))).tolist()
+        n_segments = int(rng.integers(1, 5))
+        got = segments_for(layers, n_layers, n_segments)
+        assert 1 <= len(got) <= n_segments
+        assert got[0][0] == min(layers) and got[-1][1] == n_layers
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(got))  # contiguous
+        assert all(n == sum(layer < stop for layer in layers) for _, stop, n in got)
+        work = sum(n * (stop - first) for first, stop, n in got)
+        assert work == brute_force_segments(layers, n_layers, n_segments), (layers, n_layers, n_segments)
+
+
+def test_segments_that_do_not_describe_the_rows_give_nan(model, batch):
+    """effect_core trusts its static plan; rows it does not describe are flagged, not silently wrong."""
+    prepared = _prepare_for(model, batch)
+    wrong = dataclasses.replace(prepared.plan, segments=((1, model.config.n_layers, 3),))  # rows start at 0
+    out = effect_core(*prepared.args, plan=wrong)
+    assert np.isnan(np.asarray(out["total"])).all() and np.isnan(np.asarray(out["delta_direct"])).all()
+    good = effect_core(*prepared.args, plan=prepared.plan)
+    assert np.isfinite(np.asarray(good["total"])).all()
+
+
+def _prepare_for(model, batch):
+    return compile_effect_matrix(model, batch, ablate=("attn_out", "mlp_out")).prepared
 
 
 def test_upstream_changes_are_exactly_zero(family_model):
@@ -309,6 +381,8 @@ BAD = [
     (dict(kind="patch"), r"kind='patch' needs source="),
     (dict(kind="resample", source="batch"), r"source= is used by kind='mean' or 'patch'"),
     (dict(ablate=()), r"ablate needs at least one site"),
+    (dict(scan_segments=0), r"scan_segments must be a positive int"),
+    (dict(scan_segments=2.0), r"scan_segments must be a positive int"),
 ]
 
 

@@ -29,6 +29,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from hydra_jax.config import ModelConfig
+from hydra_jax.engine import segments_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,8 @@ class FlopAccount:
         clean: the clean forward of the batch and its final-position unembedding.
         suffix_minimal: the recomputed one-token suffixes, minimal.
         suffix_engine: the one-token suffix steps hydra_jax's fast path computes
-            (each row runs every layer from its own on, as a masked scan over all L).
+            (each row runs every layer from the first layer of its scan segment
+            on; see `hydra_jax.engine.segments_for`).
         peer_per_ablation: one full forward of the batch per ablation row, plus the clean one.
     """
 
@@ -94,7 +96,12 @@ def unembed(c: ModelConfig, rows: int) -> float:
 
 
 def account(
-    c: ModelConfig, batch: int, tokens: int, ablated: Sequence[tuple[str, int]], n_resamples: int = 1
+    c: ModelConfig,
+    batch: int,
+    tokens: int,
+    ablated: Sequence[tuple[str, int]],
+    n_resamples: int = 1,
+    scan_segments: int = 4,
 ) -> FlopAccount:
     """The FLOP account of a final-position sweep.
 
@@ -103,8 +110,10 @@ def account(
         batch, tokens: B and T.
         ablated: (site, layer) of each ablation, site "attn_out", "mlp_out" or "head_out".
         n_resamples: resamples per ablation (each is one more suffix).
+        scan_segments: `effect_matrix`'s argument of that name (what the engine runs).
     """
     step = attention_proj(c) + attention_mix(c, tokens) + mlp(c)  # one token through one layer
+    segments = segments_for([layer for _, layer in ablated], c.n_layers, scan_segments)
     minimal = engine = 0.0
     for site, layer in ablated:
         rest_of_layer = 0.0 if site == "mlp_out" else mlp(c)
@@ -112,7 +121,8 @@ def account(
             rest_of_layer = mlp(c)
         later = c.n_layers - 1 - layer
         minimal += rest_of_layer + later * step
-        engine += c.n_layers * step  # the masked scan computes every layer for every row
+        first = next(a for a, stop, _ in segments if layer < stop)
+        engine += (c.n_layers - first) * step  # the row's segment and every later one, in full
     rows = batch * n_resamples
     clean = forward(c, batch, tokens) + unembed(c, batch)
     peer = clean + len(ablated) * n_resamples * (forward(c, batch, tokens) + unembed(c, batch))
