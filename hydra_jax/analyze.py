@@ -40,13 +40,17 @@ CHECKPOINTS_ENV = "HYDRA_JAX_CHECKPOINTS"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
-    """What `analyze` measures. See `hydra-jax analyze --help`."""
+    """What `analyze` measures. See `hydra-jax analyze --help`.
+
+    `n_resamples` left as None means 5 for kind "resample" and 1 otherwise;
+    any other count with a kind that does not resample is an error.
+    """
 
     model: str | None = None
     data: str = "default"
     n_prompts: int = 256
     kind: str = "resample"
-    n_resamples: int = 5
+    n_resamples: int | None = None
     position: str = "final"
     granularity: str = "layer"
     target: str = "argmax"
@@ -56,14 +60,19 @@ class Settings:
     n_bootstrap: int = 1000
 
     def __post_init__(self) -> None:
+        if self.n_resamples is None:
+            object.__setattr__(self, "n_resamples", 5 if self.kind == "resample" else 1)
+        elif self.kind != "resample" and self.n_resamples != 1:
+            raise ValueError(
+                f"--n-resamples {self.n_resamples} only applies to --kind resample (this run ablates "
+                f"with --kind {self.kind}, which has nothing to resample); drop --n-resamples."
+            )
         for name in ("n_prompts", "batch_size", "n_bootstrap", "n_resamples"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}.")
         if self.granularity not in ("layer", "head"):
             raise ValueError(f"--granularity must be 'layer' or 'head', got {self.granularity!r}.")
-        if self.kind != "resample" and self.n_resamples != 1:
-            object.__setattr__(self, "n_resamples", 1)  # resamples only mean something for resample
 
 
 def checkpoints_dir() -> pathlib.Path:

@@ -171,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("resample", "zero", "mean"),
         help="what an ablation writes (default resample: another prompt's activation, as in the paper)",
     )
-    p.add_argument("--n-resamples", type=int, default=5, help="resample sources per prompt (default 5)")
+    p.add_argument(
+        "--n-resamples",
+        type=int,
+        default=None,
+        help="resample sources per prompt, averaged (--kind resample only; default 5)",
+    )
     p.add_argument("--position", default="final", choices=("final", "all"), help="ablated positions")
     p.add_argument(
         "--granularity", default="layer", choices=("layer", "head"), help="ablate layers or every head"

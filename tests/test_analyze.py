@@ -105,6 +105,7 @@ BAD = [
     ({"model": "gpt5"}, "neither a checkpoint directory nor a preset"),
     ({"n_prompts": "0"}, "--n-prompts must be a positive integer"),
     ({"n_resamples": "12"}, "--n-resamples 12 needs batches of more than 12 prompts"),
+    ({"kind": "zero", "n_resamples": "3"}, "--n-resamples 3 only applies to --kind resample"),
 ]
 
 
