@@ -94,9 +94,10 @@ def effect_matrix(
             Otherwise parameters are replicated on every device.
         scan_segments: the most pieces the suffix's layer scan is cut into.
             Each ablation row is recomputed from the piece holding its layer
-            on, so more pieces mean less work (a layer sweep of L layers
-            needs about (L + 1) / 2 layer steps per row, not L) and one more
-            compiled scan body each; 1 runs every row through every layer.
+            on, so more pieces mean less work (the layer steps per row of a
+            layer sweep fall from L toward the minimal (L + 1) / 2: 7.5 of
+            12 with 4 pieces) and one more compiled scan body each; 1 runs
+            every row through every layer.
             Results do not depend on it. With a mesh, and for position="all"
             with a chunk_size (whose memory bound it would loosen), the scan
             is not cut.
