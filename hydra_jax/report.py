@@ -9,13 +9,16 @@
     coupling.png        mean ΔDE(c' | c): ablated components × measured components
     erasure.png         each MLP's clean direct effect and its change under each attention ablation
     repair.png          slope and R² of compensation on the direct loss, with CIs
+    depth.png           the per-layer statistics as curves against depth (direct, total,
+                        slope, R², restored fraction, how the response splits)
     compare.png         (with `compare`) the two models side by side
     report.md           the numbers and the figures, each with what to look for
 
 Every quantity is defined in docs/effects.md and hydra_jax/summary.py; effects
 are in centred logits (the target logit minus the mean logit). This module
-only formats and draws what `hydra_summary` and the `EffectMatrix` hold: it
-computes nothing new except means over ablations for the headline.
+only formats and draws what `hydra_summary`, `hydra_jax.claims.paper_claims`
+and the `EffectMatrix` hold: it computes nothing new except means over
+ablations for the headline.
 
 Figures are drawn on `matplotlib.figure.Figure` objects (PNG through the Agg
 canvas) rather than with pyplot, so that writing a report neither switches the
@@ -36,6 +39,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from hydra_jax import claims as paper
 from hydra_jax.effects import Component, EffectMatrix
 from hydra_jax.sites import Site
 from hydra_jax.summary import STATS, HydraSummary
@@ -49,11 +53,14 @@ FIGURES = {
     "coupling": "coupling.png",
     "erasure": "erasure.png",
     "repair": "repair.png",
+    "depth": "depth.png",
 }
 COMPARE_FIGURE = "compare.png"
 # Bar and point charts with more ablated components than this show only the ones
 # with the largest |direct| (say 144 heads): a bar per head would be unreadable.
 MAX_PLOT_ROWS = 32
+# Scatter panels of direct vs total drawn for models with more than 16 layer ablations.
+MAX_SCATTER_PANELS = 8
 
 # --------------------------------------------------------------------------
 # Schemas
@@ -156,6 +163,46 @@ HEADLINE_SCHEMA: dict[str, dict[str, Any]] = {
     "most_negative_mlp_direct": _spec("number|null", "its clean direct effect (negative = erasure)"),
 }
 
+CLAIM_RECORD_SCHEMA: dict[str, dict[str, Any]] = {
+    "label": _spec("string", "ablated component label"),
+    "top_attention": _spec("string|null", "the attention component after it that compensates most"),
+    **{
+        f"{name}{suffix}": _spec("number|null", doc + what)
+        for name, doc in {
+            "restored": "1 − mean total / mean direct: fraction of the direct loss repaired",
+            "top_attention_change": "mean ΔDE of top_attention under this ablation, centred logit",
+            "coupling_top": "share of Σ mean |ΔDE| over downstream components held by the k largest",
+            "share_attention": "mean |attention| / mean (|attention| + |mlp| + |norm|)",
+            "share_mlp": "mean |mlp| / mean (|attention| + |mlp| + |norm|)",
+            "share_norm": "mean |norm| / mean (|attention| + |mlp| + |norm|)",
+            "release": "Σ over erasing MLPs after it of mean ΔDE (erasure released if > 0 for a loss)",
+            "share_erasers": "mean |Σ erasers' ΔDE| / mean (|attention| + |mlp| + |norm|)",
+        }.items()
+        for suffix, what in (("", ""), ("_lo", " (lower CI end)"), ("_hi", " (upper CI end)"))
+    },
+    "coupling_uniform": _spec("number|null", "k / number of downstream components (no concentration)"),
+}
+
+STATEMENT_SCHEMA: dict[str, dict[str, Any]] = {
+    "id": _spec("string", "'hydra', 'erasure', 'loose_coupling' or 'direct_exceeds_total'"),
+    "paper": _spec("string", "what the paper states"),
+    "measured": _spec("string", "the measured numbers, as a sentence"),
+    "holds": _spec("integer", "components at which the criterion is met"),
+    "of": _spec("integer", "components the criterion applies to"),
+    "criterion": _spec("string", "the criterion, in words"),
+}
+
+CLAIMS_SCHEMA: dict[str, dict[str, Any]] = {
+    "k": _spec("integer", "most-affected downstream components counted by coupling_top"),
+    "erasers": _spec("array", "measured MLPs whose clean direct-effect interval is below 0"),
+    "statements": _spec("array", "one per claim of the paper", items=STATEMENT_SCHEMA),
+    "per_ablation": _spec(
+        "array",
+        "hydra_jax.claims.PaperClaims.records(), one per ablated component",
+        items=CLAIM_RECORD_SCHEMA,
+    ),
+}
+
 _BLOCK_SCHEMA: dict[str, dict[str, Any]] = {
     "model": _spec(
         "object",
@@ -176,6 +223,7 @@ _BLOCK_SCHEMA: dict[str, dict[str, Any]] = {
         "array", "summary.records() of kind 'erasure', one per measured MLP", items=ERASURE_RECORD_SCHEMA
     ),
     "headline": _spec("object", "a few headline numbers", keys=HEADLINE_SCHEMA),
+    "claims": _spec("object", "the paper's claims as measured (hydra_jax/claims.py)", keys=CLAIMS_SCHEMA),
 }
 
 SUMMARY_SCHEMA: dict[str, dict[str, Any]] = {
@@ -317,6 +365,7 @@ def write_report(
     _plot_coupling(em, name).savefig(path(FIGURES["coupling"]), dpi=DPI)
     _plot_erasure(summary, name).savefig(path(FIGURES["erasure"]), dpi=DPI)
     _plot_repair(summary, name).savefig(path(FIGURES["repair"]), dpi=DPI)
+    _plot_depth(doc, name).savefig(path(FIGURES["depth"]), dpi=DPI)
     if compare is not None:
         other = str(compare[2]["model"]["name"])
         fig = _plot_compare(summary, compare[1], name, other)
@@ -386,6 +435,13 @@ def _block(em: EffectMatrix, summary: HydraSummary, meta: dict) -> dict[str, Any
     block["per_ablation"] = [r for r in records if r["kind"] == "ablation"]
     block["erasure"] = [r for r in records if r["kind"] == "erasure"]
     block["headline"] = headline(em, summary)
+    claims = paper.paper_claims(em, summary)
+    block["claims"] = {
+        "k": claims.k,
+        "erasers": list(claims.erasers),
+        "statements": paper.statements(claims, summary),
+        "per_ablation": claims.records(),
+    }
     return block
 
 
@@ -536,8 +592,11 @@ def report_markdown(doc: dict[str, Any]) -> str:
     out = [f"# Hydra effect report: {name}", ""]
     out += _meta_lines(doc)
     out += ["## Headline", "", _headline_text(doc), ""]
+    out += ["## The paper's claims, as measured", "", *_claims_lines(doc["claims"]), ""]
     out += ["## Per ablated component", "", *_ablation_table(doc["per_ablation"], doc["headline"]["ci"]), ""]
     out += ["## Erasure", "", *_erasure_table(doc["erasure"]), ""]
+    out += ["## Repair, coupling and the response by ablated component", ""]
+    out += [*_claims_table(doc["claims"], doc["headline"]["ci"]), ""]
     out += ["## Figures", ""]
     for key, file in FIGURES.items():
         out += [f"![{_FIGURE_TITLES[key]}]({file})", "", _FIGURE_TEXT[key](doc), ""]
@@ -662,12 +721,58 @@ def _erasure_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _claims_lines(claims: dict[str, Any]) -> list[str]:
+    lines = []
+    for st in claims["statements"]:
+        lines.append(f"- **{st['paper']}** {st['measured']}")
+    return lines
+
+
+def _claims_table(claims: dict[str, Any], ci: float) -> list[str]:
+    k = claims["k"]
+    head = (
+        f"| component | restored [{ci:.0%} CI] | most compensating attention (ΔDE) | top-{k} share of "
+        "\\|ΔDE\\| (uniform) | response: attention / MLP / norm | erasers' release |"
+    )
+    lines = [head, "|---|---:|---|---:|---:|---:|"]
+    for r in claims["per_ablation"]:
+        top = (
+            "—"
+            if r["top_attention"] is None
+            else f"`{r['top_attention']}` ({fmt(r['top_attention_change'])})"
+        )
+        cells = [
+            f"`{r['label']}`",
+            f"{fmt(r['restored'])} {_ci(r['restored_lo'], r['restored_hi'])}",
+            top,
+            f"{fmt(r['coupling_top'])} ({fmt(r['coupling_uniform'])})",
+            " / ".join(fmt(r[f"share_{p}"]) for p in ("attention", "mlp", "norm")),
+            f"{fmt(r['release'])} {_ci(r['release_lo'], r['release_hi'])}"
+            if r["release"] is not None
+            else "—",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "restored: 1 − mean total / mean direct (1 = fully repaired; meaningless where the direct effect "
+        "is near 0). Most compensating attention: the attention component after the ablated one whose "
+        f"mean ΔDE most opposes the direct effect. Top-{k} share: of the summed mean |ΔDE| over "
+        "downstream components, the part in the most affected ones (uniform: if all changed alike). "
+        "Response: how |attention|, |MLP| and |norm| terms split the downstream response. Erasers' "
+        "release: summed ΔDE of the MLPs that erase the target"
+        + (f" ({', '.join(f'`{e}`' for e in claims['erasers'])})" if claims["erasers"] else " (none found)")
+        + ". Definitions: hydra_jax/claims.py.",
+    ]
+    return lines
+
+
 _FIGURE_TITLES = {
     "direct_vs_total": "Direct vs total effect per prompt",
     "decomposition": "Decomposition of the total effect",
     "coupling": "Coupling: mean ΔDE of every measured component under every ablation",
     "erasure": "Erasure: MLP direct effects and their change under attention ablations",
     "repair": "Repair: slope and R² of compensation",
+    "depth": "The per-layer statistics against depth",
 }
 
 
@@ -752,12 +857,24 @@ def _compare_text(doc: dict[str, Any]) -> str:
     )
 
 
+def _text_depth(doc: dict[str, Any]) -> str:
+    return (
+        "The per-ablation statistics as curves against the ablated layer, attention ablations "
+        "(orange) and MLP ablations (green), shaded bands the bootstrap intervals: the mean direct "
+        "(solid) and total (dashed) effects; the slope of compensation on the direct loss and its R²; "
+        "the restored fraction 1 − total / direct (shown where the direct effect's interval excludes 0); "
+        "and how the downstream response splits between attention, MLP and norm terms. Where total "
+        "lies between direct and 0, later layers repaired part of the loss."
+    )
+
+
 _FIGURE_TEXT = {
     "direct_vs_total": _text_direct_vs_total,
     "decomposition": _text_decomposition,
     "coupling": _text_coupling,
     "erasure": _text_erasure,
     "repair": _text_repair,
+    "depth": _text_depth,
 }
 
 
@@ -841,19 +958,26 @@ def _plot_direct_vs_total(em: EffectMatrix, summary: HydraSummary, name: str) ->
     comps = [Component.parse(c) for c in labels]
     xlabel, ylabel = f"direct effect ΔDE(c | c) ({UNIT})", f"total effect TE(c) ({UNIT})"
     heads = any(c.head is not None for c in comps)
-    if len(labels) <= 16 and not heads:
-        ncols = min(4, len(labels)) if len(labels) != 6 else 3
-        nrows = math.ceil(len(labels) / ncols)
+    chosen = None
+    if not heads:
+        # A panel per layer up to 16 ablations; deeper models get the ones with the largest |direct|
+        # (depth.png shows every layer's statistics as curves).
+        chosen = _select_rows(summary, 16 if len(labels) <= 16 else MAX_SCATTER_PANELS)
+    if chosen is not None:
+        n = len(chosen)
+        ncols = min(4, n) if n != 6 else 3
+        nrows = math.ceil(n / ncols)
         fig = _figure(3.0 * ncols + 0.6, 2.8 * nrows + 0.8)
         axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-        for i, (ax, label) in enumerate(zip(axes, labels, strict=False)):
+        for ax, i in zip(axes, chosen, strict=False):
+            label = labels[i]
             color = _ATTN_COLOR if comps[i].is_attention else _MLP_COLOR
             ax.scatter(direct[i], total[i], s=14, alpha=0.6, color=color, edgecolors="none")
             _identity(ax, direct[i], total[i])
             slope, r2 = summary["slope"].value[i], summary["r2_slope"].value[i]
             ax.set_title(f"{label}   slope {fmt(slope)}, R² {fmt(r2)}", fontsize=9)
             ax.tick_params(labelsize=8)
-        for ax in axes[len(labels) :]:
+        for ax in axes[n:]:
             ax.set_visible(False)
         fig.supxlabel(xlabel, fontsize=10)
         fig.supylabel(ylabel, fontsize=10)
@@ -888,7 +1012,10 @@ def _plot_direct_vs_total(em: EffectMatrix, summary: HydraSummary, name: str) ->
         ax.legend(handles=proxies, fontsize=8, loc="best")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-    fig.suptitle(f"{name}: direct vs total effect of each ablation (dashed: y = x, no compensation)")
+    title = f"{name}: direct vs total effect of each ablation (dashed: y = x, no compensation)"
+    if chosen is not None and len(chosen) < len(labels):
+        title += f"\n{len(chosen)} of {len(labels)} ablations, those with the largest |direct|"
+    fig.suptitle(title)
     return fig
 
 
@@ -1078,6 +1205,97 @@ def _plot_repair(summary: HydraSummary, name: str) -> Figure:
         title += f"\n{len(rows)} of {len(summary.labels)} ablations with the largest |direct|"
     top.set_title(title, fontsize=10)
     return fig
+
+
+def _plot_depth(doc: dict[str, Any], name: str) -> Figure:
+    """(g) per-layer curves: direct/total, slope, R², restored and response shares against depth."""
+    records = {r["label"]: r for r in doc["per_ablation"]}
+    claims = {r["label"]: r for r in doc["claims"]["per_ablation"]}
+    labels = list(records)
+    comps = [Component.parse(c) for c in labels]
+    heads = any(c.head is not None for c in comps)
+    fig = _figure(12.0, 9.0)
+    axes = fig.subplots(3, 2, sharex=True).ravel()
+    groups = [(True, _ATTN_COLOR, "attention"), (False, _MLP_COLOR, "MLP")]
+
+    def series(key: str, source: dict, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+        rows = [source[labels[i]] for i in np.flatnonzero(mask)]
+        x = _depth([labels[i] for i in np.flatnonzero(mask)])
+        return x, *(np.array([_nan(r[f"{key}{s}"]) for r in rows]) for s in ("", "_lo", "_hi"))
+
+    def band(ax, key: str, source: dict, mask: np.ndarray, color: str, ls: str, label: str) -> None:
+        if not mask.any():
+            return
+        x, v, lo, hi = series(key, source, mask)
+        if heads:  # one point per head: scatter with the layer mean as a line
+            ax.scatter(x, v, s=8, color=color, alpha=0.5, edgecolors="none")
+            layers = np.floor(x)
+            xs = np.unique(layers)
+            ax.plot(xs, [np.nanmean(v[layers == u]) for u in xs], ls, color=color, lw=1.4, label=label)
+            return
+        ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
+        ax.plot(x, v, ls, color=color, lw=1.4, marker="o", ms=3, label=label)
+
+    attn = np.array([c.is_attention for c in comps], bool)
+    for is_attn, color, kind in groups:
+        mask = attn == is_attn
+        band(axes[0], "direct", records, mask, color, "-", f"{kind}: direct")
+        band(axes[0], "total", records, mask, color, "--", f"{kind}: total")
+        band(axes[1], "slope", records, mask, color, "-", kind)
+        band(axes[2], "r2_slope", records, mask, color, "-", f"{kind}: R² of CE on direct")
+        band(axes[2], "r2_total", records, mask, color, ":", f"{kind}: R² of total on direct")
+        clear = mask & np.array([_excludes_zero(records[c]) for c in labels], bool)
+        band(axes[3], "restored", claims, clear, color, "-", kind)
+    for part, color in (("attention", _ATTN_COLOR), ("mlp", _MLP_COLOR), ("norm", "0.5")):
+        for is_attn, ax in ((True, axes[4]), (False, axes[5])):
+            band(ax, f"share_{part}", claims, attn == is_attn, color, "-", f"{part} share")
+    axes[0].axhline(0, color="black", lw=0.8)
+    axes[0].set_ylabel(f"mean effect ({UNIT})")
+    axes[0].set_title("direct (solid) and total (dashed) effect", fontsize=10)
+    axes[1].axhline(0, color="black", lw=0.8)
+    axes[1].axhline(1, color="0.4", lw=0.8, ls=":")
+    axes[1].set_ylabel("slope of CE on −direct")
+    axes[1].set_title("repair slope (1 = full repair)", fontsize=10)
+    axes[2].set_ylim(-0.03, 1.03)
+    axes[2].set_ylabel("R²")
+    axes[2].set_title("R² across prompts", fontsize=10)
+    axes[3].axhline(0, color="black", lw=0.8)
+    axes[3].axhline(1, color="0.4", lw=0.8, ls=":")
+    axes[3].set_ylabel("1 − total / direct")
+    axes[3].set_title("restored fraction (where direct ≠ 0)", fontsize=10)
+    for ax, kind in ((axes[4], "attention"), (axes[5], "MLP")):
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("share of |response|")
+        ax.set_title(f"how the response splits, {kind} ablations", fontsize=10)
+    for ax, limit in ((axes[1], 3.0), (axes[3], 3.0)):
+        _clip_axis(ax, limit)
+    for ax in axes:
+        ax.grid(color="0.92")
+        handles, _ = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(fontsize=7, loc="best")
+    for ax in axes[4:]:
+        ax.set_xlabel("ablated layer (MLP at layer + 0.5)")
+    fig.suptitle(f"{name}: per-layer statistics against depth ({doc['headline']['ci']:.0%} bootstrap bands)")
+    return fig
+
+
+def _clip_axis(ax, limit: float) -> None:
+    """Keep a ratio's axis within [−limit, limit]: near-zero denominators give huge values that
+    would flatten every other point; the title says when points lie beyond the axis."""
+    lo, hi = ax.get_ylim()
+    if lo < -limit or hi > limit:
+        ax.set_ylim(max(lo, -limit), min(hi, limit))
+        ax.set_title(ax.get_title() + f" (axis clipped to ±{limit:g})", fontsize=10)
+
+
+def _nan(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _excludes_zero(record: dict[str, Any]) -> bool:
+    lo, hi = record["direct_lo"], record["direct_hi"]
+    return lo is not None and hi is not None and (lo > 0 or hi < 0)
 
 
 def _plot_compare(a: HydraSummary, b: HydraSummary, name_a: str, name_b: str) -> Figure:
