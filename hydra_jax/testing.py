@@ -1,18 +1,24 @@
-"""Helpers for tests and benchmarks: a reference forward and a compile counter."""
+"""Helpers for tests and benchmarks: a reference forward, a compile counter and a planted model.
+
+`planted_repair_model` is a ground truth for the Hydra analysis: a tiny model
+with hand-set weights whose self-repair slope is known analytically.
+"""
 
 from __future__ import annotations
 
 import collections
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from hydra_jax.batch import Batch
 from hydra_jax.block import block
 from hydra_jax.config import ModelConfig
-from hydra_jax.model import Params, cast_params, context, embed, unembed
+from hydra_jax.model import Params, Transformer, cast_params, context, embed, unembed
 from hydra_jax.sites import Site
 
 Array = jax.Array
@@ -87,3 +93,145 @@ def count_compilations() -> Iterator[CompileLog]:
         yield log
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+# --------------------------------------------------------------------------
+# A planted ground truth for the Hydra analysis
+
+# Residual-stream layout of the planted model (D = 16; dims 13-15 stay zero).
+_CONST = 0  # the constant direction every token embedding carries
+_TOKEN = slice(1, 5)  # token subspace: the token embeddings' variable part
+_SIGNAL = slice(5, 9)  # attention 0 writes here; the repairing MLP reads and writes here
+_BYSTANDER = slice(9, 13)  # attention 1 writes here; nothing downstream reads it
+PLANTED_CONFIG = ModelConfig(d_model=16, n_layers=2, n_heads=1, d_head=4, d_mlp=8, d_vocab=16, n_ctx=8)
+
+
+def planted_repair_model(
+    alpha: float = 0.5,
+    *,
+    reads: Literal["signal", "token"] = "signal",
+    n_prompts: int = 32,
+    seed: int = 0,
+) -> tuple[Transformer, Batch]:
+    """A two-layer model with hand-set weights whose self-repair slope is `alpha` by construction.
+
+    The model (`PLANTED_CONFIG`: RMSNorm, exact GELU, no biases) and its
+    residual stream, in four orthogonal subspaces:
+
+        z_0 = C e_0 + E_x                 C = 1e4 on the constant direction e_0,
+                                          E_x (|E_x| <= 2) in the token subspace
+        a_0 = A · mean_t E_{x_t}          attention 0: W_Q = W_K = 0, so uniform
+                                          over the prompt's real tokens; A
+                                          orthogonal, into the signal subspace S
+        m_0 = 0
+        a_1 = B · mean_t E_{x_t}          attention 1, the same, into a bystander
+                                          subspace that no later layer reads
+                                          (a live attention layer that does not
+                                          repair)
+        m_1 = -alpha · P z                MLP 1: P reads S (reads="signal") or the
+                                          token subspace (reads="token") and writes
+                                          into S
+        logits = W_U norm(z)              W_U reads the token, signal and
+                                          bystander subspaces, nothing of e_0
+
+    (each map up to the norm factor κ ≈ 1 below).
+
+    Every norm gain is C / sqrt(D), the rms the constant direction alone gives, so
+    each norm maps z to κ z (e_0 included) with κ = (1 + |r|² / C² + D·eps / C²)^(-1/2),
+    r the rest of the residual. The pre-norms see |r|² <= 12 (E_x, a_0, a_1, each of
+    norm <= 2, in orthogonal subspaces), so 1 - κ ≈ |r|² / (2 C²) <= 6e-8, float32
+    rounding, and an ablation moves κ by less; the final norm, whose scale direct
+    effects hold frozen anyway, also sees m_1. MLP 1 is affine to float
+    precision: each coordinate p it reads (|p| <= 2) feeds a pair of hidden units
+    GELU(p + β) and GELU(-p + β), with the bias β = 12 taken from e_0 (no bias
+    parameters needed); GELU(x) = x exactly in float32 for x > 5.42, and the
+    pair's output weights ∓alpha/2 cancel β, leaving -alpha p.
+
+    So with reads="signal", ablating attention 0 at the final position (resample or
+    zero: anything that changes a_0) changes m_1 by -alpha times the change of a_0,
+    as vectors. Direct effects use the frozen clean final-norm scale, so for every
+    prompt and every target token
+
+        ΔDE(mlp_out.1 | attn_out.0) = -alpha · ΔDE(attn_out.0 | attn_out.0),
+
+    and nothing else downstream moves: m_0 is 0 and a_1 reads only the token
+    subspace (it shifts only through κ). The compensation CE is all in the MLP sum,
+    none in the attention sum, and the regression of CE on -ΔDE(c|c) has slope
+    alpha and R² = 1, up to a relative error of about 1e-6 (float32 rounding of
+    p ± β, and the change of κ). The final-norm scale moves by as little, so the
+    norm term is 0 to the same precision and TE = (1 - alpha) ΔDE(c|c).
+
+    The counterparts with no repair are alpha = 0 (MLP 1 writes nothing) and
+    reads="token": MLP 1 then has a large, prompt-dependent direct effect but
+    reads a subspace the ablation does not touch, so its ΔDE is 0 up to that same
+    relative 1e-6.
+
+    Weights are data: every alpha and `reads` give the same config and shapes, so
+    an effect matrix compiled for one planted model serves all of them; one seed
+    gives the same prompts and random weights whatever alpha and `reads` are.
+
+    Args:
+        alpha: the fraction of attention 0's direct effect that MLP 1 restores
+            (1: full repair; negative: amplification).
+        reads: "signal" (MLP 1 reads what attention 0 writes: repair) or "token"
+            (an orthogonal subspace: no repair).
+        n_prompts: prompts in the batch, of random lengths 1 to n_ctx and random
+            tokens 1 to d_vocab - 1, so attention 0's output varies across them.
+        seed: seeds the embeddings, the maps A and B, W_U and the prompts.
+
+    Returns:
+        (model, batch).
+    """
+    if reads not in ("signal", "token"):
+        raise ValueError(f"reads must be 'signal' or 'token', got {reads!r}.")
+    if not np.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
+    c = PLANTED_CONFIG
+    d, v, k, f = c.d_model, c.d_vocab, c.d_head, c.d_mlp
+    big, beta = 1e4, 12.0
+    gain = big / np.sqrt(d)
+    rng = np.random.default_rng(seed)
+
+    def orthogonal() -> np.ndarray:
+        q, _ = np.linalg.qr(rng.normal(size=(k, k)))
+        return q
+
+    w_e = np.zeros((v, d))
+    w_e[:, _CONST] = big
+    w_e[:, _TOKEN] = rng.uniform(-1.0, 1.0, (v, k))  # |E_x| <= 2, so |a_0|, |p| <= 2
+    w_v = np.zeros((2, d, 1, k))
+    w_v[:, _TOKEN, 0, :] = np.eye(k)  # both attention layers read the token subspace
+    w_o = np.zeros((2, 1, k, d))
+    w_o[0, 0, :, _SIGNAL] = orthogonal()
+    w_o[1, 0, :, _BYSTANDER] = orthogonal()
+    # MLP 1: hidden pair (2j, 2j+1) = GELU(±p_j + β); output coordinate j of S = -alpha p_j.
+    read = np.arange(d)[_SIGNAL if reads == "signal" else _TOKEN]
+    write = np.arange(d)[_SIGNAL]
+    w_in = np.zeros((2, d, f))
+    w_in[1, _CONST, :] = beta / big
+    w_out = np.zeros((2, f, d))
+    for j in range(k):
+        w_in[1, read[j], 2 * j], w_in[1, read[j], 2 * j + 1] = 1.0, -1.0
+        w_out[1, 2 * j, write[j]], w_out[1, 2 * j + 1, write[j]] = -alpha / 2, alpha / 2
+    w_u = np.zeros((d, v))
+    for part in (_TOKEN, _SIGNAL, _BYSTANDER):
+        w_u[part] = rng.normal(size=(k, v))
+    params = {
+        "W_E": w_e,
+        "blocks": {
+            "ln1_g": np.full((2, d), gain),
+            "W_Q": np.zeros((2, d, 1, k)),
+            "W_K": np.zeros((2, d, 1, k)),
+            "W_V": w_v,
+            "W_O": w_o,
+            "ln2_g": np.full((2, d), gain),
+            "W_in": w_in,
+            "W_out": w_out,
+        },
+        "ln_final_g": np.full(d, gain),
+        "W_U": w_u,
+    }
+    params = jax.tree.map(lambda x: jnp.asarray(x, c.storage_dtype), params)
+    lengths = rng.integers(1, c.n_ctx + 1, n_prompts)
+    batch = Batch.from_tokens([rng.integers(1, v, n).tolist() for n in lengths])
+    return Transformer.from_params(c, params), batch
