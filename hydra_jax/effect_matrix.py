@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydra_jax import interventions as iv
+from hydra_jax import validate
 from hydra_jax.batch import Batch
 from hydra_jax.effects import (
     ABLATABLE,
@@ -34,6 +35,7 @@ from hydra_jax.run import run
 from hydra_jax.runner import check_batch
 from hydra_jax.sharding import ABLATIONS, PROMPTS, Layout, layout_for
 from hydra_jax.sites import Site, as_site
+from hydra_jax.sources import SourceActivations
 
 Kind = Literal["zero", "mean", "resample", "patch"]
 
@@ -50,7 +52,8 @@ def effect_matrix(
     n_resamples: int = 1,
     chunk_size: int | None = None,
     seed: int = 0,
-    source: Batch | None = None,
+    source: Batch | SourceActivations | None = None,
+    source_index: Any = None,
     linearise: bool = False,
     mesh: jax.sharding.Mesh | None = None,
     shard_params: bool = False,
@@ -66,9 +69,10 @@ def effect_matrix(
         measure: components whose direct-effect change is measured: any of
             "attn_out", "mlp_out", "head_out" ("attn_out" and "head_out" are
             alternatives: heads sum to the layer).
-        kind: "resample" (the paper's default: another prompt's activation),
-            "zero", "mean" (over the batch, or over `source` as a reference
-            batch) or "patch" (prompt b of `source`).
+        kind: "resample" (the paper's default: another prompt's activation:
+            of the batch, by a seeded fixed-point-free draw, or of `source` at
+            `source_index`), "zero", "mean" (over the batch, or over `source`)
+            or "patch" (prompt b of `source`).
         position: "final" (the last token only; the fast path) or "all".
         target: "argmax" (the clean run's most likely final token) or
             "answer" (the batch's answer tokens).
@@ -76,8 +80,20 @@ def effect_matrix(
         chunk_size: ablation rows processed at once (memory bound); None = all.
             With a mesh: rows processed at once by each device along the
             mesh's "ablations" axis (all of them at once when it has none).
-        seed: seeds the resampling permutations.
-        source: reference batch for "mean"; source batch (same size) for "patch".
+        seed: seeds the within-batch resampling draw (unused with `source_index`).
+        source: where the values come from, instead of the batch itself:
+            a `Batch` (run clean inside the same call) or `SourceActivations`
+            (`hydra_jax.sources.source_activations`: its clean activations,
+            computed once, so that batches of one dataset share them).
+            "mean": the reference set whose mean is written (a
+            `SourceActivations` with mean=True holds that mean already);
+            "patch": one source prompt per prompt; "resample": the set
+            `source_index` draws from.
+        source_index: kind="resample" with a `source`: [n_resamples, B] ints,
+            the source row each prompt reads in each resample (e.g.
+            `resample_sources(N, k, seed)[:, idx]` for the prompts `idx` of
+            an N-prompt dataset, never the prompt itself). The same draw
+            gives the same numbers however the dataset is split into batches.
         linearise: also return first-order predictions of every effect
             (`linear_total`, `linear_delta_direct`): forward-mode derivatives
             (`jax.jvp`) of the suffix along the edit ĉ − c, in the same call.
@@ -107,7 +123,7 @@ def effect_matrix(
     """
     prepared = _prepare(
         model, batch, ablate, measure, kind, position, target, n_resamples, chunk_size, seed, source,
-        linearise, mesh, shard_params, scan_segments,
+        source_index, linearise, mesh, shard_params, scan_segments,
     )  # fmt: skip
     return prepared.finish(effect_core(*prepared.args, plan=prepared.plan))
 
@@ -138,13 +154,16 @@ def _prepare(
     n_resamples: int,
     chunk_size: int | None,
     seed: int,
-    source: Batch | None,
+    source: Batch | SourceActivations | None,
+    source_index: Any,
     linearise: bool,
     mesh: jax.sharding.Mesh | None,
     shard_params: bool,
     scan_segments: int,
 ) -> _Prepared:
+    seed = validate.seed(seed)
     ablated, measured = _check(model, batch, ablate, measure, kind, position, target, n_resamples, source)
+    source_index = _check_source_index(kind, batch, n_resamples, source, source_index)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
     if isinstance(scan_segments, bool) or not isinstance(scan_segments, int) or scan_segments < 1:
@@ -173,10 +192,9 @@ def _prepare(
         "code": jnp.array([CODE[c.site] for c in ablated], jnp.int32),
         "head": jnp.array([c.head or 0 for c in ablated], jnp.int32),
     }
-    perms = _perms(batch.size, n_resamples, seed, kind)
+    perms = _perms(batch.size, n_resamples, seed, kind) if source_index is None else source_index
     answers = batch.answers if batch.answers is not None else np.zeros(batch.size, np.int32)
-    src = None if source is None else (source.tokens, source.valid)
-    args = (model.params, batch.tokens, batch.valid, answers, rows, perms, src)
+    args = (model.params, batch.tokens, batch.valid, answers, rows, perms, _source_arrays(source))
     if layout is not None:
         args = _place(layout, kind, *args)
     labels = Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured))
@@ -241,13 +259,19 @@ def naive_effect_matrix(
     n_resamples: int = 1,
     seed: int = 0,
     source: Batch | None = None,
+    source_index: Any = None,
 ) -> EffectMatrix:
     """The reference: one ordinary `run` per ablation (and resample), same quantities.
 
-    Same arguments as `effect_matrix` (less `chunk_size`). A resample is a
-    patch from the batch reordered by the same seeded permutations.
+    Same arguments as `effect_matrix` (less `chunk_size`; `source` a Batch
+    only). A resample is a patch from the batch (or `source`) reordered by
+    the same seeded permutations (or by `source_index`).
     """
+    seed = validate.seed(seed)
+    if isinstance(source, SourceActivations):
+        raise TypeError("naive_effect_matrix recomputes from prompts: pass the source as a Batch.")
     ablated, measured = _check(model, batch, ablate, measure, kind, position, target, n_resamples, source)
+    source_index = _check_source_index(kind, batch, n_resamples, source, source_index)
     config = model.config
     heads = any(c.site is Site.HEAD_OUT for c in measured)
     capture = ["attn_out", "mlp_out", "resid_pre", "resid_final", "final_scale"] + (
@@ -271,14 +295,15 @@ def naive_effect_matrix(
         return jnp.take_along_axis(centred, tgt[:, None], axis=1)[:, 0]
 
     clean_de = measured_de(clean)
-    perms = _perms(batch.size, n_resamples, seed, kind)
+    perms = _perms(batch.size, n_resamples, seed, kind) if source_index is None else source_index
+    pool = batch if source is None else source
     total, delta, norm = [], [], []
     for c in ablated:
         runs = []
         for k in range(n_resamples):
             if kind == "resample":
                 edit = iv.ablate(
-                    c.site, c.layer, c.head, kind="patch", position=position, source=batch[perms[k]]
+                    c.site, c.layer, c.head, kind="patch", position=position, source=pool[perms[k]]
                 )
             else:
                 edit = iv.ablate(c.site, c.layer, c.head, kind=kind, position=position, source=source)
@@ -321,7 +346,7 @@ def _place(
     answers: np.ndarray,
     rows: dict[str, jnp.ndarray],
     perms: np.ndarray,
-    src: tuple[np.ndarray, np.ndarray] | None,
+    src: dict[str, Any] | None,
 ) -> tuple:
     """The arguments of `effect_core` placed on the mesh.
 
@@ -333,8 +358,9 @@ def _place(
     n_padded = -(-n // layout.size(ABLATIONS)) * layout.size(ABLATIONS)
     rows = {k: np.asarray(v) for k, v in rows.items()}
     rows = {k: np.concatenate([v, np.repeat(v[-1:], n_padded - n)]) for k, v in rows.items()}
-    if src is not None:  # a patch source has one prompt per prompt; a mean reference any number
-        src = tuple(layout.put(x, PROMPTS if kind == "patch" else None) for x in src)
+    if src is not None:  # patch prompts split like the batch's; other source sets are replicated
+        split = PROMPTS if kind == "patch" and "tokens" in src else None
+        src = jax.tree.map(lambda x: layout.put(x, split), src)
     args = (
         layout.put_params(params),
         layout.put(tokens, PROMPTS),
@@ -390,14 +416,17 @@ def _check(
         raise ValueError(f"n_resamples must be a positive int, got {n_resamples!r}.")
     if kind != "resample" and n_resamples != 1:
         raise ValueError(f"n_resamples only applies to kind='resample', not kind={kind!r}.")
-    if kind == "resample":
+    if kind == "resample" and source is None:
         iv.resample_sources(batch.size, n_resamples, 0)  # raises if the batch is too small
     if kind == "patch" and source is None:
         raise ValueError("kind='patch' needs source=, a Batch with one prompt per prompt of the batch.")
     if source is not None:
-        if kind not in ("mean", "patch"):
-            raise ValueError(f"source= is used by kind='mean' or 'patch', not kind={kind!r}.")
-        check_batch(model.config, source)
+        if kind == "zero":
+            raise ValueError("source= is used by kind='mean', 'resample' or 'patch', not kind='zero'.")
+        if isinstance(source, SourceActivations):
+            _check_activations(model.config, source, ablate_sites, kind, position)
+        else:
+            check_batch(model.config, source)
         if kind == "patch" and source.size != batch.size:
             raise ValueError(
                 f"A patch source needs {batch.size} prompts (one per prompt), got {source.size}."
@@ -407,9 +436,88 @@ def _check(
     return ablated, measured
 
 
+def _check_activations(
+    config: Any, source: SourceActivations, ablate: tuple[Site, ...], kind: str, position: str
+) -> None:
+    """A `SourceActivations` fits this model and serves these ablations."""
+    missing = [s.value for s in ablate if s not in source.sites]
+    if missing:
+        raise ValueError(
+            f"source holds activations of {[s.value for s in source.sites]} only, but the ablated sites "
+            f"include {missing}; compute them with "
+            f"source_activations(model, batch, sites={tuple(s.value for s in ablate)})."
+        )
+    if position == "all" and source.position == "final":
+        raise ValueError(
+            "source holds final-position activations only, but position='all' ablates every position; "
+            "compute them with source_activations(..., position='all')."
+        )
+    if source.mean and kind != "mean":
+        raise ValueError(
+            f"source holds only the mean over its prompts, but kind={kind!r} reads prompts one by one; "
+            "compute them with source_activations(..., mean=False)."
+        )
+    for site, x in source.acts.items():
+        want = site.feature_shape(config)
+        if x.shape[0] != config.n_layers or tuple(x.shape[3:]) != tuple(want):
+            raise ValueError(
+                f"source's {site.value!r} has shape {tuple(x.shape)}, not [L, S, T, ...] with L = "
+                f"{config.n_layers} and trailing {tuple(want)}: it was computed with another model."
+            )
+
+
+def _check_source_index(
+    kind: str, batch: Batch, n_resamples: int, source: Any, source_index: Any
+) -> np.ndarray | None:
+    """`source_index` as [n_resamples, B] int32 rows of `source`, or None (resample within the batch)."""
+    if source_index is None:
+        if kind == "resample" and source is not None:
+            raise ValueError(
+                "kind='resample' with source= needs source_index=, the [n_resamples, B] source rows each "
+                "prompt reads, e.g. resample_sources(n, n_resamples, seed)[:, idx] for the prompts idx of "
+                "an n-prompt source set; or drop source= to resample within the batch."
+            )
+        return None
+    if kind != "resample":
+        raise ValueError(f"source_index= is used by kind='resample' only, not kind={kind!r}.")
+    if source is None:
+        raise ValueError(
+            "source_index= indexes the rows of source=; pass the source set too (a Batch or "
+            "SourceActivations), or drop source_index= to resample within the batch."
+        )
+    index = np.asarray(source_index)
+    if index.dtype.kind not in "iu":
+        raise ValueError(f"source_index must hold integers, got dtype {index.dtype}.")
+    if index.shape != (n_resamples, batch.size):
+        raise ValueError(
+            f"source_index must have shape [n_resamples, B] = {(n_resamples, batch.size)}, got {index.shape}."
+        )
+    bad = index[(index < 0) | (index >= source.size)]
+    if bad.size:
+        raise ValueError(
+            f"source_index holds {int(bad[0])}, outside the source's {source.size} rows "
+            f"(0..{source.size - 1})."
+        )
+    return index.astype(np.int32)
+
+
+def _source_arrays(source: Batch | SourceActivations | None) -> dict[str, Any] | None:
+    """The source set as `effect_core` takes it (see its docstring)."""
+    if source is None:
+        return None
+    if isinstance(source, SourceActivations):
+        return {"acts": {s.value: x for s, x in source.acts.items()}, "valid": source.valid}
+    return {"tokens": source.tokens, "valid": source.valid}
+
+
 def _sites(names: Sequence[str], allowed: tuple[Site, ...], what: str) -> tuple[Site, ...]:
     if isinstance(names, str):
         names = (names,)
+    if not isinstance(names, Iterable):
+        raise TypeError(
+            f"{what} must be a site name or a sequence of them, from {[s.value for s in allowed]}; "
+            f"got {names!r}."
+        )
     sites = tuple(dict.fromkeys(as_site(n) for n in names))
     if not sites:
         raise ValueError(f"{what} needs at least one site from {[s.value for s in allowed]}.")

@@ -100,7 +100,7 @@ def effect_core(
     answers: Array,
     rows: dict[str, Array],
     perms: Array,
-    source: tuple[Array, Array] | None,
+    source: dict[str, Any] | None,
     *,
     plan: Plan,
 ) -> dict[str, Array]:
@@ -110,9 +110,14 @@ def effect_core(
         tokens, valid: [B, T] the left-padded batch.
         answers: [B] answer ids (used when plan.target == "answer").
         rows: "layer", "code", "head": [A] int32 describing each ablation.
-        perms: [K, B] resample source prompt of each prompt, per resample.
-        source: (tokens, valid) of the reference batch (mean) or the patch
-            source batch, or None.
+        perms: [K, B] resample source of each prompt, per resample: a prompt
+            of the batch itself, or with a `source` a row of the source set.
+        source: None, or the source set the values are read from (the mean's
+            reference set, the patch source, or the resample sources):
+            {"tokens": [S, Ts], "valid": [S, Ts]} prompts run clean inside this
+            call, or {"acts": {site: [L, S, Ts, ...]}, "valid": [S, Ts]} their
+            clean activations computed once beforehand (`hydra_jax.sources`;
+            Ts = 1 holds only the final position).
     Returns:
         total [A, B], norm_term [A, B], delta_direct [A, M, B], direct_clean [M, B],
         target [B], clean_logit [B], direct_embed [B], direct_bias [B]; with
@@ -233,13 +238,63 @@ def _gather_measured(plan: Plan, by_name: dict[str, Array], axis: int) -> Array:
 
 
 def _site_table(clean: dict[Any, Array], plan: Plan, final: bool) -> Array:
-    """[L, 2 + H?, B, (T,) D]: attn_out, mlp_out (and each head) per layer, to index by row."""
+    """[L, 2 + H?, B, (T,) D]: attn_out, mlp_out (and each head) per layer, to index by row.
+
+    A source set computed for some sites only (`hydra_jax.sources`) has zeros in the
+    other columns: no ablation row reads them.
+    """
     pick = (lambda x: x[:, :, -1]) if final else (lambda x: x)
-    parts = [pick(clean[Site.ATTN_OUT])[:, None], pick(clean[Site.MLP_OUT])[:, None]]
+    present = next(x for s, x in clean.items() if s in (Site.ATTN_OUT, Site.MLP_OUT, Site.HEAD_OUT))
+    like = pick(present)
+    like = like[..., 0, :] if present is clean.get(Site.HEAD_OUT) else like  # drop the head axis
+
+    def layer_site(site: Site) -> Array:
+        return pick(clean[site])[:, None] if site in clean else jnp.zeros_like(like)[:, None]
+
+    parts = [layer_site(Site.ATTN_OUT), layer_site(Site.MLP_OUT)]
     if plan.head_ablations:
         heads = pick(clean[Site.HEAD_OUT])  # [L, B, (T,) H, D]
         parts.append(jnp.moveaxis(heads, -2, 1))  # [L, H, B, (T,) D]
     return jnp.concatenate(parts, axis=1)
+
+
+def _source_values(
+    params: Params,
+    cfg: ModelConfig,
+    plan: Plan,
+    rows: dict[str, Array],
+    column: Array,
+    t: int,
+    perms: Array,
+    source: dict[str, Any],
+) -> tuple[Array, Array, Array]:
+    """The source set's activation at every ablated site: ([A, S, (T,) D], validity [S, T], perms).
+
+    For resample only the rows `perms` reads are kept when that is fewer than
+    S (a whole dataset's table serves a batch's K x B sources), and `perms` is
+    renumbered to match.
+    """
+    final = plan.position == "final"
+    k, b = perms.shape
+    if "acts" in source:
+        acts, src_valid = {Site(s): x for s, x in source["acts"].items()}, source["valid"]
+    else:
+        acts, src_valid = None, source["valid"]
+    if plan.kind == "resample" and k * b < src_valid.shape[0]:
+        flat = perms.reshape(-1)
+        src_valid = src_valid[flat]
+        if acts is not None:
+            acts = {s: x[:, flat] for s, x in acts.items()}
+        else:
+            source = {"tokens": source["tokens"][flat]}
+        perms = jnp.arange(k * b).reshape(k, b)
+    if acts is None:
+        sites = {Site.ATTN_OUT, Site.MLP_OUT} | ({Site.HEAD_OUT} if plan.head_ablations else set())
+        _, acts = trunk(params, cfg, source["tokens"], src_valid, capture=frozenset(sites))
+    src = _site_table(acts, plan, final)[rows["layer"], column]  # [A, S, (Ts,) D]
+    if not final:
+        src, src_valid = align_right(src, src_valid, t)
+    return src, src_valid, perms
 
 
 def _ablation_values(
@@ -251,46 +306,37 @@ def _ablation_values(
     valid: Array,
     rows: dict[str, Array],
     perms: Array,
-    source: tuple[Array, Array] | None,
+    source: dict[str, Any] | None,
 ) -> tuple[Array, Array | None]:
     """The value each ablation writes, [A, K, B, (T,) D], and for "all" where it may write [A, K, B, T]."""
     final = plan.position == "final"
-    k = plan.n_resamples
-    if plan.kind == "resample":
-        values = here[:, perms]  # [A, K, B, (T,) D]
-        write = None if final else valid[perms][None] & valid[None, None]  # source real there too
-        return values, None if final else jnp.broadcast_to(write, (here.shape[0], k, *valid.shape))
+    k, a = plan.n_resamples, here.shape[0]
+
+    def per_row(write: Array) -> Array | None:  # [(K,) B, T] -> [A, K, B, T]; nothing for "final"
+        return None if final else jnp.broadcast_to(write, (a, k, *valid.shape))
+
     if plan.kind == "zero":
-        values = jnp.zeros((here.shape[0], k, *here.shape[1:]), here.dtype)
-        return values, None if final else jnp.broadcast_to(valid, (here.shape[0], k, *valid.shape))
-    # mean / patch read the batch itself or a source batch, right-aligned to T.
-    if source is None:
+        return jnp.zeros((a, k, *here.shape[1:]), here.dtype), per_row(valid)
+    if source is None:  # resample, mean and patch read the batch itself
         src, src_valid = here, valid
     else:
-        src_tokens, src_valid = source
-        sites = {Site.ATTN_OUT, Site.MLP_OUT} | ({Site.HEAD_OUT} if plan.head_ablations else set())
-        _, src_clean = trunk(params, cfg, src_tokens, src_valid, capture=frozenset(sites))
-        src = _site_table(src_clean, plan, final)[rows["layer"], column]
-        if not final:
-            src, src_valid = align_right(src, src_valid, valid.shape[1])
+        src, src_valid, perms = _source_values(params, cfg, plan, rows, column, valid.shape[1], perms, source)
+    if plan.kind == "resample":
+        values = src[:, perms]  # [A, K, B, (T,) D]
+        return values, None if final else per_row(src_valid[perms] & valid[None])  # source real there too
     if plan.kind == "mean":
-        if final:
-            values = src.mean(axis=1, keepdims=True)  # every prompt has a real final token
-            values = jnp.broadcast_to(values, here.shape)
-        else:
-            weight = src_valid.astype(src.dtype)[None, :, :, None]  # [1, S, T, 1]
-            count = weight.sum(axis=1, keepdims=True)
-            values = jnp.broadcast_to(
-                (src * weight).sum(axis=1, keepdims=True) / jnp.maximum(count, 1), here.shape
-            )
+        if final:  # every prompt has a real final token
+            values = jnp.broadcast_to(src.mean(axis=1, keepdims=True), here.shape)
+        else:  # over the prompts real at each aligned position; where() keeps padding out entirely
+            real = src_valid[None, :, :, None]  # [1, S, T, 1]
+            count = real.sum(axis=1, keepdims=True).astype(src.dtype)
+            total = jnp.where(real, src, 0).sum(axis=1, keepdims=True)
+            values = jnp.broadcast_to(total / jnp.maximum(count, 1), here.shape)
             src_valid = jnp.broadcast_to(src_valid.any(axis=0, keepdims=True), valid.shape)
     else:  # patch: prompt b of the source
         values = src
-    values = jnp.broadcast_to(values[:, None], (here.shape[0], k, *here.shape[1:]))
-    if final:
-        return values, None
-    write = jnp.broadcast_to((valid & src_valid)[None, None], (here.shape[0], k, *valid.shape))
-    return values, write
+    values = jnp.broadcast_to(values[:, None], (a, k, *here.shape[1:]))
+    return values, None if final else per_row(valid & src_valid)
 
 
 # --------------------------------------------------------------------------

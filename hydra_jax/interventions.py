@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hydra_jax import validate
 from hydra_jax.batch import Batch
 from hydra_jax.config import ModelConfig
 from hydra_jax.model import Params
@@ -178,7 +179,29 @@ def ablate(
         )
     if isinstance(source, Mapping) and kind == "resample":
         raise ValueError("kind='resample' takes a source Batch, not a cache; use kind='patch' for a cache.")
-    return Intervention((Ablation(site, layers, heads, kind, pos, value, source, int(seed)),))
+    where = f"{site.value} at layer {layers[0] if len(layers) == 1 else list(layers)}"
+    if value is not None:
+        _check_finite(value, f"The patch value= for {where}")
+    if isinstance(source, Mapping):
+        for key, acts in source.items():
+            if key == site and np.ndim(acts) >= 1 and max(layers) < np.shape(acts)[0]:
+                _check_finite(np.asarray(acts)[list(layers)], f"The source cache's {where}")
+    return Intervention((Ablation(site, layers, heads, kind, pos, value, source, validate.seed(seed)),))
+
+
+def _check_finite(value: Any, what: str) -> None:
+    """Refuse NaN or inf before any run: attention weighs even the positions a query cannot see by
+    exactly 0, and 0 * NaN = NaN, so one non-finite value would turn every position NaN."""
+    x = np.asarray(value)
+    if x.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{what} holds {int(bad.sum())} NaN or inf entries (the first at index {first}); every "
+            "position of the run would turn NaN. Pass finite values."
+        )
 
 
 def combine(interventions: Sequence[Intervention]) -> Intervention:
@@ -440,9 +463,9 @@ class _Banks:
             return np.ones((b, t), bool), jnp.broadcast_to(value, (cfg.n_layers, b, t, *feat))
         acts, valid = self._source_activations(e)  # [L, S, T, ...], [S, T]
         if e.kind == "mean":
-            w = jnp.asarray(valid, dt).reshape(1, *valid.shape, *([1] * len(feat)))
-            total = (acts * w).sum(axis=1, keepdims=True)
-            count = jnp.maximum(w.sum(axis=1, keepdims=True), 1)
+            real = jnp.asarray(valid).reshape(1, *valid.shape, *([1] * len(feat)))
+            total = jnp.where(real, acts, 0).sum(axis=1, keepdims=True)  # padding never enters the mean
+            count = jnp.maximum(real.sum(axis=1, keepdims=True), 1).astype(dt)
             return valid.any(axis=0, keepdims=True), (total / count).astype(dt)
         return valid, acts
 

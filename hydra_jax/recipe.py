@@ -9,6 +9,10 @@ A recipe is JSON:
       "train": { TrainConfig fields; "model" is a preset name or a ModelConfig dict }
     }
 
+Every field is checked (type and range) before any data is generated; see
+`DataConfig` and `hydra_jax.train.TrainConfig` for the allowed values. The
+run records its recipe in DIR/run.json, resumes only the run of the same
+recipe, and with `--restart` starts over (see `hydra_jax.train.prepare_run`).
 The run writes its training state and metrics under DIR, and the finished
 model under DIR/model: a `hydra_jax.save` checkpoint whose MODEL_CARD.md
 states the config, parameter count, data and seed, steps, wall time and
@@ -21,18 +25,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import string
 import tempfile
 import time
 from typing import Any
 
+from hydra_jax import validate
 from hydra_jax.checkpoint import save
-from hydra_jax.train import TrainConfig, accuracy, pack, train
+from hydra_jax.train import TrainConfig, accuracy, pack, prepare_run, run_record, train
 
 CHECK_PROMPTS = 2000
 
 
+class RecipeError(ValueError):
+    """A recipe file is missing a field, has an unknown one, or one outside its allowed range."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
+    """The data of a run.
+
+    Attributes:
+        world_seed: seed of `hydra_jax.data.World` (an int in [0, 2**63 - 1]).
+        documents: training documents (>= 1).
+        document_seed: seed of the documents and of the tokenizer corpus.
+        vocab_size: BPE vocabulary size, in [tokenizer minimum, model d_vocab].
+        tokenizer_documents: documents the tokenizer is trained on (>= 1).
+        train_eval_prompts: training-template prompts the model card scores (>= 1).
+    """
+
     world_seed: int = 0
     documents: int = 200_000
     document_seed: int = 1
@@ -40,31 +61,86 @@ class DataConfig:
     tokenizer_documents: int = 50_000
     train_eval_prompts: int = 3000
 
+    def __post_init__(self) -> None:
+        for name, value in _checked_data(dataclasses.asdict(self), "DataConfig.").items():
+            object.__setattr__(self, name, value)
+
+
+def _checked_data(v: dict[str, Any], where: str) -> dict[str, Any]:
+    out = dict(v)
+    for name in ("world_seed", "document_seed"):
+        out[name] = validate.seed(v[name], where + name)
+    for name in ("documents", "tokenizer_documents", "train_eval_prompts"):
+        out[name] = validate.integer(v[name], where + name, minimum=1)
+    out["vocab_size"] = validate.integer(v["vocab_size"], f"{where}vocab_size", minimum=min_vocab_size())
+    return out
+
+
+def min_vocab_size() -> int:
+    """The smallest vocabulary `train_tokenizer` accepts: special tokens, initial alphabet and one merge."""
+    from hydra_jax.data.tokenizer import ALPHABET_PUNCTUATION, SPECIAL_TOKENS
+
+    return len(SPECIAL_TOKENS) + len(set(string.ascii_letters + string.digits + ALPHABET_PUNCTUATION)) + 1
+
 
 def read_recipe(path: str | os.PathLike[str]) -> tuple[str, DataConfig, TrainConfig]:
-    """Parse a recipe file, with errors that name the file and the problem."""
+    """Parse and check a recipe file, with errors that name the file, the field and its allowed values.
+
+    Every field is checked here, before any data is generated or any step taken.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No recipe at {path!r}; see hydra_jax/recipe.py for the format.")
     try:
         with open(path) as f:
             recipe = json.load(f)
-        unknown = sorted(set(recipe) - {"name", "data", "train"})
-        if unknown:
-            raise ValueError(f"unknown top-level keys {unknown} (allowed: name, data, train)")
-        data = DataConfig(**recipe.get("data", {}))
-        cfg = TrainConfig.from_dict(recipe["train"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"Recipe {path!r} is invalid: {err}") from err
-    return str(recipe.get("name", os.path.splitext(os.path.basename(path))[0])), data, cfg
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RecipeError(f"Recipe {path!r} is not readable JSON: {err}.") from err
+    try:
+        if not isinstance(recipe, dict):
+            raise ValueError("a recipe is a JSON object with keys name, data and train")
+        validate.known_keys(recipe, ("name", "data", "train"), "")
+        name = recipe.get("name", os.path.splitext(os.path.basename(path))[0])
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        data = recipe.get("data", {})
+        if not isinstance(data, dict):
+            raise ValueError(f"data must be a mapping of DataConfig fields, got {data!r}")
+        validate.known_keys(data, [f.name for f in dataclasses.fields(DataConfig)], "data.")
+        data = DataConfig(**_checked_data({**dataclasses.asdict(DataConfig()), **data}, "data."))
+        if "train" not in recipe:
+            raise ValueError("train is missing: a mapping of TrainConfig fields, with model")
+        cfg = TrainConfig.from_dict(recipe["train"], where="train.")
+        if data.vocab_size > cfg.model.d_vocab:
+            raise ValueError(
+                f"data.vocab_size {data.vocab_size} exceeds train.model.d_vocab {cfg.model.d_vocab}; "
+                "use a vocab_size <= d_vocab"
+            )
+    except ValueError as err:
+        raise RecipeError(f"Recipe {path!r} is invalid: {str(err).rstrip('.')}.") from None
+    return name, data, cfg
 
 
-def run_recipe(path: str | os.PathLike[str], out: str | os.PathLike[str], *, progress: bool = True) -> str:
-    """Train the recipe at `path` into `out` (resuming if `out` holds a run); return the model dir."""
+def recipe_record(name: str, data: DataConfig) -> dict[str, Any]:
+    """What a recipe adds to its run's record (run.json) beside the TrainConfig: its name and data."""
+    return {"name": name, "data": dataclasses.asdict(data)}
+
+
+def run_recipe(
+    path: str | os.PathLike[str], out: str | os.PathLike[str], *, progress: bool = True, restart: bool = False
+) -> str:
+    """Train the recipe at `path` into `out`; return the model dir.
+
+    `out` is resumed if it holds a run of this recipe (see `hydra_jax.train.prepare_run`:
+    a run of another recipe is refused); `restart` discards the run there and starts over.
+    The recipe and the directory are checked before any data is generated.
+    """
     from hydra_jax.data import World
 
     name, data, cfg = read_recipe(path)
     out = os.path.abspath(os.fspath(out))
+    about = recipe_record(name, data)
+    prepare_run(out, run_record(cfg, recipe=about), restart=restart)
     t0 = time.time()
     world = World(seed=data.world_seed)
     tokenizer = world.train_tokenizer(data.tokenizer_documents, data.vocab_size, seed=data.document_seed)
@@ -78,6 +154,7 @@ def run_recipe(path: str | os.PathLike[str], out: str | os.PathLike[str], *, pro
         tokenizer=tokenizer,
         eval_facts=eval_facts.sample(len(eval_facts), 0),
         progress=progress,
+        recipe=about,
     )
     held_out = accuracy(model.params, model.config, eval_facts, tokenizer)
     # The fixed subset the test suite re-measures against this card.

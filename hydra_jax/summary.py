@@ -71,12 +71,20 @@ from typing import Any
 
 import numpy as np
 
+from hydra_jax import validate
 from hydra_jax.effects import Component, EffectMatrix
 from hydra_jax.sites import Site
 
 MEANS = ("direct", "total", "attention", "mlp", "norm", "compensation")
 FITS = ("slope", "r2_slope", "r2_total")
 STATS = (*MEANS, *FITS, "frac_direct_exceeds_total")
+
+# The bootstrap keeps every draw in memory: about 8 bytes x (n_bootstrap + 1) x (3 x prompts + rows of
+# statistics, ~15 per ablation plus one per measured MLP and ablation pair). Beyond these bounds it is
+# refused before anything is allocated; 100,000 draws already resolve interval ends far below their
+# sampling error.
+MAX_BOOTSTRAP = 100_000
+MAX_BOOTSTRAP_BYTES = 4 * 2**30
 
 # A sample's spread below this fraction of its magnitude is taken as zero (see module docstring).
 _CONSTANT_RTOL = 1e-9
@@ -209,13 +217,29 @@ def hydra_summary(
     Raises:
         ValueError: from `em.decompose()` when the measured sites lack attention or
             mlp_out (or the ablated component itself); when n_bootstrap < 1 or ci is
-            outside (0, 1).
+            outside (0, 1); when the draws would exceed `MAX_BOOTSTRAP` or
+            `MAX_BOOTSTRAP_BYTES`.
     """
+    seed = validate.seed(seed)
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 1:
         raise ValueError(f"n_bootstrap must be an int >= 1, got {n_bootstrap!r}.")
     if isinstance(ci, bool) or not isinstance(ci, (int, float, np.floating)) or not 0 < ci < 1:
         raise ValueError(f"ci must be a number strictly between 0 and 1, got {ci!r}.")
+    if n_bootstrap > MAX_BOOTSTRAP:
+        raise ValueError(
+            f"n_bootstrap (--n-bootstrap) {n_bootstrap:,} is above the limit of {MAX_BOOTSTRAP:,} draws, "
+            "which already give intervals far finer than their sampling error; pass fewer (default 1000)."
+        )
     d = em.decompose()  # raises for unusable measured sites; we want that error as is
+    n_a, n_m, n_b = len(em.ablated), len(em.measured), int(np.shape(em.total)[-1])
+    per_draw = 8 * (3 * n_b + 15 * n_a + n_m * (1 + n_a))  # bytes; see MAX_BOOTSTRAP
+    if (n_bootstrap + 1) * per_draw > MAX_BOOTSTRAP_BYTES:
+        fits = max(MAX_BOOTSTRAP_BYTES // per_draw - 1, 0)
+        raise ValueError(
+            f"n_bootstrap (--n-bootstrap) {n_bootstrap:,} draws over {n_b} prompts and {n_a} ablations "
+            f"would hold about {(n_bootstrap + 1) * per_draw / 2**30:.1f} GiB of draws (limit "
+            f"{MAX_BOOTSTRAP_BYTES / 2**30:.0f} GiB); pass at most {fits:,}."
+        )
 
     def f64(x) -> np.ndarray:
         return np.asarray(x, dtype=np.float64)

@@ -6,19 +6,29 @@ its dropout key. With the optimiser state saved by an orbax
 with exactly the parameters of an uninterrupted run (tested).
 
     out/
+      run.json            what the run is (config, data, stream digest), written before step 1
       train_state/        orbax CheckpointManager: params, optimiser state, step
       metrics.jsonl       one JSON line per logged step and per evaluation
       model/              the final model (hydra_jax.save): what is shipped
+
+A run resumes only under the config it recorded (fields that change only
+logging, evaluation or checkpointing excepted: `RESUMABLE`), and hydra_jax
+writes into, and with `restart` empties, only directories holding nothing but
+its own runs (`prepare_run`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import platform
+import shutil
 import time
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +40,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
+from hydra_jax import validate
 from hydra_jax.batch import Tokenizer
+from hydra_jax.checkpoint import MANIFEST
 from hydra_jax.config import ModelConfig
 from hydra_jax.model import Params, Transformer, forward, param_count
 
@@ -41,19 +53,27 @@ Array = jax.Array
 class TrainConfig:
     """What a training run does. Everything but `model` is a plain number or string.
 
+    Every field is checked when the config is made, so a run that could only
+    fail (or train uphill) is refused before its first step.
+
     Attributes:
-        model: the architecture (its `dropout` is overridden by `dropout`).
-        seed: seeds the parameters, the batch order and the dropout masks.
-        steps: optimiser steps.
-        batch_size: sequences per step.
-        seq_len: tokens per sequence (packed documents).
-        lr: peak learning rate (AdamW), reached after `warmup` steps, then
-            cosine decay to `lr * final_lr_fraction`.
-        weight_decay, clip: AdamW decoupled weight decay; global-norm clipping.
-        dropout: dropout rate for this run.
+        model: the architecture (its `dropout` and `dtype` are overridden by
+            `dropout` and `dtype`).
+        seed: seeds the parameters, the batch order and the dropout masks; an
+            int in [0, 2**63 - 1].
+        steps: optimiser steps (>= 1).
+        batch_size: sequences per step (>= 1).
+        seq_len: tokens per sequence (packed documents), in [1, model.n_ctx].
+        lr: peak learning rate (AdamW, > 0), reached after `warmup` steps,
+            then cosine decay to `lr * final_lr_fraction`.
+        warmup: linear warm-up steps, in [0, steps - 1].
+        final_lr_fraction: in [0, 1].
+        weight_decay, clip: AdamW decoupled weight decay (>= 0); global-norm
+            clipping threshold (> 0).
+        dropout: dropout rate for this run, in [0, 1).
         dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
-        eval_every, checkpoint_every, log_every: in steps.
-        eval_prompts: held-out prompts scored at each periodic evaluation.
+        eval_every, checkpoint_every, log_every: in steps (>= 1).
+        eval_prompts: held-out prompts scored at each periodic evaluation (>= 1).
     """
 
     model: ModelConfig
@@ -74,22 +94,11 @@ class TrainConfig:
     eval_prompts: int = 512
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "seq_len",
-            "warmup",
-            "eval_every",
-            "checkpoint_every",
-            "log_every",
-        ):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}.")
-        if self.seq_len > self.model.n_ctx:
-            raise ValueError(f"seq_len {self.seq_len} exceeds the model's n_ctx {self.model.n_ctx}.")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}.")
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # Normalised (numpy ints to int, ints to float where a float is meant) so that
+        # equal configs compare, hash and serialise equal.
+        for name, value in _checked(values, "TrainConfig.").items():
+            object.__setattr__(self, name, value)
 
     @property
     def run_model(self) -> ModelConfig:
@@ -101,42 +110,151 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = dict(data)
-        model = data.pop("model")
-        if isinstance(model, str):
-            from hydra_jax import presets
+    def from_dict(cls, data: dict[str, Any], *, where: str = "TrainConfig.") -> TrainConfig:
+        """Build a config from a mapping; errors name each field as `where + name` (e.g. "train.lr").
 
-            model = presets.get(model)
-        elif isinstance(model, dict):
-            model = ModelConfig.from_dict(model)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"Unknown TrainConfig keys {unknown}; allowed: {sorted(fields)}.")
-        return cls(model=model, **data)
+        `model` is a preset name or a ModelConfig mapping.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{where.rstrip('.')} must be a mapping of TrainConfig fields, got {data!r}.")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        validate.known_keys(data, fields, where)
+        if "model" not in data:
+            raise ValueError(f"{where}model is missing: give a preset name or a ModelConfig mapping.")
+        values = {n: f.default for n, f in fields.items() if f.default is not dataclasses.MISSING}
+        values.update(data)
+        values["model"] = _model_from(data["model"], f"{where}model", values)
+        return cls(**_checked(values, where))
+
+
+_COUNTS = ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "log_every", "eval_prompts")
+DTYPES = ("float32", "bfloat16")
+
+
+def _checked(v: dict[str, Any], where: str) -> dict[str, Any]:
+    """The TrainConfig fields `v`, checked and normalised; a ValueError names the first bad one."""
+    if not isinstance(v["model"], ModelConfig):
+        raise ValueError(
+            f"{where}model must be a ModelConfig (in a recipe: a preset name or a ModelConfig mapping), "
+            f"got {v['model']!r}."
+        )
+    out = dict(v, seed=validate.seed(v["seed"], f"{where}seed"))
+    for name in _COUNTS:
+        out[name] = validate.integer(v[name], where + name, minimum=1)
+    if out["seq_len"] > out["model"].n_ctx:
+        raise ValueError(
+            f"{where}seq_len {out['seq_len']} exceeds the model's n_ctx {out['model'].n_ctx}; "
+            f"use a seq_len in [1, {out['model'].n_ctx}]."
+        )
+    out["warmup"] = validate.integer(v["warmup"], f"{where}warmup", minimum=0)
+    if out["warmup"] >= out["steps"]:
+        raise ValueError(
+            f"{where}warmup must be in [0, steps - 1] = [0, {out['steps'] - 1}] (the warm-up must end "
+            f"before the run does), got {out['warmup']}."
+        )
+    out["lr"] = validate.number(v["lr"], f"{where}lr", above=0)
+    out["final_lr_fraction"] = validate.number(
+        v["final_lr_fraction"], f"{where}final_lr_fraction", minimum=0, maximum=1
+    )
+    out["weight_decay"] = validate.number(v["weight_decay"], f"{where}weight_decay", minimum=0)
+    out["clip"] = validate.number(v["clip"], f"{where}clip", above=0)
+    out["dropout"] = validate.number(v["dropout"], f"{where}dropout", minimum=0, below=1)
+    validate.choice(v["dtype"], f"{where}dtype", DTYPES)
+    return out
+
+
+def _model_from(spec: Any, where: str, train: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a preset name or a mapping, with errors naming `where + "." + field`."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    if isinstance(spec, str):
+        from hydra_jax import presets
+
+        try:
+            return presets.get(spec)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be a preset name or a ModelConfig mapping, got {spec!r}.")
+    hints = typing.get_type_hints(ModelConfig)
+    validate.known_keys(spec, hints, f"{where}.")
+    for name, value in spec.items():
+        _check_type(value, hints[name], f"{where}.{name}")
+    for name in ("dropout", "dtype"):  # a run sets these; a model's own value would be ignored
+        if name in spec and spec[name] != train[name]:
+            raise ValueError(
+                f"{where}.{name} ({spec[name]!r}) is overridden by the run's {name} ({train[name]!r}); "
+                f"set {name} beside model, not inside it."
+            )
+    try:
+        return ModelConfig.from_dict(spec)
+    except ValueError as err:  # ModelConfig names its fields "ModelConfig.x": name them as written here
+        message = str(err)
+        renamed = message.replace("ModelConfig.", f"{where}.")
+        raise ValueError(renamed if renamed != message else f"{where}: {message}") from None
+
+
+def _check_type(value: Any, hint: Any, name: str) -> None:
+    """Refuse a value whose type does not fit a ModelConfig field (the ranges are ModelConfig's to check)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if not any(_fits(value, option) for option in options):
+        wanted = " or ".join(
+            f"one of {list(typing.get_args(o))}"
+            if typing.get_origin(o) is typing.Literal
+            else {type(None): "null", int: "an int", float: "a number", str: "a string"}.get(o, "a bool")
+            for o in options
+        )
+        raise ValueError(f"{name} must be {wanted}, got {value!r}.")
+
+
+def _fits(value: Any, option: Any) -> bool:
+    if option is type(None):
+        return value is None
+    if typing.get_origin(option) is typing.Literal:
+        return isinstance(value, str) and value in typing.get_args(option)
+    if isinstance(value, bool):  # a bool is an int to Python, never to a config
+        return option is bool
+    if option is int:
+        return isinstance(value, (int, np.integer))
+    if option is float:
+        return isinstance(value, (int, float, np.integer, np.floating))
+    return isinstance(value, option)
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
+    return _schedule(cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr_fraction)
+
+
+def _schedule(lr: float, warmup: int, steps: int, final_lr_fraction: float) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=cfg.lr,
-        warmup_steps=cfg.warmup,
-        decay_steps=cfg.steps,
-        end_value=cfg.lr * cfg.final_lr_fraction,
+        peak_value=lr,
+        warmup_steps=warmup,
+        decay_steps=steps,
+        end_value=lr * final_lr_fraction,
     )
 
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping. Equal optimiser fields give the same (cached) object: it is a
+    static argument of `train_step`, so a resumed or restarted run in one process compiles once."""
+    return _optimizer(cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr_fraction, cfg.weight_decay, cfg.clip)
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(
+    lr: float, warmup: int, steps: int, final_lr_fraction: float, weight_decay: float, clip: float
+) -> optax.GradientTransformation:
     # No weight decay on norm gains and biases (1-D parameters).
     def decay_mask(params: Params) -> Params:
         return jax.tree_util.tree_map_with_path(
             lambda path, x: x.ndim >= 2 and not jax.tree_util.keystr(path).endswith("g']"), params
         )
 
+    lr_at = _schedule(lr, warmup, steps, final_lr_fraction)
     return optax.chain(
-        optax.clip_by_global_norm(cfg.clip),
-        optax.adamw(schedule(cfg), b1=0.9, b2=0.98, weight_decay=cfg.weight_decay, mask=decay_mask),
+        optax.clip_by_global_norm(clip),
+        optax.adamw(lr_at, b1=0.9, b2=0.98, weight_decay=weight_decay, mask=decay_mask),
     )
 
 
@@ -214,6 +332,202 @@ def _elapsed(metrics_path: str, step: int) -> float:
     return elapsed
 
 
+class RunDirectoryError(ValueError):
+    """A run directory holds another run, files hydra_jax did not write, or an unreadable record."""
+
+
+RECORD = "run.json"
+RUN_FORMAT = 1
+# Fields that only decide what is logged, evaluated or checkpointed along the way (and, for a
+# recipe, how many training prompts the model card scores): changing them on resume leaves the
+# trained parameters exactly as they would have been. Every other field must match the record.
+RESUMABLE = frozenset(
+    {
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_prompts",
+        "train.checkpoint_every",
+        "data.train_eval_prompts",
+    }
+)
+
+
+def prepare_run(out: str | os.PathLike[str], record: dict[str, Any], *, restart: bool = False) -> None:
+    """Check, before any work, that the run `record` describes may use the directory `out`.
+
+    A missing or empty `out` starts a new run. One holding a `run.json` resumes
+    if that record agrees with `record` on every field but the `RESUMABLE` ones
+    (the stream digest is compared once both have one); otherwise it is refused,
+    naming each differing field with its recorded and new values. Anything else
+    in a non-empty `out` is refused too: hydra_jax writes only into its own runs.
+
+    With `restart`, a directory hydra_jax recognises as a run (it holds a
+    `run.json` or a saved `model/`) is emptied of what hydra_jax wrote there, so
+    the run starts over; one holding anything else is refused and left untouched.
+
+    Raises:
+        RunDirectoryError: as above; the message names the fix.
+        FileExistsError: `out` is a file.
+    """
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"The run directory {out!r} is a file; pass a directory for the run.")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if not entries:
+        return
+    foreign = _foreign(out)
+    recognised = os.path.isfile(os.path.join(out, RECORD)) or os.path.isfile(
+        os.path.join(out, "model", MANIFEST)
+    )
+    if restart:
+        if not recognised:
+            raise RunDirectoryError(
+                f"Cannot restart in {out!r}: it is not a hydra_jax run directory (no {RECORD} and no "
+                f"model/{MANIFEST}), so nothing was removed; pass a new or empty run directory."
+            )
+        if foreign:
+            raise RunDirectoryError(
+                f"Cannot restart in {out!r}: it holds files hydra_jax did not write ({_listed(foreign)}), "
+                "so nothing was removed; move them out, or pass a new or empty run directory."
+            )
+        for name in entries:
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        return
+    if not os.path.isfile(os.path.join(out, RECORD)):
+        if foreign:
+            raise RunDirectoryError(
+                f"{out!r} holds files hydra_jax did not write ({_listed(foreign)}); pass a new or empty "
+                "run directory."
+            )
+        fix = "pass --restart (restart=True) to start over" if recognised else "remove it yourself"
+        raise RunDirectoryError(
+            f"{out!r} holds a run with no {RECORD} recording its recipe, so hydra_jax cannot tell whether "
+            f"it is this run; use another run directory, or {fix}."
+        )
+    recorded = _read_record(out)
+    differing = _differences(recorded, json.loads(json.dumps(record)))
+    if differing:
+        raise RunDirectoryError(
+            f"{out!r} holds a run of another recipe ({'; '.join(differing)}); resuming it would not train "
+            "this one. Use another run directory for this recipe, or pass --restart (restart=True) to "
+            "discard that run and start over."
+        )
+
+
+def _read_record(out: str) -> dict[str, Any]:
+    file = os.path.join(out, RECORD)
+    try:
+        with open(file) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunDirectoryError(
+            f"{file!r} is unreadable ({err}); pass --restart (restart=True) to start the run over."
+        ) from err
+    if not isinstance(record, dict) or record.get("format_version") != RUN_FORMAT:
+        raise RunDirectoryError(
+            f"{file!r} is not a hydra_jax run record (format_version {RUN_FORMAT} expected); pass "
+            "--restart (restart=True) to start the run over."
+        )
+    return record
+
+
+def _differences(recorded: dict[str, Any], record: dict[str, Any]) -> list[str]:
+    old, new = _flat(recorded), _flat(record)
+    if "stream" not in recorded or "stream" not in record:  # checked before the data exists
+        old = {k: v for k, v in old.items() if not k.startswith("stream.")}
+        new = {k: v for k, v in new.items() if not k.startswith("stream.")}
+    absent = object()
+    return [
+        f"{key}: {_shown(old.get(key, absent), absent)} recorded, {_shown(new.get(key, absent), absent)} now"
+        for key in sorted(old.keys() | new.keys())
+        if key not in RESUMABLE and old.get(key, absent) != new.get(key, absent)
+    ]
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _shown(value: Any, absent: object) -> str:
+    return "(absent)" if value is absent else json.dumps(value)
+
+
+def _foreign(out: str) -> list[str]:
+    """What in the run directory `out` hydra_jax did not write (paths relative to `out`)."""
+    foreign = []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if os.path.islink(path):
+            foreign.append(name)
+        elif name in (RECORD, RECORD + ".tmp", "metrics.jsonl", "metrics.jsonl.tmp"):
+            if not os.path.isfile(path):
+                foreign.append(name)
+        elif name == "train_state" and os.path.isdir(path):
+            # orbax's CheckpointManager: one directory per saved step, and its in-flight temporaries.
+            foreign += [
+                f"{name}/{e}"
+                for e in sorted(os.listdir(path))
+                if not (e.isdigit() or ".orbax-checkpoint-tmp" in e)
+            ]
+        elif name == "model" and os.path.isdir(path):
+            foreign += [f"model/{rel}" for rel in _unlisted(path)]
+        elif not (name.startswith(".saving-") and os.path.isdir(path)):  # an interrupted model save
+            foreign.append(name)
+    return foreign
+
+
+def _unlisted(model_dir: str) -> list[str]:
+    """Files of a saved model directory its MANIFEST.json does not list (all of them if it has none)."""
+    try:
+        with open(os.path.join(model_dir, MANIFEST)) as f:
+            listed = set(json.load(f)["files"]) | {MANIFEST}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        listed = set()
+    found = [
+        os.path.relpath(os.path.join(d, n), model_dir) for d, _, names in os.walk(model_dir) for n in names
+    ]
+    return sorted(rel for rel in found if rel not in listed) or ([] if listed else ["(no MANIFEST.json)"])
+
+
+def _listed(paths: list[str]) -> str:
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def run_record(
+    cfg: TrainConfig, stream: np.ndarray | None = None, recipe: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What identifies a run (its run.json): the config, the recipe's name and data, the stream's digest.
+
+    Without a stream (before the data is generated) the record has no digest, and
+    `prepare_run` compares everything else.
+    """
+    record = {"format_version": RUN_FORMAT, **(recipe or {}), "train": cfg.to_dict()}
+    if stream is not None:
+        data = np.ascontiguousarray(stream, np.int32)
+        record["stream"] = {"tokens": int(data.size), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+    return record
+
+
+def _drop_rows_after(metrics_path: str, step: int) -> None:
+    """Keep only the metrics of steps <= `step`: the steps after it are about to be run again."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+
+
 def train(
     cfg: TrainConfig,
     out: str | os.PathLike[str],
@@ -224,26 +538,61 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    restart: bool = False,
+    recipe: dict[str, Any] | None = None,
 ) -> tuple[Transformer, dict[str, Any]]:
     """Train (or resume) a run in `out`; return the model and a summary of the run.
 
+    Everything is checked before the first step; `out` is only written once
+    the checks pass (see `prepare_run` for which directories a run may use).
+
     Args:
         cfg: the run.
-        out: the run directory (resumed from its latest checkpoint if present).
-        stream: the packed training token stream.
+        out: the run directory: created, or resumed from its latest checkpoint
+            when its `run.json` records this same run.
+        stream: the packed training token stream (1-D token ids, at least
+            `seq_len + 1` of them).
         tokenizer: the tokenizer (its vocabulary must fit the model).
         eval_facts: a FactDataset scored every `eval_every` steps (first
             `eval_prompts` prompts) and in full at the end.
         stop_after: stop (with a checkpoint) after this many steps in total,
             as if killed: used to test exact resumption.
         progress: show a progress bar.
+        restart: discard the run in `out` (only what hydra_jax wrote there)
+            and start over.
+        recipe: more of what identifies the run (a recipe's name and data),
+            recorded in `run.json` beside the config and the stream's digest.
     """
     out = os.path.abspath(os.fspath(out))
-    os.makedirs(out, exist_ok=True)
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}.")
+    if stop_after is not None:
+        stop_after = validate.integer(stop_after, "stop_after", minimum=1)
     if tokenizer.vocab_size > cfg.model.d_vocab:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} tokens but the model's d_vocab is {cfg.model.d_vocab}."
         )
+    stream = np.asarray(stream)
+    if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
+        raise ValueError(f"stream must be a 1-D array of token ids, got {stream.dtype} {stream.shape}.")
+    if len(stream) < cfg.seq_len + 1:
+        raise ValueError(
+            f"The token stream has {len(stream)} tokens, too few for one sequence of seq_len + 1 = "
+            f"{cfg.seq_len + 1}; train on more documents or use a shorter seq_len."
+        )
+    if stream.min() < 0 or stream.max() >= cfg.model.d_vocab:
+        raise ValueError(
+            f"The token stream holds ids in [{stream.min()}, {stream.max()}], outside the model's "
+            f"vocabulary [0, {cfg.model.d_vocab - 1}]."
+        )
+    record = run_record(cfg, stream, recipe)
+    prepare_run(out, record, restart=restart)
+    os.makedirs(out, exist_ok=True)
+    if not os.path.exists(os.path.join(out, RECORD)):
+        # Written before the first step, so every checkpoint in `out` belongs to this record.
+        with open(os.path.join(out, RECORD + ".tmp"), "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+        os.replace(os.path.join(out, RECORD + ".tmp"), os.path.join(out, RECORD))
     config = cfg.run_model
     tx = optimizer(cfg)
     manager = ocp.CheckpointManager(
@@ -261,6 +610,7 @@ def train(
         params, opt_state = restored["params"], restored["opt_state"]
     metrics_path = os.path.join(out, "metrics.jsonl")
     elapsed_before = _elapsed(metrics_path, start)  # training time of earlier, interrupted sessions
+    _drop_rows_after(metrics_path, start)  # logged by a process killed after its last checkpoint
     metrics_file = open(metrics_path, "a")
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     key = jax.random.key(cfg.seed)

@@ -7,19 +7,10 @@ import os
 
 import numpy as np
 import pytest
-import tokenizers
 from conftest import ragged_batch, random_model
 
 import hydra_jax as hj
 from hydra_jax.checkpoint import CheckpointError, load, save
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "[UNK]", "the", "cat", "sat"])}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return hj.Tokenizer(backend)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +34,8 @@ def test_round_trip_is_exact(saved, tokenizer):
         "params",
         "tokenizer.json",
     ]
-    assert "29,568" in open(os.path.join(path, "MODEL_CARD.md")).read()
+    with open(os.path.join(path, "MODEL_CARD.md")) as f:
+        assert "29,568" in f.read()
 
 
 def test_save_refuses_to_overwrite_unless_asked(saved, tokenizer):

@@ -379,7 +379,19 @@ BAD = [
     (dict(position="middle"), r"position must be 'final' or 'all'"),
     (dict(kind="noise"), r"Unknown ablation kind 'noise'"),
     (dict(kind="patch"), r"kind='patch' needs source="),
-    (dict(kind="resample", source="batch"), r"source= is used by kind='mean' or 'patch'"),
+    (dict(kind="resample", source="batch"), r"kind='resample' with source= needs source_index="),
+    (dict(kind="zero", source="batch"), r"source= is used by kind='mean', 'resample' or 'patch'"),
+    (dict(source_index=[[1, 0, 3, 2]]), r"source_index= indexes the rows of source="),
+    (
+        dict(kind="mean", source="batch", source_index=[[1, 0, 3, 2]]),
+        r"source_index= is used by kind='resample'",
+    ),
+    (
+        dict(source="batch", source_index=[[1, 0, 3]]),
+        r"source_index must have shape \[n_resamples, B\] = \(1, 4\)",
+    ),
+    (dict(source="batch", source_index=[[1, 0, 3, 4]]), r"source_index holds 4, outside the source's 4 rows"),
+    (dict(source="batch", source_index=[[1.0, 0, 3, 2]]), r"source_index must hold integers"),
     (dict(ablate=()), r"ablate needs at least one site"),
     (dict(scan_segments=0), r"scan_segments must be a positive int"),
     (dict(scan_segments=2.0), r"scan_segments must be a positive int"),
@@ -401,6 +413,54 @@ def test_bad_patch_source_and_model(model, batch):
         effect_matrix(model.params, batch)
     with pytest.raises(ValueError, match=r"Resampling needs at least 2 prompts"):
         effect_matrix(model, batch[[0]])
+
+
+@pytest.mark.parametrize("position", ["final", "all"])
+def test_values_from_a_source_set_equal_the_naive_reference(model, position):
+    """Resample sources and means from a larger set (a Batch run in the call, or SourceActivations
+    computed once) give the naive reference's numbers; the batch is three prompts of the set."""
+    from hydra_jax.sources import source_activations
+
+    data = ragged_batch(model.config, lengths=(7, 4, 6, 2, 5, 3), seed=1)
+    idx = np.array([1, 4, 5])
+    sub = data[idx]
+    index = resample_sources(data.size, 2, 7)[:, idx]
+    sites = ("attn_out", "head_out") if position == "final" else ("mlp_out",)
+    kw = dict(ablate=sites, position=position)
+    ref = naive_effect_matrix(
+        model, sub, kind="resample", n_resamples=2, source=data, source_index=index, **kw
+    )
+    acts = source_activations(model, data, sites=sites, position=position, batch_size=4)
+    for source in (data, acts):
+        em = effect_matrix(
+            model, sub, kind="resample", n_resamples=2, source=source, source_index=index, **kw
+        )
+        assert_same(em, ref)
+    means = source_activations(model, data, sites=sites, position=position, mean=True, batch_size=4)
+    ref = naive_effect_matrix(model, sub, kind="mean", source=data, **kw)
+    for source in (means, acts):  # a precomputed mean, or the mean of the per-prompt rows
+        assert_same(effect_matrix(model, sub, kind="mean", source=source, **kw), ref)
+    # Means and rows do not depend on the chunking (the set is run 4, then 2 prompts at a time).
+    whole = source_activations(model, data, sites=sites, position=position, mean=True, batch_size=6)
+    for site in whole.acts:
+        np.testing.assert_allclose(means.acts[site], whole.acts[site], rtol=1e-6, atol=1e-6)
+
+
+def test_bad_source_activations(model, batch):
+    from hydra_jax.sources import source_activations
+
+    acts = source_activations(model, batch, sites=("attn_out",))
+    with pytest.raises(ValueError, match=r"include \['mlp_out'\]; compute them with source_activations"):
+        effect_matrix(model, batch, ablate=("attn_out", "mlp_out"), kind="mean", source=acts)
+    with pytest.raises(ValueError, match=r"final-position activations only, but position='all'"):
+        effect_matrix(model, batch, ablate=("attn_out",), kind="mean", source=acts, position="all")
+    mean = source_activations(model, batch, sites=("attn_out",), mean=True)
+    with pytest.raises(ValueError, match=r"holds only the mean over its prompts, but kind='resample'"):
+        effect_matrix(model, batch, ablate=("attn_out",), source=mean, source_index=[[0, 0, 0, 0]])
+    with pytest.raises(TypeError, match=r"naive_effect_matrix recomputes from prompts"):
+        naive_effect_matrix(model, batch, ablate=("attn_out",), kind="mean", source=acts)
+    with pytest.raises(ValueError, match=r"sites must be ablatable sites"):
+        source_activations(model, batch, sites=("resid_pre",))
 
 
 def test_labels_and_components(model, batch):

@@ -78,9 +78,9 @@ def write_tokenizer(root: str, vocab: int = VOCAB) -> None:
     tok.save(os.path.join(root, "tokenizer.json"))
 
 
-def reference_model(case: str, seed: int = 0):
+def reference_model(case: str, seed: int = 0, config=None):
     torch.manual_seed(seed)
-    ref = transformers.AutoModelForCausalLM.from_config(_configs()[case]).eval()
+    ref = transformers.AutoModelForCausalLM.from_config(config or _configs()[case]).eval()
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if "norm" in name or "ln" in name or name.endswith("bias"):
@@ -201,6 +201,41 @@ def test_effect_matrix_on_a_loaded_model_equals_the_naive_reference(case, tmp_pa
     batch = hj.Batch(tokens=jnp.asarray(tokens), valid=jnp.asarray(valid))
     kw = dict(ablate=("attn_out", "mlp_out"), kind="resample", n_resamples=2, seed=3)
     assert_same(hj.effect_matrix(model, batch, **kw), hj.naive_effect_matrix(model, batch, **kw))
+
+
+def test_rope_scaling_replaces_rope_parameters_as_in_transformers(tmp_path):
+    """A config.json with both layouts: transformers runs `rope_scaling` (its base from the top-level
+    rope_theta) and drops `rope_parameters` whole; hydra_jax reads the same, to the logit."""
+    both = dict(
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+        rope_theta=300.0,
+    )
+    raw = dict(
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **both,
+    )
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "config.json").write_text(json.dumps(raw))
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "raw")
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 4.0, "rope_theta": 300.0}
+    ref = reference_model("llama", config=config)
+    root = save_reference(ref, tmp_path / "model")
+    edit_config(root, **both)  # save_pretrained wrote the resolved layout; restore the original one
+    model, _ = hj.from_hf(root)
+    c = model.config
+    assert (c.rotary_scaling, c.rotary_scaling_factor, c.rotary_base) == ("linear", 4.0, 300.0)
+    tokens, valid = left_padded()
+    ref_logits, _ = reference_run(ref, tokens, valid)
+    logits = np.asarray(model(jnp.asarray(tokens), jnp.asarray(valid)))
+    assert np.abs(logits - ref_logits)[valid].max() <= 1e-4
 
 
 # ---- errors ------------------------------------------------------------------

@@ -76,6 +76,13 @@ class SuiteConfig:
     quick: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("batch", "tokens", "repeats", "slow_repeats"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}.")
+        presets.get(self.preset)  # an unknown preset fails here, listing the known ones
+
 
 # The scaling series vary one field of this base shape at a time.
 SERIES_BASE = dict(

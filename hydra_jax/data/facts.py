@@ -5,6 +5,7 @@ Conventions:
 * Row i is one prompt: ``prompts[i]`` ends right before the answer (no
   trailing space) and ``answers[i]`` carries the leading space (" Veloria"),
   the form `hydra_jax.Batch.from_prompts` needs for a single answer token.
+  Prompts read from a file may lack an answer: ``answers[i]`` is then None.
 * ``relation_ids[i]`` indexes `relations` (the names of all of
   `hydra_jax.data.RELATIONS`, whatever rows a subset keeps), and
   ``template_ids[i]`` indexes that relation's templates *of this split*:
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from hydra_jax import validate
 from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.data.relations import RELATION_NAMES, RELATIONS, SPLITS
 
@@ -32,7 +34,7 @@ class FactDataset:
 
     Attributes:
         prompts: prompt texts, ending right before the answer.
-        answers: answer strings with the leading space.
+        answers: answer strings with the leading space (None: no answer, file prompts only).
         subjects: subject name of each prompt.
         relation_ids: index into `relations` of each prompt.
         template_ids: index into the relation's templates of `split`.
@@ -41,7 +43,7 @@ class FactDataset:
     """
 
     prompts: tuple[str, ...]
-    answers: tuple[str, ...]
+    answers: tuple[str | None, ...]
     subjects: tuple[str, ...]
     relation_ids: tuple[int, ...]
     template_ids: tuple[int, ...]
@@ -57,7 +59,7 @@ class FactDataset:
         lengths = {name: len(getattr(self, name)) for name in columns}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"FactDataset columns must have equal lengths, got {lengths}.")
-        bad = [a for a in self.answers if not a.startswith(" ")]
+        bad = [a for a in self.answers if a is not None and not (isinstance(a, str) and a.startswith(" "))]
         if bad:
             raise ValueError(f"Answers must start with their leading space (' Veloria'); got {bad[:3]}.")
 
@@ -89,7 +91,7 @@ class FactDataset:
 
     def sample(self, n: int, seed: int = 0) -> FactDataset:
         """`n` rows drawn without replacement (all rows if n >= len), in a seeded random order."""
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(validate.seed(seed))
         return self.subset(rng.permutation(len(self))[: min(n, len(self))])
 
     def where(self, relation: str) -> FactDataset:
@@ -111,10 +113,19 @@ class FactDataset:
     def to_batch(self, tokenizer: Tokenizer) -> Batch:
         """A left-padded `hydra_jax.Batch` of the prompts (with <bos>) and their answer token ids.
 
+        Without any answer (a file of prompts only) the batch has no answer ids.
+
         Raises:
-            ValueError: an answer is not a single token of `tokenizer`.
+            ValueError: an answer is not a single token of `tokenizer`, or only some rows have answers.
         """
-        return Batch.from_prompts(tokenizer, list(self.prompts), list(self.answers))
+        missing = [i for i, a in enumerate(self.answers) if a is None]
+        if missing and len(missing) < len(self):
+            raise ValueError(
+                f"Rows {missing[:5]} have no answer but others do; a batch has answers for all prompts "
+                "or none: take `subset` of the rows with answers."
+            )
+        answers = None if missing else list(self.answers)
+        return Batch.from_prompts(tokenizer, list(self.prompts), answers)
 
     def __repr__(self) -> str:
         return f"FactDataset(split={self.split!r}, prompts={len(self)}, subjects={len(set(self.subjects))})"

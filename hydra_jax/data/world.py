@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hydra_jax import validate
 from hydra_jax.data import documents as _documents
 from hydra_jax.data.facts import FactDataset
 from hydra_jax.data.names import INSTRUMENTS, LANDMARK_KINDS, PROFESSIONS, SPORTS, NameMaker, language_of
@@ -86,7 +87,7 @@ class World:
             )
         if not 0.0 <= language_loyalty <= 1.0:
             raise ValueError(f"language_loyalty must be a probability in [0, 1], got {language_loyalty}.")
-        self.seed = int(seed)
+        self.seed = validate.seed(seed)
         rng = np.random.default_rng(self.seed)
         # Names must never equal template words or English answers (case-insensitively).
         avoid = {

@@ -78,39 +78,83 @@ def refuse(condition: bool, message: str) -> None:
         raise CheckpointError(message)
 
 
-def rotary_settings(config: Mapping[str, Any], family: str, default_base: float) -> dict[str, Any]:
-    """Rotary fields of `ModelConfig` from either Hugging Face layout.
+def rotary_settings(
+    config: Mapping[str, Any],
+    family: str,
+    default_base: float,
+    *,
+    base_key: str = "rope_theta",
+    fraction_key: str | None = None,
+    default_fraction: float | None = None,
+) -> dict[str, Any]:
+    """Rotary fields of `ModelConfig`, read exactly as transformers (5.x) reads them.
 
-    Newer configs hold ``rope_parameters`` (``rope_type``, ``rope_theta``,
-    scaling keys, ``partial_rotary_factor``); older ones ``rope_theta`` and a
-    ``rope_scaling`` dict. Scalings other than none, "linear" and "llama3"
-    depend on the sequence length or rescale attention, and are refused.
+    The rotary parameters are one dict: ``rope_scaling`` when the config has a
+    non-empty one (it replaces ``rope_parameters`` whole, keys and all, as
+    transformers' ``convert_rope_params_to_dict`` does), else
+    ``rope_parameters``. Keys it lacks fall back to top-level fields: the base
+    to `base_key` ("rope_theta" for Llama, "rotary_emb_base" for GPT-NeoX,
+    whose top-level "rope_theta" transformers ignores), then `default_base`;
+    llama3's original context to ``max_position_embeddings``.
+
+    The rotated fraction: families with a `fraction_key` (GPT-NeoX:
+    "rotary_pct", default 0.25) read the dict's ``partial_rotary_factor``, then
+    that key. The others (Llama, Mistral, Gemma) rotate the whole head, as
+    transformers does whatever ``partial_rotary_factor`` says with default
+    rope; with scaling a factor below 1 fails in transformers and is refused.
+
+    Scalings other than none, "linear" and "llama3" depend on the sequence
+    length or rescale attention, and are refused; so are per-layer-type rope
+    parameters.
     """
-    params = dict(config.get("rope_parameters") or {})
-    scaling = dict(config.get("rope_scaling") or {})
-    merged = {**scaling, **params}
-    base = merged.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", default_base)))
-    kind = merged.get("rope_type", merged.get("type", "default"))
-    out: dict[str, Any] = {"rotary_base": float(base)}
-    fraction = merged.get(
-        "partial_rotary_factor", config.get("partial_rotary_factor", config.get("rotary_pct"))
+    scaling = config.get("rope_scaling")
+    params = dict(scaling) if scaling else dict(config.get("rope_parameters") or {})
+    nested = sorted(k for k, v in params.items() if isinstance(v, Mapping))
+    refuse(
+        bool(nested),
+        f"The {family} config sets rope parameters per layer type ({nested}); hydra_jax applies one rotary "
+        "embedding to every layer.",
     )
-    if fraction is not None:
-        out["rotary_fraction"] = float(fraction)
+
+    def given(mapping: Mapping[str, Any], key: str | None, default: Any = None) -> Any:
+        value = None if key is None else mapping.get(key)
+        return default if value is None else value
+
+    base = given(params, "rope_theta", given(config, base_key, default_base))
+    kind = given(params, "rope_type", given(params, "type", "default"))
+    out: dict[str, Any] = {"rotary_base": float(base)}
+    if fraction_key is not None:
+        fraction = given(params, "partial_rotary_factor", given(config, fraction_key, default_fraction))
+        if fraction is not None:
+            out["rotary_fraction"] = float(fraction)
+    else:
+        fraction = given(params, "partial_rotary_factor", config.get("partial_rotary_factor"))
+        refuse(
+            kind != "default" and fraction is not None and float(fraction) != 1.0,
+            f"The {family} config sets partial_rotary_factor={fraction} with rope scaling {kind!r}; "
+            f"{family} rotates the whole head (transformers cannot run this config either).",
+        )
     if kind == "default":
         return out
+    if kind in ("linear", "llama3"):
+        refuse("factor" not in params, f"The {family} config's {kind} rope scaling has no 'factor'.")
     if kind == "linear":
-        return out | {"rotary_scaling": "linear", "rotary_scaling_factor": float(merged["factor"])}
+        return out | {"rotary_scaling": "linear", "rotary_scaling_factor": float(params["factor"])}
     if kind == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        missing = [k for k in keys if k not in merged]
+        keys = ("low_freq_factor", "high_freq_factor")
+        missing = [k for k in keys if k not in params]
         refuse(bool(missing), f"The {family} config's llama3 rope scaling is missing {missing}.")
+        context = given(params, "original_max_position_embeddings", config.get("max_position_embeddings"))
+        refuse(
+            context is None,
+            f"The {family} config's llama3 rope scaling has no original_max_position_embeddings.",
+        )
         return out | {
             "rotary_scaling": "llama3",
-            "rotary_scaling_factor": float(merged["factor"]),
-            "rotary_low_freq_factor": float(merged["low_freq_factor"]),
-            "rotary_high_freq_factor": float(merged["high_freq_factor"]),
-            "rotary_original_context": int(merged["original_max_position_embeddings"]),
+            "rotary_scaling_factor": float(params["factor"]),
+            "rotary_low_freq_factor": float(params["low_freq_factor"]),
+            "rotary_high_freq_factor": float(params["high_freq_factor"]),
+            "rotary_original_context": int(context),
         }
     raise CheckpointError(
         f"The {family} config sets rope scaling {kind!r}; hydra_jax reproduces 'default', 'linear' and "
@@ -128,8 +172,22 @@ def weight_files(root: str) -> list[str]:
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index!r} is not a safetensors index (no 'weight_map'): {err}.") from err
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(
+                f"{index!r} is not a safetensors index: its 'weight_map' must map tensor names to shard "
+                f"files, got {type(weight_map).__name__} {str(weight_map)[:60]}; re-save the model with "
+                "`save_pretrained`."
+            )
+        bad = sorted(
+            {str(s) for s in weight_map.values() if not isinstance(s, str) or os.path.basename(s) != s}
+        )
+        if bad:
+            raise CheckpointError(
+                f"{index!r} names shards {bad[:5]} that are not file names in {root!r}; every shard must "
+                "sit in the model directory itself."
+            )
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(root, s))]
         if missing:
@@ -212,11 +270,25 @@ def read_tensors(root: str) -> dict[str, Array]:
                     if key in out:
                         raise CheckpointError(f"Tensor {key!r} appears in more than one shard of {root!r}.")
                     out[key] = f.get_tensor(key)
+                    _check_finite(key, out[key], file)
         except CheckpointError:
             raise
         except Exception as err:  # safetensors raises its own error types for truncated files
             raise CheckpointError(f"{file!r} is not a readable safetensors file: {err}.") from err
     return out
+
+
+def _check_finite(name: str, x: Array, file: str) -> None:
+    """Refuse a weight holding NaN or inf: every effect computed from it would be NaN."""
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return
+    finite = jnp.isfinite(x)
+    if not bool(finite.all()):
+        count = int(finite.size - finite.sum())
+        raise CheckpointError(
+            f"Tensor {name!r} in {file!r} holds {count} NaN or inf values of {finite.size}; the checkpoint "
+            "was saved from a diverged run or the file is damaged. Download or convert it again."
+        )
 
 
 def strip_prefix(tensors: dict[str, Array], prefixes: Iterable[str]) -> dict[str, Array]:

@@ -31,9 +31,15 @@ _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu")
 
 
 def config_from_hf(hf: dict[str, Any], dtype: str) -> ModelConfig:
-    # Gemma names its activation `hidden_activation`; old configs say "gelu" but run the tanh GELU.
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    # transformers runs `hidden_act` (its configs' "gelu" is run as the tanh GELU); the
+    # `hidden_activation` key of older configs is not read.
+    act = hf.get("hidden_act") or "gelu_pytorch_tanh"
     refuse(act not in _ACTIVATIONS, f"Gemma activation {act!r} is not supported; expected {_ACTIVATIONS}.")
+    refuse(
+        bool(hf.get("use_bidirectional_attention")),
+        "Gemma configs with use_bidirectional_attention=true (attention to later tokens) are not supported; "
+        "hydra_jax models are causal decoders.",
+    )
     base = llama.config_from_hf({**hf, "hidden_act": "silu", "tie_word_embeddings": False}, dtype, "Gemma")
     return base.replace(
         mlp="geglu",

@@ -19,7 +19,10 @@ intermediate_size); torch Linear weights are [out, in] and are transposed:
     embed_out.weight [V, D]                            -> W_U [D, V] (transposed)
 
 Rotary embeddings use the "rotate half" layout on the first
-``rotary_pct * K`` dims of each head, as hydra_jax does.
+``rotary_pct * K`` dims of each head, as hydra_jax does. As in transformers,
+the base is ``rotary_emb_base`` (a top-level ``rope_theta`` is not read) and
+the fraction ``rotary_pct`` (default 0.25), unless the rope parameters say
+otherwise.
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ def config_from_hf(hf: dict[str, Any], dtype: str) -> ModelConfig:
     )
     refuse(hf.get("attention_bias") is False, "GPT-NeoX configs with attention_bias=false are not supported.")
     refuse(d % n_heads != 0, f"GPT-NeoX hidden_size {d} is not a multiple of num_attention_heads {n_heads}.")
+    head_dim = hf.get("head_dim")
+    refuse(
+        head_dim is not None and head_dim != d // n_heads,
+        f"GPT-NeoX config sets head_dim={head_dim}, but its heads are hidden_size / num_attention_heads = "
+        f"{d // n_heads} wide (transformers would size the rotary embedding by head_dim and the attention "
+        "by the latter); remove head_dim or make them equal.",
+    )
     return ModelConfig(
         d_model=d,
         n_layers=n_layers,
@@ -72,7 +82,14 @@ def config_from_hf(hf: dict[str, Any], dtype: str) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=dtype,
         param_dtype=dtype,
-        **{"rotary_fraction": 0.25, **rotary_settings(hf, "GPT-NeoX", default_base=10_000.0)},
+        **rotary_settings(
+            hf,
+            "GPT-NeoX",
+            default_base=10_000.0,
+            base_key="rotary_emb_base",
+            fraction_key="rotary_pct",
+            default_fraction=0.25,
+        ),
     )
 
 

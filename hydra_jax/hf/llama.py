@@ -23,6 +23,12 @@ the "rotate half" layout hydra_jax applies. With ``attention_bias`` the MLP,
 which has none, gets exact zero biases. Mistral's sliding window is honoured
 by capping the context at the window: within it, sliding-window attention is
 full causal attention.
+
+Config fields are read as transformers reads them for each model_type:
+Mistral has no biases (it ignores ``attention_bias`` / ``mlp_bias``) and a
+4096-token window when the config names none; Llama ignores
+``sliding_window``; ``pretraining_tp`` changes nothing in transformers 5 and
+is ignored; rotary fields follow `hydra_jax.hf.common.rotary_settings`.
 """
 
 from __future__ import annotations
@@ -63,10 +69,16 @@ def config_from_hf(hf: dict[str, Any], dtype: str, family: str = "Llama") -> Mod
     refuse(
         act != "silu", f"{family} activation {act!r} is not supported; Llama-architecture models use 'silu'."
     )
-    refuse(bool(hf.get("mlp_bias")), f"{family} configs with mlp_bias=true are not supported.")
-    window = hf.get("sliding_window")
-    if window:
-        n_ctx = min(n_ctx, int(window))
+    mistral = hf.get("model_type") == "mistral"
+    # transformers' Mistral has no biases whatever attention_bias / mlp_bias say (its Linear layers are
+    # built with bias=False), and Llama ignores sliding_window; both are read as transformers reads them.
+    refuse(
+        not mistral and bool(hf.get("mlp_bias")), f"{family} configs with mlp_bias=true are not supported."
+    )
+    if mistral:
+        window = hf.get("sliding_window", 4096)  # MistralConfig's default when config.json omits it
+        if window:
+            n_ctx = min(n_ctx, int(window))
     return ModelConfig(
         d_model=d,
         n_layers=n_layers,
@@ -80,7 +92,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str, family: str = "Llama") -> Mod
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         mlp="swiglu",
         positions="rotary",
-        use_bias=bool(hf.get("attention_bias", False)),
+        use_bias=not mistral and bool(hf.get("attention_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=dtype,
         param_dtype=dtype,
