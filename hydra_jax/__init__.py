@@ -17,15 +17,17 @@ Public names:
     hydra_summary                per-ablation Hydra statistics with bootstrap intervals
     save, load                   checkpoint directories (orbax parameters, config, tokenizer)
     from_hf, convert             local Hugging Face checkpoints (GPT-2, Llama, GPT-NeoX, Gemma)
+    from_gguf                    llama.cpp GGUF files (Llama, Qwen2), dequantised with gguf
     data                         the synthetic factual world, FactDataset, tokenizer training
 """
 
-from hydra_jax import data, hf, interventions, presets, sites
+from hydra_jax import data, gguf, hf, interventions, presets, sites
 from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.checkpoint import load, save
 from hydra_jax.config import ModelConfig
 from hydra_jax.effect_matrix import compile_effect_matrix, effect_matrix, naive_effect_matrix
 from hydra_jax.effects import Component, Decomposition, DirectEffects, EffectMatrix, Labels, direct_effects
+from hydra_jax.gguf import from_gguf
 from hydra_jax.hf import convert, from_hf
 from hydra_jax.model import Transformer, param_count
 from hydra_jax.run import run
@@ -51,7 +53,9 @@ __all__ = [
     "data",
     "direct_effects",
     "effect_matrix",
+    "from_gguf",
     "from_hf",
+    "gguf",
     "hf",
     "hydra_summary",
     "interventions",

@@ -11,30 +11,35 @@ into place only when complete, so a failure never leaves a half-written report.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import os
 import pathlib
 import platform
-import shutil
-import tempfile
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from hydra_jax import presets
+from hydra_jax import outdir, presets, validate
 from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.checkpoint import load
+from hydra_jax.data.facts import FactDataset
+from hydra_jax.data.prompts import check_prompt_text
 from hydra_jax.effect_matrix import effect_matrix
 from hydra_jax.effects import EffectMatrix
-from hydra_jax.hf import from_hf, is_hf_dir
+from hydra_jax.hf import from_hf, hub, is_hf_dir
+from hydra_jax.interventions import resample_sources
 from hydra_jax.model import Transformer, param_count
-from hydra_jax.summary import HydraSummary, hydra_summary
+from hydra_jax.sources import source_activations
+from hydra_jax.summary import MAX_BOOTSTRAP, HydraSummary, hydra_summary
 
 DEFAULT_MODEL = "hydra-8l"
+FILTERS = ("none", "correct")
 CHECKPOINTS_ENV = "HYDRA_JAX_CHECKPOINTS"
 
 
@@ -44,10 +49,19 @@ class Settings:
 
     `n_resamples` left as None means 5 for kind "resample" and 1 otherwise;
     any other count with a kind that does not resample is an error.
+
+    Data (docs/data.md): `data` is "default" (the synthetic world's held-out
+    prompts) or a .txt / .jsonl / .json file (`hydra_jax.data.load_prompts`);
+    `prompt_text` picks a known-facts record's prompt: "template" (subject +
+    relation, the paper's) or "prompt" (the record's longer prompt field);
+    `filter` "correct" keeps only prompts whose clean top token is the
+    answer's first token, "none" keeps every usable prompt.
     """
 
     model: str | None = None
     data: str = "default"
+    prompt_text: str = "template"
+    filter: str = "none"
     n_prompts: int = 256
     kind: str = "resample"
     n_resamples: int | None = None
@@ -60,6 +74,7 @@ class Settings:
     n_bootstrap: int = 1000
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "seed", validate.seed(self.seed, "--seed"))
         if self.n_resamples is None:
             object.__setattr__(self, "n_resamples", 5 if self.kind == "resample" else 1)
         elif self.kind != "resample" and self.n_resamples != 1:
@@ -73,6 +88,14 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}.")
         if self.granularity not in ("layer", "head"):
             raise ValueError(f"--granularity must be 'layer' or 'head', got {self.granularity!r}.")
+        if self.target not in ("argmax", "answer"):
+            raise ValueError(f"--target must be 'argmax' or 'answer', got {self.target!r}.")
+        if self.filter not in FILTERS:
+            raise ValueError(
+                f"--filter must be 'none' or 'correct' (keep prompts the model completes with their "
+                f"answer), got {self.filter!r}."
+            )
+        check_prompt_text(self.prompt_text)
 
 
 def checkpoints_dir() -> pathlib.Path:
@@ -82,7 +105,8 @@ def checkpoints_dir() -> pathlib.Path:
 
 
 def resolve_model(spec: str | None) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
-    """Load the model named by `spec`: None (the shipped default), a checkpoint dir, or a preset."""
+    """Load the model named by `spec`: None (the shipped default), a checkpoint dir, a preset, or a
+    Hugging Face Hub repo id "org/name" (when no directory of that name exists)."""
     if spec is None:
         path = checkpoints_dir() / DEFAULT_MODEL
         if not path.is_dir():
@@ -112,52 +136,255 @@ def resolve_model(spec: str | None) -> tuple[Transformer, Tokenizer, dict[str, A
         tokenizer = default_tokenizer(2048)
         config = presets.get(spec).replace(d_vocab=tokenizer.vocab_size)
         return Transformer(config, rngs=nnx.Rngs(0)), tokenizer, {"name": spec, "path": None, "random": True}
+    if spec.lower().endswith(".gguf") and os.path.isfile(spec):
+        from hydra_jax.gguf import from_gguf
+
+        model, tokenizer = from_gguf(spec)
+        info = {"name": os.path.basename(spec), "path": os.path.abspath(spec), "format": "gguf"}
+        return model, tokenizer, info
+    if not os.path.exists(spec) and hub.is_repo_id(spec):
+        root = hub.resolve(spec)  # the snapshot directory in the hub cache, named by its commit
+        model, tokenizer = from_hf(root)
+        info = {"name": spec, "path": root, "format": "huggingface", "commit": os.path.basename(root)}
+        return model, tokenizer, info
     if os.path.exists(spec):
-        raise ValueError(f"--model {spec!r} is a file; pass a checkpoint directory or a preset name.")
+        raise ValueError(
+            f"--model {spec!r} is a file; pass a checkpoint directory, a .gguf file or a preset name."
+        )
     raise ValueError(
-        f"--model {spec!r} is neither a checkpoint directory nor a preset; presets: {sorted(presets.ALL)}."
+        f"--model {spec!r} is neither a checkpoint directory nor a preset (nor a Hub repo id, org/name); "
+        f"presets: {sorted(presets.ALL)}."
     )
 
 
-def resolve_data(spec: str, tokenizer: Tokenizer, config, n_prompts: int, seed: int) -> tuple[Batch, dict]:
-    """The prompts as a batch, after skipping (and counting) the unusable ones."""
-    from hydra_jax.data import default_world, load_counterfact
+SKIP_REASONS = {
+    "longer_than_context": "the prompt has more tokens than the model's context n_ctx",
+    "no_answer": "no answer, and --target answer or --filter correct needs one",
+    "answer_not_continuation": "tokenising prompt + answer does not extend the prompt's tokens "
+    "(they merge at the boundary, or the answer adds no token)",
+    "answer_unknown_token": "the answer's first token is the tokenizer's unknown token",
+    "not_correct": "--filter correct: the clean top token is not the answer's first token",
+}
+"""Why `resolve_data` leaves a prompt out (the keys of meta['skipped'])."""
+
+UNKNOWN_LIMIT = 0.5
+"""Data whose prompt tokens, or answers' first tokens, are more than this fraction the
+tokenizer's unknown token is refused: the tokenizer does not belong to this text."""
+
+
+def load_data(spec: str, prompt_text: str = "template") -> tuple[FactDataset, dict]:
+    """The prompts named by --data ("default" or a file) and a description of their source."""
+    from hydra_jax.data import default_world, load_prompts
 
     if spec == "default":
         facts = default_world().facts("eval")
-        description = {"name": "default", "source": "hydra_jax.data.World(seed=0), held-out templates"}
-    else:
-        facts = load_counterfact(spec)
-        description = {"name": os.path.basename(spec), "source": os.path.abspath(spec)}
-    facts = facts.sample(len(facts), seed)  # a seeded order; the first usable n_prompts are kept
-    tokens, answers = [], []
-    skipped = {"answer_not_single_token": 0, "longer_than_context": 0}
-    for prompt, answer in zip(facts.prompts, facts.answers, strict=True):
-        if len(tokens) == n_prompts:
-            break
-        ids = tokenizer.encode(answer, add_special_tokens=False)
-        if len(ids) != 1:
-            skipped["answer_not_single_token"] += 1
-            continue
-        prompt_ids = tokenizer.encode(prompt)
-        if len(prompt_ids) > config.n_ctx:
-            skipped["longer_than_context"] += 1
-            continue
-        tokens.append(prompt_ids)
-        answers.append(ids[0])
-    if len(tokens) < 2:
+        return facts, {
+            "name": "default",
+            "source": "hydra_jax.data.World(seed=0), held-out templates",
+            "format": "default",
+        }
+    facts = load_prompts(spec, prompt_text)
+    ext = os.path.splitext(spec)[1].lower().lstrip(".")
+    return facts, {"name": os.path.basename(spec), "source": os.path.abspath(spec), "format": ext}
+
+
+def check_data(facts: FactDataset, spec: str, *, target: str = "argmax", filter: str = "none") -> None:
+    """Refuse settings that need answers on data that has none (before any model is loaded)."""
+    need = _answers_needed_by(target, filter)
+    if need and all(a is None for a in facts.answers):
         raise ValueError(
-            f"Only {len(tokens)} usable prompts in {spec!r} (skipped: {skipped}); "
-            "the analysis needs at least 2."
+            f"{need} needs answers, but the prompts of {spec!r} have none (a .txt file, or JSONL "
+            'without "answer"); give answers (JSONL lines {"prompt": ..., "answer": ...}) or use '
+            "--target argmax without --filter correct."
         )
-    description |= {"prompts": len(tokens), "available": len(facts)}
-    return Batch.from_tokens(tokens, answers, pad_id=tokenizer.pad_id), {**description, "skipped": skipped}
+
+
+def resolve_data(
+    spec: str,
+    tokenizer: Tokenizer,
+    config,
+    n_prompts: int,
+    seed: int,
+    *,
+    target: str = "argmax",
+    filter: str = "none",
+    prompt_text: str = "template",
+    model: Transformer | None = None,
+    batch_size: int = 128,
+    loaded: tuple[FactDataset, dict] | None = None,
+) -> tuple[Batch, dict]:
+    """The prompts as a batch: the first `n_prompts` usable ones in a seeded order.
+
+    Prompts are tokenised with the special tokens the tokenizer adds (BOS where
+    it adds one); an answer's tokens are its continuation of the prompt
+    (`Tokenizer.answer_tokens`) and its first token is the answer token.
+    Answers of several tokens are kept (their first token is the answer token)
+    and counted in the description's "multi_token_answers". A prompt is left out,
+    and counted in "skipped" under a key of `SKIP_REASONS`, when it is longer than
+    the context, or, only where an answer is needed (`target` "answer" or `filter`
+    "correct"), when it has no answer, its answer does not continue its tokens,
+    or the answer's first token is the unknown token. With `filter` "correct"
+    a prompt is kept only if the clean top token at its final position is its
+    answer token (one forward of `model` per `batch_size` candidates, all padded
+    to one shape, so it compiles once). Counts cover the records examined until
+    `n_prompts` were kept.
+
+    Args:
+        spec: --data: "default" or a prompt file.
+        tokenizer: the model's tokenizer.
+        config: the model's config (its n_ctx bounds prompt lengths).
+        n_prompts: how many prompts to keep.
+        seed: the seed of the order in which records are examined.
+        target: "argmax" (answers optional) or "answer".
+        filter: "none" or "correct".
+        prompt_text: known-facts prompt text, "template" or "prompt".
+        model: the model, needed with filter "correct".
+        batch_size: prompts per forward of the filter.
+        loaded: `load_data(spec, prompt_text)` if already read.
+
+    Raises:
+        ValueError: answers needed but absent; most tokens unknown to the tokenizer
+            (`UNKNOWN_LIMIT`); fewer than 2 usable prompts.
+    """
+    facts, description = load_data(spec, prompt_text) if loaded is None else loaded
+    check_data(facts, spec, target=target, filter=filter)
+    if filter == "correct" and model is None:
+        raise ValueError("filter='correct' needs the model, to find the prompts it completes correctly.")
+    need = _answers_needed_by(target, filter)
+    facts = facts.sample(len(facts), seed)  # a seeded order; the first usable n_prompts are kept
+    prompt_ids = tokenizer.encode_prompts(facts.prompts)
+    answered = [i for i, a in enumerate(facts.answers) if a is not None]
+    encoded = dict(
+        zip(
+            answered,
+            tokenizer.answer_tokens(
+                [facts.prompts[i] for i in answered], [facts.answers[i] for i in answered]
+            ),
+            strict=True,
+        )
+    )
+    _check_unknown(tokenizer, prompt_ids, encoded, spec)
+
+    def reason(i: int) -> str | None:
+        if len(prompt_ids[i]) > config.n_ctx:
+            return "longer_than_context"
+        if need:
+            enc = encoded.get(i)
+            if enc is None:
+                return "no_answer"
+            if enc.merged or not enc.answer:
+                return "answer_not_continuation"
+            if enc.answer[0] == tokenizer.unk_id:
+                return "answer_unknown_token"
+        return None
+
+    reasons = [reason(i) for i in range(len(facts))]
+    keys = ["longer_than_context"]
+    keys += ["no_answer", "answer_not_continuation", "answer_unknown_token"] if need else []
+    keys += ["not_correct"] if filter == "correct" else []
+    skipped = dict.fromkeys(keys, 0)
+    judge = None
+    if filter == "correct":
+        candidates = [i for i, r in enumerate(reasons) if r is None]
+        shape = (
+            min(batch_size, max(len(candidates), 1)),
+            max((len(prompt_ids[i]) for i in candidates), default=1),
+        )
+        judge = functools.partial(_clean_top_tokens, model, prompt_ids, tokenizer.pad_id, shape)
+    kept, examined, pos = [], 0, 0
+    while len(kept) < n_prompts and pos < len(facts):
+        # The next chunk of records holding up to batch_size candidates, judged in one forward.
+        stop, chunk = pos, []
+        while stop < len(facts) and len(chunk) < batch_size:
+            if reasons[stop] is None:
+                chunk.append(stop)
+            stop += 1
+        top = dict(zip(chunk, judge(chunk), strict=True)) if judge and chunk else {}
+        for i in range(pos, stop):
+            if len(kept) == n_prompts:
+                break
+            examined += 1
+            why = reasons[i]
+            if why is None and judge and top[i] != encoded[i].answer[0]:
+                why = "not_correct"
+            if why is None:
+                kept.append(i)
+            else:
+                skipped[why] += 1
+        pos = stop
+    if len(kept) < 2:
+        raise ValueError(
+            f"Only {len(kept)} usable prompts in {spec!r} (skipped: {skipped}); the analysis needs at "
+            "least 2." + (" The model completes few of them correctly; try --filter none." if judge else "")
+        )
+    usable = [encoded.get(i) for i in kept]
+    clean = all(e is not None and e.answer and not e.merged for e in usable)
+    answers = [e.answer[0] for e in usable] if clean else None
+    description |= {
+        "prompts": len(kept),
+        "available": len(facts),
+        "examined": examined,
+        "multi_token_answers": sum(1 for e in usable if e is not None and len(e.answer) > 1),
+    }
+    batch = Batch.from_tokens([prompt_ids[i] for i in kept], answers, pad_id=tokenizer.pad_id)
+    return batch, {**description, "skipped": skipped}
+
+
+def _answers_needed_by(target: str, filter: str) -> str | None:
+    """The option that needs answers ("--target answer" / "--filter correct"), or None."""
+    if filter == "correct":
+        return "--filter correct"
+    return "--target answer" if target == "answer" else None
+
+
+def _check_unknown(tokenizer: Tokenizer, prompt_ids: list[list[int]], encoded: dict, spec: str) -> None:
+    """Refuse data that is mostly the tokenizer's unknown token: the tokenizer belongs elsewhere."""
+    unk = tokenizer.unk_id
+    if unk is None:
+        return
+    total = sum(map(len, prompt_ids))
+    n_unk = sum(ids.count(unk) for ids in prompt_ids)
+    firsts = [e.answer[0] for e in encoded.values() if e.answer]
+    a_unk = firsts.count(unk)
+    if n_unk > UNKNOWN_LIMIT * total or (firsts and a_unk > UNKNOWN_LIMIT * len(firsts)):
+        raise ValueError(
+            f"{tokenizer.describe()} cannot read {spec!r}: {n_unk} of its {total} prompt tokens and "
+            f"{a_unk} of {len(firsts)} answers' first tokens are the unknown token "
+            f"{tokenizer.backend.id_to_token(unk)!r}. The tokenizer belongs to another model or "
+            "language: check that the model's tokenizer.json is its own (--model), and that --data "
+            "is text it was trained on."
+        )
+
+
+def _clean_top_tokens(
+    model: Transformer, prompt_ids: list[list[int]], pad_id: int, shape: tuple[int, int], rows: list[int]
+) -> list[int]:
+    """The clean top token at the final position of each prompt `rows` names.
+
+    Every call pads to the same [B, T] `shape` (a short last chunk repeats its
+    first prompt), so `run` compiles once however many chunks there are.
+    """
+    from hydra_jax.run import run
+
+    b, t = shape
+    lists = [prompt_ids[i] for i in rows] + [prompt_ids[rows[0]]] * (b - len(rows))
+    logits, _ = run(model, Batch.from_tokens(lists, pad_id=pad_id, length=t), capture=())
+    return np.asarray(jnp.argmax(logits[:, -1], -1))[: len(rows)].tolist()
 
 
 def measure(
     model: Transformer, batch: Batch, settings: Settings, progress: bool
 ) -> tuple[EffectMatrix, float]:
-    """The effect matrix of every prompt, in batches of `batch_size` prompts (one compile)."""
+    """The effect matrix of every prompt, in batches of `batch_size` prompts.
+
+    What an ablation writes belongs to the whole dataset, never to a batch:
+    the mean over every prompt (computed once), or for resampling sources
+    drawn once over the dataset (`resample_sources(N, k, seed)`: k other
+    prompts for each prompt). So the numbers do not depend on `batch_size`.
+    Every batch has the same shape (the dataset's padded length; the last
+    batch filled up with its last prompt, whose extra results are dropped), so
+    one compilation serves them all.
+    """
     ablate = ("attn_out", "mlp_out") if settings.granularity == "layer" else ("head_out",)
     kw = dict(
         ablate=ablate,
@@ -168,18 +395,51 @@ def measure(
         n_resamples=settings.n_resamples,
     )
     parts, t0 = [], time.time()
-    starts = list(range(0, batch.size, settings.batch_size))
-    # A trailing batch too small to resample from joins the previous one.
-    if len(starts) > 1 and batch.size - starts[-1] <= settings.n_resamples:
-        starts.pop()
-    bounds = [*starts[1:], batch.size]
-    chunks = list(zip(starts, bounds, strict=True))
-    for i, (start, stop) in enumerate(tqdm(chunks, disable=not progress, desc="effects")):
-        sub = batch[list(range(start, stop))]
-        parts.append(effect_matrix(model, sub, seed=settings.seed + i, **kw))
+    k, n = settings.n_resamples, batch.size
+    acts = draw = None
+    if settings.kind == "mean":
+        acts = source_activations(
+            model, batch, sites=ablate, position=settings.position, mean=True, batch_size=settings.batch_size
+        )
+    elif settings.kind == "resample":
+        draw = resample_sources(n, k, settings.seed)  # [K, N] indices into the dataset
+        if settings.position == "final":  # a few numbers per prompt and layer: keep them all
+            acts = source_activations(model, batch, sites=ablate, batch_size=settings.batch_size)
+    size = min(settings.batch_size, n)
+    for start in tqdm(range(0, n, size), disable=not progress, desc="effects"):
+        # The last batch is filled up with its last prompt (results dropped): one shape, one compile.
+        idx = np.minimum(np.arange(start, start + size), n - 1)
+        extra: dict[str, Any] = {} if acts is None else {"source": acts}
+        if draw is not None:
+            if acts is None:  # every position: this batch's K x B source prompts, run in the same call
+                extra = {"source": _rows(batch, draw[:, idx].reshape(-1))}
+                extra["source_index"] = np.arange(k * size).reshape(k, size)
+            else:
+                extra["source_index"] = draw[:, idx]
+        em = effect_matrix(model, _rows(batch, idx), **kw, **extra)
+        # Wait for the batch: otherwise the progress bar counts dispatches, not finished work.
+        parts.append(jax.block_until_ready(_first_prompts(em, min(size, n - start))))
     em = concat(parts)
     jax.block_until_ready(em.total)
     return em, time.time() - t0
+
+
+def _first_prompts(em: EffectMatrix, count: int) -> EffectMatrix:
+    """`em` of its first `count` prompts (prompts are the last axis of every array)."""
+    if em.total.shape[-1] == count:
+        return em
+    arrays = {
+        f.name: None if getattr(em, f.name) is None else getattr(em, f.name)[..., :count]
+        for f in dataclasses.fields(EffectMatrix)
+        if f.name != "labels"
+    }
+    return EffectMatrix(**arrays, labels=em.labels)
+
+
+def _rows(batch: Batch, idx: np.ndarray) -> Batch:
+    """Prompts `idx` of `batch`, keeping its padded length (unlike batch[idx], which trims it)."""
+    answers = None if batch.answers is None else batch.answers[idx]
+    return Batch(batch.tokens[idx], batch.valid[idx], answers)
 
 
 def concat(parts: list[EffectMatrix]) -> EffectMatrix:
@@ -198,13 +458,28 @@ def analyze_one(
     spec: str | None, settings: Settings, progress: bool
 ) -> tuple[EffectMatrix, HydraSummary, dict]:
     t0 = time.time()
+    # The data first: a bad file or option fails before a model is loaded.
+    loaded = load_data(settings.data, settings.prompt_text)
+    check_data(loaded[0], settings.data, target=settings.target, filter=settings.filter)
     model, tokenizer, model_info = resolve_model(spec)
     t_load = time.time() - t0
-    batch, data_info = resolve_data(settings.data, tokenizer, model.config, settings.n_prompts, settings.seed)
-    if settings.kind == "resample" and min(batch.size, settings.batch_size) <= settings.n_resamples:
+    batch, data_info = resolve_data(
+        settings.data,
+        tokenizer,
+        model.config,
+        settings.n_prompts,
+        settings.seed,
+        target=settings.target,
+        filter=settings.filter,
+        prompt_text=settings.prompt_text,
+        model=model,
+        batch_size=settings.batch_size,
+        loaded=loaded,
+    )
+    if settings.kind == "resample" and batch.size <= settings.n_resamples:
         raise ValueError(
-            f"--n-resamples {settings.n_resamples} needs batches of more than {settings.n_resamples} "
-            f"prompts; got {min(batch.size, settings.batch_size)}."
+            f"--n-resamples {settings.n_resamples} needs more than {settings.n_resamples} usable prompts "
+            f"(each prompt resamples from {settings.n_resamples} others); got {batch.size}."
         )
     em, t_effects = measure(model, batch, settings, progress)
     t1 = time.time()
@@ -222,22 +497,22 @@ def analyze_one(
 def analyze(
     settings: Settings, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = True
 ):
-    """Run the analysis and write the report directory `out`. Returns (em, summary, meta)."""
+    """Run the analysis and write the report directory `out`. Returns (em, summary, meta).
+
+    Every model, data file and option, and `out` itself, is checked before any
+    model is loaded (`preflight`, `hydra_jax.outdir.check_out`); the report is
+    written beside `out` and moved into place whole (`hydra_jax.outdir.atomic_dir`).
+    `overwrite` replaces only a report directory hydra_jax wrote.
+    """
     from hydra_jax import report
 
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-        raise FileExistsError(f"{out!r} already exists and is not empty; pass --overwrite or another --out.")
-    parent = os.path.dirname(out)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".hydra-report-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the report is an ordinary directory
-    except OSError as err:
-        raise ValueError(f"Cannot write the report under {parent!r}: {err.strerror}.") from err
-    try:
+    model = settings.model if settings.model is not None else str(checkpoints_dir() / DEFAULT_MODEL)
+    inputs = {"--model": model, "--compare": settings.compare}
+    if settings.data != "default":
+        inputs["--data"] = settings.data
+    out = outdir.check_out(out, kind="report", inputs=inputs, overwrite=overwrite)
+    preflight(settings)
+    with outdir.atomic_dir(out, kind="report") as tmp:
         t0 = time.time()
         em, summary, meta = analyze_one(settings.model, settings, progress)
         meta |= {"settings": dataclasses.asdict(settings), "versions": versions()}
@@ -248,13 +523,82 @@ def analyze(
             compare = (c_em, c_summary, c_meta)
         meta["timings"]["total_s"] = time.time() - t0
         report.write_report(tmp, em=em, summary=summary, meta=meta, compare=compare)
-        if os.path.exists(out):
-            shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return em, summary, meta
+
+
+def preflight(settings: Settings) -> None:
+    """Check what `analyze` reads, and the options that do not depend on the prompts, before any work.
+
+    Raises:
+        ValueError (CheckpointError), FileNotFoundError: naming the option at fault.
+    """
+    if settings.n_bootstrap > MAX_BOOTSTRAP:
+        raise ValueError(
+            f"--n-bootstrap {settings.n_bootstrap:,} is above the limit of {MAX_BOOTSTRAP:,} draws (the "
+            "bootstrap holds every draw in memory; see hydra_jax.summary.MAX_BOOTSTRAP); pass fewer "
+            "(default 1000)."
+        )
+    # Resample sources come from the whole dataset, so only --n-prompts bounds --n-resamples.
+    if settings.kind == "resample" and settings.n_prompts <= settings.n_resamples:
+        raise ValueError(
+            f"--n-resamples {settings.n_resamples} needs more than {settings.n_resamples} prompts (each "
+            f"prompt resamples from {settings.n_resamples} others); got --n-prompts {settings.n_prompts}."
+        )
+    _preflight_model(settings.model, "--model")
+    if settings.compare is not None:
+        _preflight_model(settings.compare, "--compare")
+    if settings.data != "default":
+        if not os.path.isfile(settings.data):
+            raise FileNotFoundError(
+                f"No dataset file at {settings.data!r} (--data); pass 'default' or a prompt file: .txt, "
+                ".jsonl, or Counterfact / known-facts .json (docs/data.md)."
+            )
+        # Read and check the prompts now (a malformed file, answers a setting needs but the file lacks).
+        facts, _ = load_data(settings.data, settings.prompt_text)
+        check_data(facts, settings.data, target=settings.target, filter=settings.filter)
+
+
+def _preflight_model(spec: str | None, flag: str) -> None:
+    """What `resolve_model` will load, checked without reading any weights."""
+    from hydra_jax.checkpoint import CheckpointError, read_config
+    from hydra_jax.hf import common, hf_config
+
+    if spec is None or spec in presets.ALL:
+        return  # resolve_model names the default model's location; presets need no files
+    if not os.path.exists(spec):
+        if hub.is_repo_id(spec):
+            return  # a Hub repo id: resolved (and checked) by hydra_jax.hf.hub
+        raise ValueError(
+            f"{flag} {spec!r} is neither a checkpoint directory nor a preset (nor a Hub repo id, "
+            f"org/name); presets: {sorted(presets.ALL)}."
+        )
+    if spec.lower().endswith(".gguf") and os.path.isfile(spec):
+        from hydra_jax.gguf import gguf_config
+
+        try:
+            gguf_config(spec)  # the header only: architecture, shapes, rope scaling
+        except CheckpointError as err:
+            raise CheckpointError(f"{flag} {spec!r}: {err}") from None
+        return
+    if not os.path.isdir(spec):
+        raise ValueError(
+            f"{flag} {spec!r} is a file; pass a checkpoint directory, a .gguf file or a preset name."
+        )
+    try:
+        if os.path.isfile(os.path.join(spec, "MANIFEST.json")):
+            read_config(spec)
+        elif is_hf_dir(spec):
+            hf_config(spec)
+            common.weight_files(spec)
+        else:
+            raise CheckpointError(
+                f"it holds neither a hydra_jax checkpoint (MANIFEST.json) nor a Hugging Face model "
+                f"(config.json with a model_type): {outdir.listing(spec) or 'nothing'}"
+            )
+    except CheckpointError as err:
+        raise CheckpointError(f"{flag} {spec!r}: {err}") from None
+    if not os.path.isfile(os.path.join(spec, "tokenizer.json")):
+        raise ValueError(f"{flag} {spec!r} has no tokenizer.json; analyze needs one to read prompts.")
 
 
 def versions() -> dict[str, str]:

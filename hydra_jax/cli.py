@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import traceback
 from collections.abc import Sequence
 
 import hydra_jax
+from hydra_jax import compile_cache
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -53,7 +56,7 @@ def _presets(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from hydra_jax.recipe import run_recipe
 
-    model_dir = run_recipe(args.config, args.out, progress=not args.quiet)
+    model_dir = run_recipe(args.config, args.out, progress=not args.quiet, restart=args.restart)
     print(f"Model written to {model_dir} (see its MODEL_CARD.md).")
     return 0
 
@@ -61,12 +64,15 @@ def _train(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from hydra_jax.hf import convert
 
-    out = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    out = convert(
+        args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, revision=args.revision
+    )
     print(f"hydra_jax checkpoint written to {out}; analyse it with: hydra-jax analyze --model {out}")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from hydra_jax import outdir
     from hydra_jax.bench import SuiteConfig, run_suite, write
 
     suite = SuiteConfig(
@@ -90,8 +96,9 @@ def _bench(args: argparse.Namespace) -> int:
                 "TransformerLens is not installed; install the bench extra "
                 '(pip install torch==2.13.0 && pip install -e ".[bench]") or pass --no-peer.'
             ) from None
+    out = outdir.check_out(args.out, kind="bench")  # before the suite runs, not after
     result = run_suite(suite, log=(lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
-    json_path, md_path = write(result, args.out)
+    json_path, md_path = write(result, out)
     with open(md_path) as f:
         print(f.read())
     print(f"Results written to {json_path} and {md_path}.")
@@ -105,6 +112,8 @@ def _analyze(args: argparse.Namespace) -> int:
     settings = Settings(
         model=args.model,
         data=args.data,
+        prompt_text=args.prompt_text,
+        filter=args.filter,
         n_prompts=args.n_prompts,
         kind=args.kind,
         n_resamples=args.n_resamples,
@@ -119,8 +128,10 @@ def _analyze(args: argparse.Namespace) -> int:
     _, summary, meta = analyze(settings, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(report.terminal_table(summary))
     skipped = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in meta["skipped"].items())
+    multi = meta["data"].get("multi_token_answers")
+    multi = f"{multi} with multi-token answers (first token used); " if multi else ""
     print(
-        f"\n{meta['model']['name']}: {meta['data']['prompts']} prompts (skipped {skipped}); "
+        f"\n{meta['model']['name']}: {meta['data']['prompts']} prompts ({multi}skipped {skipped}); "
         f"effect matrix {meta['timings']['effect_matrix_s']:.1f} s, total {meta['timings']['total_s']:.1f} s."
     )
     print(f"Report written to {os.path.abspath(args.out)}/ (report.md, summary.json, effects.npz, figures).")
@@ -133,6 +144,9 @@ ANALYZE_EXAMPLES = """examples:
   hydra-jax analyze --compare checkpoints/hydra-8l-dropout   # with vs without dropout
   hydra-jax analyze --granularity head --kind zero    # every head, zero-ablated
   hydra-jax analyze --model runs/mine/model --data counterfact.json
+  hydra-jax analyze --model gpt2-hj --data known_1000.json --filter correct  # the paper's prompts
+                                                      # that the model completes correctly
+  hydra-jax analyze --data prompts.txt                # one prompt per line, no answers (--target argmax)
 """
 
 
@@ -142,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure self-repair (the Hydra effect) in language models with JAX.",
     )
     parser.add_argument("--version", action="version", version=f"hydra-jax {hydra_jax.__version__}")
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not use the persistent JAX compilation cache (default: on, in "
+        "$XDG_CACHE_HOME/hydra_jax/jax-cache or ~/.cache/hydra_jax/jax-cache; "
+        "HYDRA_JAX_COMPILE_CACHE=DIR moves it, =0 turns it off)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser(
         "analyze",
@@ -155,14 +176,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="a hydra_jax checkpoint directory, a local Hugging Face directory, or a preset name "
-        "(random weights); "
+        help="a hydra_jax checkpoint directory, a local Hugging Face directory, a Hugging Face Hub "
+        "repo id org/name (fetched into the hub cache; HF_HUB_OFFLINE=1 reads the cache only), a "
+        "llama.cpp .gguf file, or a preset name (random weights); "
         "default: the shipped dropout-free model checkpoints/hydra-8l",
     )
     p.add_argument(
         "--data",
         default="default",
-        help="'default' (the synthetic world's held-out prompts) or a Counterfact / known-facts JSON file",
+        help="'default' (the synthetic world's held-out prompts) or a file, by its extension: .txt (one "
+        'prompt per line, no answers), .jsonl (one {"prompt": ..., "answer": ...} per line, answer '
+        "optional), .json (ROME Counterfact or known-facts records, e.g. known_1000.json); UTF-8; see "
+        "docs/data.md. Prompts without answers work only with --target argmax and --filter none",
+    )
+    p.add_argument(
+        "--prompt-text",
+        default="template",
+        choices=("template", "prompt"),
+        help="known-facts records' prompt: 'template' (default: the record's template with the subject "
+        "filled in, subject + relation as in the paper) or 'prompt' (the record's prompt field, which "
+        "for 478 of known_1000.json's 1,209 records adds words after the relation)",
+    )
+    p.add_argument(
+        "--filter",
+        default="none",
+        choices=("none", "correct"),
+        help="'none' (default): every usable prompt; 'correct': only prompts whose clean top token at "
+        "the final position is the answer's first token, as the paper studies (one clean forward per "
+        "--batch-size candidates; dropped prompts are counted as not_correct)",
     )
     p.add_argument("--n-prompts", type=int, default=256, help="prompts to analyse (default 256)")
     p.add_argument(
@@ -182,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--granularity", default="layer", choices=("layer", "head"), help="ablate layers or every head"
     )
     p.add_argument(
-        "--target", default="argmax", choices=("argmax", "answer"), help="the clean top token or the answer"
+        "--target",
+        default="argmax",
+        choices=("argmax", "answer"),
+        help="the clean top token (default) or the answer's first token after the prompt",
     )
     p.add_argument("--compare", default=None, help="a second model (same forms as --model), side by side")
     p.add_argument("--seed", type=int, default=0, help="prompt order, resampling and bootstrap seed")
@@ -199,10 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a local Hugging Face directory (config.json, model.safetensors or shards with "
         "their index, tokenizer.json) of a GPT-2, Llama/Mistral, GPT-NeoX/Pythia or Gemma model and write "
         "a hydra_jax checkpoint (orbax parameters, config, tokenizer, model card) that hj.load and "
-        "hydra-jax analyze read. Pickle-only checkpoints (pytorch_model.bin) are refused. "
+        "hydra-jax analyze read; a llama.cpp .gguf file (Llama, Qwen2; any quantisation) works too. "
+        "Pickle-only checkpoints (pytorch_model.bin) are refused. "
         "Example: hydra-jax convert ~/models/gpt2 gpt2-hj",
     )
-    p.add_argument("hf_dir", help="the Hugging Face model directory")
+    p.add_argument(
+        "hf_dir",
+        help="the Hugging Face model directory, a Hub repo id org/name (fetched into the hub cache), "
+        "or a .gguf file",
+    )
     p.add_argument("out_dir", help="the hydra_jax checkpoint directory to write")
     p.add_argument(
         "--dtype",
@@ -211,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameter and compute dtype (default: the dtype the weights are stored in)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id (default main)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser(
@@ -255,27 +305,92 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model on the synthetic factual world from a recipe",
         description="Train a model from a JSON recipe (data, model and optimiser settings; see "
-        "hydra_jax/recipe.py). Re-running with the same --out resumes from the latest checkpoint. "
+        "hydra_jax/recipe.py). Re-running the same recipe with the same --out resumes from the latest "
+        "checkpoint; another recipe there is refused. "
         "Example: hydra-jax train --config checkpoints/hydra-8l/recipe.json --out runs/hydra-8l",
     )
     p.add_argument("--config", required=True, help="recipe JSON file")
-    p.add_argument("--out", required=True, help="run directory (created; resumed if it holds a run)")
+    p.add_argument(
+        "--out", required=True, help="run directory (created; resumed if it holds a run of this recipe)"
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the run in --out (only what hydra-jax wrote there) and start over",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that every cleanup (temporary directories) runs."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated
+
+
+def _error_message(err: BaseException) -> str:
+    """A user error as one line; an OSError of the system names the path and what to check."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        hint = {
+            PermissionError: "check its permissions or choose another path",
+            IsADirectoryError: "it is a directory where a file is needed",
+            NotADirectoryError: "a part of the path is a file, not a directory",
+            FileNotFoundError: "check the path",
+        }.get(type(err), "check the path and the disk")
+        return f"{err.strerror}: {err.filename!r}; {hint}."
+    return str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    0 on success; 2 for a user error (bad option, path or file: one line,
+    ``hydra-jax: error: ...``); 130 when interrupted with Ctrl-C (SIGINT) and 143
+    when terminated (SIGTERM), after removing what the command had half-written;
+    1 for an unexpected exception, which is a bug: its traceback is printed.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"hydra-jax: error: {err}", file=sys.stderr)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        installed = True
+    except ValueError:  # not the main thread: signals stay as they are
+        previous, installed = None, False
+    try:
+        with compile_cache.use(disabled=args.no_compile_cache):  # before anything is compiled
+            return args.func(args)
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        print(f"hydra-jax: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    except (ValueError, OSError) as err:  # CheckpointError and OutputError are ValueErrors
+        print(f"hydra-jax: error: {_error_message(err)}", file=sys.stderr)
         return 2
+    except MemoryError as err:
+        print(
+            f"hydra-jax: error: out of memory ({err}); use fewer prompts (--n-prompts), smaller batches "
+            "(--batch-size, --batch) or fewer bootstrap draws (--n-bootstrap).",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception:
+        traceback.print_exc()
+        print(
+            "hydra-jax: internal error: this is a bug in hydra-jax, not a problem with your input; please "
+            "report it with the command line and the traceback above.",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,9 @@ COMPARE_FIGURE = "compare.png"
 # Bar and point charts with more ablated components than this show only the ones
 # with the largest |direct| (say 144 heads): a bar per head would be unreadable.
 MAX_PLOT_ROWS = 32
+# depth.png draws the restored fraction 1 − total / direct only where |direct| is at least this
+# fraction of the largest |direct| (and its interval excludes 0): elsewhere the ratio is noise.
+RESTORED_MIN_DIRECT = 0.1
 # Scatter panels of direct vs total drawn for models with more than 16 layer ablations.
 MAX_SCATTER_PANELS = 8
 
@@ -209,11 +212,20 @@ _BLOCK_SCHEMA: dict[str, dict[str, Any]] = {
         "meta['model']: at least 'name'; analyze adds path, config, parameters",
         keys={"name": _spec("string", "model name shown in the report and figures")},
     ),
-    "data": _spec("object", "meta['data']: the prompts' source and count"),
+    "data": _spec(
+        "object",
+        "meta['data']: the prompts' source and count; analyze adds format, available, examined and "
+        "multi_token_answers (kept prompts whose answer is several tokens; docs/data.md)",
+    ),
     "settings": _spec("object", "meta['settings']: how the effects were measured"),
     "versions": _spec("object", "meta['versions']: package versions and machine"),
     "timings": _spec("object", "meta['timings']: wall times in seconds"),
-    "skipped": _spec("object", "meta.get('skipped', {}): prompts left out and why"),
+    "skipped": _spec(
+        "object",
+        "meta.get('skipped', {}): prompts left out, counted by reason (analyze: longer_than_context, "
+        "no_answer, answer_not_continuation, answer_unknown_token, not_correct; docs/data.md)",
+        values="integer",
+    ),
     "per_ablation": _spec(
         "array",
         "summary.records() of kind 'ablation', one per ablated component",
@@ -862,7 +874,8 @@ def _text_depth(doc: dict[str, Any]) -> str:
         "The per-ablation statistics as curves against the ablated layer, attention ablations "
         "(orange) and MLP ablations (green), shaded bands the bootstrap intervals: the mean direct "
         "(solid) and total (dashed) effects; the slope of compensation on the direct loss and its R²; "
-        "the restored fraction 1 − total / direct (shown where the direct effect's interval excludes 0); "
+        f"the restored fraction 1 − total / direct (shown where the direct effect's interval excludes 0 "
+        f"and it is at least {RESTORED_MIN_DIRECT:.0%} of the largest); "
         "and how the downstream response splits between attention, MLP and norm terms. Where total "
         "lies between direct and 0, later layers repaired part of the loss."
     )
@@ -1233,10 +1246,21 @@ def _plot_depth(doc: dict[str, Any], name: str) -> Figure:
             xs = np.unique(layers)
             ax.plot(xs, [np.nanmean(v[layers == u]) for u in xs], ls, color=color, lw=1.4, label=label)
             return
+        if ls == "points":  # a subset of layers: points with intervals, no line across the gaps
+            _interval(ax, x, lo, hi, color)
+            ax.scatter(x, v, color=color, s=16, zorder=3, label=label)
+            return
         ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
         ax.plot(x, v, ls, color=color, lw=1.4, marker="o", ms=3, label=label)
 
     attn = np.array([c.is_attention for c in comps], bool)
+    # A ratio to the direct effect means something only where the direct effect is clearly there:
+    # its interval excludes 0 and it is at least RESTORED_MIN_DIRECT of the largest |direct|.
+    direct = np.abs([_nan(records[c]["direct"]) for c in labels])
+    largest = np.nanmax(direct) if np.isfinite(direct).any() else 0.0
+    big = np.array([_excludes_zero(records[c]) for c in labels], bool) & (
+        direct >= RESTORED_MIN_DIRECT * largest
+    )
     for is_attn, color, kind in groups:
         mask = attn == is_attn
         band(axes[0], "direct", records, mask, color, "-", f"{kind}: direct")
@@ -1244,8 +1268,8 @@ def _plot_depth(doc: dict[str, Any], name: str) -> Figure:
         band(axes[1], "slope", records, mask, color, "-", kind)
         band(axes[2], "r2_slope", records, mask, color, "-", f"{kind}: R² of CE on direct")
         band(axes[2], "r2_total", records, mask, color, ":", f"{kind}: R² of total on direct")
-        clear = mask & np.array([_excludes_zero(records[c]) for c in labels], bool)
-        band(axes[3], "restored", claims, clear, color, "-", kind)
+        clear = mask & big
+        band(axes[3], "restored", claims, clear, color, "points", kind)
     for part, color in (("attention", _ATTN_COLOR), ("mlp", _MLP_COLOR), ("norm", "0.5")):
         for is_attn, ax in ((True, axes[4]), (False, axes[5])):
             band(ax, f"share_{part}", claims, attn == is_attn, color, "-", f"{part} share")
@@ -1262,7 +1286,9 @@ def _plot_depth(doc: dict[str, Any], name: str) -> Figure:
     axes[3].axhline(0, color="black", lw=0.8)
     axes[3].axhline(1, color="0.4", lw=0.8, ls=":")
     axes[3].set_ylabel("1 − total / direct")
-    axes[3].set_title("restored fraction (where direct ≠ 0)", fontsize=10)
+    axes[3].set_title(
+        f"restored fraction (where |direct| ≥ {RESTORED_MIN_DIRECT:.0%} of the largest)", fontsize=10
+    )
     for ax, kind in ((axes[4], "attention"), (axes[5], "MLP")):
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("share of |response|")

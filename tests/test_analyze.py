@@ -67,15 +67,24 @@ def test_report_files_and_schema(report):
 
 
 def test_report_agrees_with_effect_matrix(report, tiny_checkpoint):
-    """The report's numbers are hj.effect_matrix's on the same prompts, batches and seeds."""
+    """The report's numbers are hj.effect_matrix's on the same prompts, with resample sources drawn
+    once over the whole dataset (seeded), whatever the batch."""
     from hydra_jax.analyze import Settings, measure, resolve_data
+    from hydra_jax.interventions import resample_sources
+    from hydra_jax.sources import source_activations
 
     model, tokenizer = hj.load(tiny_checkpoint)
     settings = Settings(n_prompts=24, batch_size=12, n_resamples=2)
     batch, _ = resolve_data("default", tokenizer, model.config, 24, 0)
     em, _ = measure(model, batch, settings, progress=False)
+    sites = ("attn_out", "mlp_out")
     first = hj.effect_matrix(
-        model, batch[list(range(12))], ablate=("attn_out", "mlp_out"), n_resamples=2, seed=0
+        model,
+        batch[list(range(12))],
+        ablate=sites,
+        n_resamples=2,
+        source=source_activations(model, batch, sites=sites),
+        source_index=resample_sources(24, 2, 0)[:, :12],
     )
     np.testing.assert_allclose(em.total[:, :12], first.total, rtol=1e-6)
     with np.load(report / "effects.npz", allow_pickle=False) as npz:
@@ -104,7 +113,7 @@ BAD = [
     ({"model": "/nonexistent/model"}, "neither a checkpoint directory nor a preset"),
     ({"model": "gpt5"}, "neither a checkpoint directory nor a preset"),
     ({"n_prompts": "0"}, "--n-prompts must be a positive integer"),
-    ({"n_resamples": "12"}, "--n-resamples 12 needs batches of more than 12 prompts"),
+    ({"n_resamples": "24"}, "--n-resamples 24 needs more than 24 prompts"),
     ({"kind": "zero", "n_resamples": "3"}, "--n-resamples 3 only applies to --kind resample"),
 ]
 

@@ -1,13 +1,19 @@
-"""The synthetic world, its training text, FactDataset and the trained tokenizer."""
+"""The synthetic world, its training text, FactDataset, the trained tokenizer, prompt files and
+analyze's prompt selection (--filter correct)."""
 
 from __future__ import annotations
 
 import collections
+import json
 import os
+import pathlib
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 
 import hydra_jax as hj
 import hydra_jax.data as hd
@@ -15,6 +21,8 @@ from hydra_jax.data import documents
 from hydra_jax.data.tokenizer import BOS, EOS, PAD, _single_threaded
 
 N_DOCS = 50_000  # what default_tokenizer trains on
+# The paper's 1,209 prompts, beside the project (never copied into it).
+KNOWN_1000 = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "known_1000.json"
 
 
 @pytest.fixture(scope="module")
@@ -353,3 +361,197 @@ def test_to_batch(world, tokenizer):
         assert ids == tokenizer.encode(prompt) and ids[0] == BOS
         assert tokenizer.decode(ids) == "<bos> " + prompt
     assert np.all(batch.tokens[~batch.valid] == tokenizer.pad_id)
+
+
+# ---- prompt files -----------------------------------------------------------
+
+
+def test_text_jsonl_and_plain_json_files(tmp_path):
+    (tmp_path / "p.txt").write_text("The Eiffel Tower is in  \n\n   \nAda Lovelace was born in\n")
+    facts = hd.load_prompts(tmp_path / "p.txt")
+    assert facts.prompts == ("The Eiffel Tower is in", "Ada Lovelace was born in")
+    assert facts.answers == (None, None) and facts.split == "external"
+    lines = [
+        {"prompt": "The Eiffel Tower is in", "answer": "Paris ", "subject": "Eiffel", "relation_id": "P131"},
+        {"prompt": "Ada Lovelace was born in", "answer": None},
+        {"prompt": "Mount Fuji is in"},
+    ]  # fmt: skip
+    (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n\n")
+    facts = hd.load_prompts(tmp_path / "p.jsonl")
+    assert facts.answers == (" Paris", None, None)
+    assert facts.subjects == ("Eiffel", "", "")
+    assert facts.relations == ("P131", "none") and facts.relation_ids == (0, 1, 1)
+    (tmp_path / "p.json").write_text(json.dumps(lines))
+    assert hd.load_prompts(tmp_path / "p.json") == facts
+    # The three JSON record kinds mix in one file.
+    cf = {"requested_rewrite": {"prompt": "{} is in", "subject": "Big Ben", "target_true": {"str": "London"},
+                                "relation_id": "P131"}}  # fmt: skip
+    known = {"subject": "Space Needle", "attribute": "Seattle", "template": "{} is in",
+             "prompt": "The Space Needle is in", "relation_id": "P131"}  # fmt: skip
+    (tmp_path / "mixed.json").write_text(json.dumps([cf, known, lines[0]]))
+    facts = hd.load_prompts(tmp_path / "mixed.json")
+    assert facts.prompts == ("Big Ben is in", "Space Needle is in", "The Eiffel Tower is in")
+    assert facts.answers == (" London", " Seattle", " Paris")
+    long = hd.load_prompts(tmp_path / "mixed.json", prompt_text="prompt")
+    assert long.prompts[1] == "The Space Needle is in"
+    assert hd.load_counterfact(tmp_path / "mixed.json").prompts == facts.prompts
+
+
+def test_answerless_rows_in_a_fact_dataset(tmp_path):
+    facts = hd.FactDataset(("a b", "c"), (" d", None), ("", ""), (0, 0), (0, 0), "external", ("r",))
+    assert facts.subset([1]).answers == (None,)
+    vocab = {"[UNK]": 0, "a": 1, "b": 2, "c": 3, "d": 4}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = hj.Tokenizer(backend)
+    with pytest.raises(ValueError, match=r"Rows \[1\] have no answer but others do"):
+        facts.to_batch(tok)
+    assert facts.subset([1]).to_batch(tok).answers is None
+    np.testing.assert_array_equal(facts.subset([0]).to_batch(tok).answers, [4])
+    with pytest.raises(ValueError, match=r"Rows \[1\] have no answer"):
+        hd.answer_token_ids(facts, tok)
+
+
+@pytest.mark.skipif(not KNOWN_1000.is_file(), reason="needs ../shared/data/known_1000.json")
+def test_known_1000_template_and_prompt_texts():
+    template = hd.load_prompts(KNOWN_1000)
+    prompt = hd.load_prompts(KNOWN_1000, prompt_text="prompt")
+    assert len(template) == len(prompt) == 1209
+    assert len(template.relations) == 33 and template.answers == prompt.answers
+    differ = [i for i in range(1209) if template.prompts[i] != prompt.prompts[i]]
+    assert len(differ) == 478  # the number docs/data.md and --help quote
+    assert all(
+        p.startswith(t) and len(p) > len(t)
+        for t, p in zip(template.prompts, prompt.prompts, strict=True)
+        if t != p
+    )
+    assert template.prompts[19] == "Honus Wagner professionally plays the sport"
+    assert prompt.prompts[19] == "Honus Wagner professionally plays the sport of"
+    assert template.answers[19] == " baseball"
+
+
+# ---- analyze's prompt selection: --filter correct ---------------------------------
+
+WORDS = ("a", "b", "c", "d", "e", "f", "g", "h")
+
+
+def successor(word: str) -> str:
+    return WORDS[(WORDS.index(word) + 1) % len(WORDS)]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A 1-layer model whose clean top token after word w is successor(w), and a word tokenizer.
+
+    The embeddings are scaled up so the residual at the final position is the last
+    token's embedding (attention and MLP add little), and the unembedding column of
+    successor(w) is w's embedding direction: the planted fact is "w -> successor(w)".
+    """
+    vocab = {"[UNK]": 0} | {w: i + 1 for i, w in enumerate(WORDS)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = hj.Tokenizer(backend)
+    d, f, heads, k, v = 32, 64, 2, 16, len(vocab)
+    config = hj.ModelConfig(d_model=d, n_layers=1, n_heads=heads, d_head=k, d_mlp=f, d_vocab=v, n_ctx=8)
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+
+    w_e = 100.0 * normal(v, d)
+    w_u = np.zeros((d, v), np.float32)
+    for w in WORDS:
+        e = w_e[vocab[w]]
+        w_u[:, vocab[successor(w)]] = 10.0 * e / np.linalg.norm(e)
+    ones = np.ones((1, d), np.float32)
+    blocks = {"W_Q": normal(1, d, heads, k), "W_K": normal(1, d, heads, k), "W_V": normal(1, d, heads, k),
+              "W_O": normal(1, heads, k, d), "W_in": normal(1, d, f), "W_out": normal(1, f, d),
+              "ln1_g": ones, "ln2_g": ones}  # fmt: skip
+    params = {"W_E": w_e, "W_U": w_u, "blocks": blocks, "ln_final_g": ones[0]}
+    # from_params, not Transformer(config, rngs=...): no random initialisation to compile.
+    model = hj.Transformer.from_params(config, jax.tree_util.tree_map(jnp.asarray, params))
+    return model, tok
+
+
+ROWS = [  # prompt, answer; correct iff the answer is the successor of the prompt's last word
+    ("a b", "c"),  # correct
+    ("c d", "a"),
+    ("e", "f"),  # correct
+    ("b c", "b"),
+    ("d e f", "g"),  # correct
+    ("g h", "h"),
+    ("h", "a"),  # correct
+    ("f", None),  # no answer
+]
+
+
+def by_hand(path, seed: int, n: int) -> tuple[list[str], dict[str, int], int, list[str]]:
+    """Walk the seeded order, keeping correct prompts until n are kept: (kept, counts, examined, order)."""
+    order = list(hd.load_prompts(path).sample(len(ROWS), seed).prompts)
+    answers = dict(ROWS)
+    kept, counts, examined = [], {"no_answer": 0, "not_correct": 0}, 0
+    for prompt in order:
+        if len(kept) == n:
+            break
+        examined += 1
+        if answers[prompt] is None:
+            counts["no_answer"] += 1
+        elif answers[prompt] == successor(prompt.split()[-1]):
+            kept.append(prompt)
+        else:
+            counts["not_correct"] += 1
+    return kept, counts, examined, order
+
+
+def write_rows(path) -> str:
+    path.write_text("\n".join(json.dumps({"prompt": p, "answer": a}) for p, a in ROWS))
+    return str(path)
+
+
+def test_filter_correct_keeps_the_prompts_the_model_completes(planted, tmp_path):
+    from hydra_jax.analyze import resolve_data
+
+    model, tok = planted
+    # The planted fact holds in the clean run (checked once here, on every prompt).
+    logits, _ = hj.run(model, hj.Batch.from_prompts(tok, [p for p, _ in ROWS]))
+    top = [tok.decode([int(i)]) for i in np.asarray(jnp.argmax(logits[:, -1], -1))]
+    assert top == [successor(p.split()[-1]) for p, _ in ROWS]
+
+    path, seed, n = write_rows(tmp_path / "facts.jsonl"), 3, 3
+    kept, counts, examined, order = by_hand(path, seed, n)
+    assert counts["not_correct"] > 0  # this seed makes the filter drop something
+    batch, info = resolve_data(path, tok, model.config, n, seed, filter="correct", model=model, batch_size=2)
+    assert [tok.decode(batch.tokens[i][batch.valid[i]].tolist()) for i in range(batch.size)] == kept
+    np.testing.assert_array_equal(batch.answers, [tok.backend.token_to_id(dict(ROWS)[p]) for p in kept])
+    assert info["skipped"] == {
+        "longer_than_context": 0,
+        "no_answer": counts["no_answer"],
+        "answer_not_continuation": 0,
+        "answer_unknown_token": 0,
+        "not_correct": counts["not_correct"],
+    }
+    assert info["examined"] == examined and info["prompts"] == n and info["available"] == len(ROWS)
+    # Without the filter the same seed keeps the first n prompts, whatever the model says.
+    batch, info = resolve_data(path, tok, model.config, n, seed)
+    assert [tok.decode(batch.tokens[i][batch.valid[i]].tolist()) for i in range(batch.size)] == order[:n]
+    assert info["skipped"] == {"longer_than_context": 0}
+
+
+def test_filter_correct_end_to_end(planted, tmp_path):
+    from hydra_jax.cli import main
+    from hydra_jax.report import validate_summary
+
+    model, tok = planted
+    ckpt = hj.save(model, tok, tmp_path / "planted")
+    path, out = write_rows(tmp_path / "facts.jsonl"), tmp_path / "report"
+    argv = ["analyze", "--model", str(ckpt), "--data", path, "--filter", "correct", "--n-prompts", "4",
+            "--kind", "zero", "--batch-size", "4", "--n-bootstrap", "20", "--out", str(out)]  # fmt: skip
+    assert main([*argv, "--quiet"]) == 0
+    doc = json.loads((out / "summary.json").read_text())
+    validate_summary(doc)
+    kept, counts, examined, _ = by_hand(path, 0, 4)
+    with np.load(out / "effects.npz") as npz:  # the clean top tokens: the kept prompts' answers
+        np.testing.assert_array_equal(npz["target"], [tok.backend.token_to_id(dict(ROWS)[p]) for p in kept])
+    assert doc["data"]["prompts"] == 4 and doc["data"]["examined"] == examined
+    assert doc["settings"]["filter"] == "correct" and doc["settings"]["prompt_text"] == "template"
+    assert {k: doc["skipped"][k] for k in counts} == counts

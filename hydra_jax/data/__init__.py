@@ -20,6 +20,7 @@ Public names:
     default_facts              default_world().facts(split), cached
     default_tokenizer          default_world().train_tokenizer(), cached
     load_counterfact           Counterfact / known-facts JSON -> FactDataset (split "external")
+    load_prompts               a .txt, .jsonl or .json prompt file -> FactDataset (answers optional)
     answer_token_ids           first answer token per prompt, flagging multi-token answers
 
 Importing this package needs only numpy and tokenizers (beyond hydra_jax itself).
@@ -28,11 +29,13 @@ Importing this package needs only numpy and tokenizers (beyond hydra_jax itself)
 from hydra_jax.data.counterfact import answer_token_ids, load_counterfact
 from hydra_jax.data.defaults import default_facts, default_tokenizer, default_world
 from hydra_jax.data.facts import FactDataset
+from hydra_jax.data.prompts import PROMPT_TEXTS, load_prompts
 from hydra_jax.data.relations import RELATION_NAMES, RELATIONS, SPLITS, Relation
 from hydra_jax.data.tokenizer import check_single_tokens, train_tokenizer
 from hydra_jax.data.world import Subject, World
 
 __all__ = [
+    "PROMPT_TEXTS",
     "RELATIONS",
     "RELATION_NAMES",
     "SPLITS",
@@ -46,5 +49,6 @@ __all__ = [
     "default_tokenizer",
     "default_world",
     "load_counterfact",
+    "load_prompts",
     "train_tokenizer",
 ]

@@ -1,12 +1,14 @@
-"""Load Hugging Face checkpoints from a local directory into a hydra_jax `Transformer`.
+"""Load Hugging Face checkpoints (a local directory or a Hub repo id) into a hydra_jax `Transformer`.
 
     model, tokenizer = hj.from_hf("path/to/gpt2")          # config.json, *.safetensors, tokenizer.json
+    model, tokenizer = hj.from_hf("EleutherAI/pythia-70m")  # a Hub repo id, fetched into the hub cache
     hj.convert("path/to/gpt2", "gpt2-hj")                   # a hydra_jax checkpoint (hj.load, analyze)
 
 Families, each with its weight map in its own module: GPT-2 (`gpt2`), Llama
 and Llama-architecture models such as Mistral (`llama`), GPT-NeoX / Pythia
-(`gpt_neox`) and Gemma (`gemma`). Weights are read from safetensors only; no
-network access and no pickle.
+(`gpt_neox`) and Gemma (`gemma`). Weights are read from safetensors only, never
+pickle. A local directory needs no network; a repo id is fetched by `hub`
+(config, safetensors and tokenizer files only; HF_HUB_OFFLINE=1 reads the cache only).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from types import ModuleType
 
 import jax
 
+from hydra_jax import outdir
 from hydra_jax.batch import Tokenizer
 from hydra_jax.checkpoint import CheckpointError, save
 from hydra_jax.config import ModelConfig
-from hydra_jax.hf import common, gemma, gpt2, gpt_neox, llama
+from hydra_jax.hf import common, gemma, gpt2, gpt_neox, hub, llama
 from hydra_jax.model import Transformer, param_count
 
 FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, gpt_neox, gemma)
@@ -57,25 +60,31 @@ def hf_config(path: str | os.PathLike[str], dtype: str | None = "float32") -> Mo
     return family(model_type).config_from_hf(hf, dtype or "float32")
 
 
-def from_hf(path: str | os.PathLike[str], dtype: str | None = None) -> tuple[Transformer, Tokenizer]:
-    """Load a local Hugging Face checkpoint.
+def from_hf(
+    path: str | os.PathLike[str], dtype: str | None = None, *, revision: str | None = None
+) -> tuple[Transformer, Tokenizer]:
+    """Load a Hugging Face checkpoint from a local directory or the Hub.
 
     Args:
         path: a directory with config.json, model.safetensors (or shards and
-            model.safetensors.index.json) and tokenizer.json.
+            model.safetensors.index.json) and tokenizer.json; or, when no such
+            directory exists, a Hub repo id "org/name", fetched into (or read
+            from) huggingface_hub's cache.
         dtype: "float32", "bfloat16" or "float16" for parameters and compute;
             None keeps the dtype the weights are stored in.
+        revision: branch, tag or commit of a Hub repo (default "main").
 
     Returns:
         (model, tokenizer).
 
     Raises:
-        FileNotFoundError: `path` does not exist.
+        FileNotFoundError: `path` does not exist (nor, for a repo id, on the
+            Hub, or in the cache when offline).
         CheckpointError: an unsupported architecture, a pickle-only checkpoint,
             missing config keys or shards, weights that do not match the
             config, or a missing tokenizer.json.
     """
-    root = os.path.abspath(os.fspath(path))
+    root = os.path.abspath(hub.resolve(path, revision))
     hf = common.read_config(root)
     model_type = hf.get("model_type")
     if model_type is None:
@@ -102,19 +111,35 @@ def convert(
     out: str | os.PathLike[str],
     dtype: str | None = None,
     overwrite: bool = False,
+    *,
+    revision: str | None = None,
 ) -> str:
     """Write a hydra_jax checkpoint (`hj.load`, `hydra-jax analyze`) from a Hugging Face directory.
+
+    `path` and `revision` are as in `from_hf` (a local directory or a Hub repo id); a path ending
+    in ``.gguf`` is read with `hj.from_gguf` instead.
 
     Returns the checkpoint directory. The write is atomic: `out` either holds
     the complete checkpoint or is left as it was.
     """
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(
-            f"{out!r} already exists; pass overwrite=True (--overwrite) or pick a new directory."
-        )
-    model, tokenizer = from_hf(path, dtype=dtype)
-    card = _card(os.path.abspath(os.fspath(path)), model.config)
+    # Before anything is read: `out` may not be (or contain) the source, nor hold others' files.
+    out = outdir.check_out(
+        out, kind="checkpoint", inputs={"HF_DIR": path}, overwrite=overwrite, label="OUT_DIR"
+    )
+    if os.fspath(path).lower().endswith(".gguf"):  # a llama.cpp file (hydra_jax.gguf)
+        from hydra_jax.gguf import from_gguf
+
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} names a Hub commit; it does not apply to a .gguf file.")
+        model, tokenizer = from_gguf(path, dtype=dtype)
+        card = _card(os.path.abspath(os.fspath(path)), model.config, "GGUF file")
+        return save(model, tokenizer, out, card=card, overwrite=overwrite)
+    root = hub.resolve(path, revision)
+    model, tokenizer = from_hf(root, dtype=dtype)
+    # A Hub snapshot is named by its commit: the card records repo id and commit, not the cache path.
+    local = os.path.isdir(os.fspath(path))
+    source = os.path.abspath(root) if local else f"{os.fspath(path)}@{os.path.basename(root)}"
+    card = _card(source, model.config)
     return save(model, tokenizer, out, card=card, overwrite=overwrite)
 
 
@@ -132,10 +157,10 @@ def _family_name(module: ModuleType) -> str:
     return {gpt2: "GPT-2", llama: "Llama", gpt_neox: "GPT-NeoX", gemma: "Gemma"}[module]
 
 
-def _card(source: str, config: ModelConfig) -> str:
+def _card(source: str, config: ModelConfig, kind: str = "Hugging Face checkpoint") -> str:
     return (
         f"# {os.path.basename(source)}\n\n"
-        f"Converted by `hydra-jax convert` from the Hugging Face checkpoint at `{source}`.\n\n"
+        f"Converted by `hydra-jax convert` from the {kind} at `{source}`.\n\n"
         f"{config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads of {config.d_head}, "
         f"MLP width {config.d_mlp} ({config.mlp}), vocabulary {config.d_vocab}, context {config.n_ctx}; "
         f"**{param_count(config):,} parameters**, stored in {config.param_dtype}.\n"
