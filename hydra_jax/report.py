@@ -1240,15 +1240,15 @@ def _plot_depth(doc: dict[str, Any], name: str) -> Figure:
         if not mask.any():
             return
         x, v, lo, hi = series(key, source, mask)
+        if ls == "points":  # a subset of layers: points with intervals, no line across the gaps
+            _interval(ax, x, lo, hi, color)
+            ax.scatter(x, v, color=color, s=16, zorder=3, label=label)
+            return
         if heads:  # one point per head: scatter with the layer mean as a line
             ax.scatter(x, v, s=8, color=color, alpha=0.5, edgecolors="none")
             layers = np.floor(x)
             xs = np.unique(layers)
             ax.plot(xs, [np.nanmean(v[layers == u]) for u in xs], ls, color=color, lw=1.4, label=label)
-            return
-        if ls == "points":  # a subset of layers: points with intervals, no line across the gaps
-            _interval(ax, x, lo, hi, color)
-            ax.scatter(x, v, color=color, s=16, zorder=3, label=label)
             return
         ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
         ax.plot(x, v, ls, color=color, lw=1.4, marker="o", ms=3, label=label)
