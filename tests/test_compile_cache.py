@@ -114,7 +114,9 @@ def test_a_second_process_loads_the_compiled_programs(tmp_path):
     first, second = runs
     assert first["rc"] == second["rc"] == 0
     assert first.get("cache_hits", 0) == 0 and first["cache_misses"] >= 1
-    assert second["cache_hits"] >= 1
-    # Every program written by the first run is read back by the second, and nothing new is written.
-    assert second["cache_hits"] + second.get("cache_misses", 0) == first["cache_misses"]
-    assert entries[0] and entries[1] == entries[0]
+    # Every program the first run wrote is read back by the second. (Whether a program is written
+    # at all depends on how long it took to compile, so a program just under the threshold in the
+    # first run may be written by the second: the cache may grow, never lose an entry.)
+    written = [e for e in entries[0] if e.endswith("-cache")]
+    assert written and second["cache_hits"] >= len(written)
+    assert set(entries[0]) <= set(entries[1])
