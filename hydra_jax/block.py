@@ -5,10 +5,19 @@
         | MLP(norm_mlp(z))          parallel residual
     z_{l+1} = z_l + a_l + m_l
 
+    (with post-norms, a_l and m_l are the normalised outputs: what the residual receives)
+
 An edit at a site replaces the activation where its mask is True with a row
 of that site's value bank (see `hydra_jax.interventions`). A site with no
 edit costs nothing: which sites are edited or captured is static structure,
 known at trace time.
+
+The same function runs the model's forward over every position, the
+unrolled reference forward, and the effect engine's final-position fast
+path, where the queries are the final token only and the clean run's keys
+and values of the earlier positions come in as `cache`. A family feature
+(post-norms, query/key norms, sliding windows, soft-caps) is written here
+once and every path has it.
 """
 
 from __future__ import annotations
@@ -31,10 +40,19 @@ Params = dict[str, Array]
 class Context:
     """Per-forward inputs shared by every block (not per layer).
 
+    The queries are the positions the block computes: every position of the
+    batch (the model's forward), or only the final one (the effect engine's
+    fast path, which attends to a cache of the clean run's earlier keys and
+    values). Masks and rotary angles are those of the queries.
+
     Attributes:
         config: the model config.
-        mask: [B, T, T] boolean attention mask (causal and padding).
-        rotary: (cos, sin) [B, T, R/2] each, or None for learned positions.
+        mask: [B, Tq, Tc + Tq] boolean attention mask over the cached keys (Tc
+            of them, 0 without a cache), then the queries' own keys.
+        local_mask: the same with the sliding window, for local layers (None
+            when the config has no sliding window).
+        rotary: (cos, sin) [B, Tq, R/2] each, or None for learned positions.
+        local_rotary: the local layers' angles when their rotary base differs.
         capture: per-layer sites to return from the block.
         keep_kv: also return the block's keys and values (after rotary), which
             the effect engine's final-position fast path attends to.
@@ -45,6 +63,8 @@ class Context:
     rotary: tuple[Array, Array] | None
     capture: frozenset[Site]
     keep_kv: bool = False
+    local_mask: Array | None = None
+    local_rotary: tuple[Array, Array] | None = None
 
 
 def edit(x: Array, site: Site, edits: dict[Site, Any], bank: dict[Site, Array]) -> Array:
@@ -52,8 +72,9 @@ def edit(x: Array, site: Site, edits: dict[Site, Any], bank: dict[Site, Array]) 
 
     Args:
         x: the activation, [B, T, ...] (heads: [B, T, H, D]).
-        edits: site -> (mask, source), each [B, T] (heads: [B, T, H]) for this
-            layer: where to write, and which bank row to read.
+        edits: site -> (mask, source) for this layer: where to write, and
+            which bank row to read, each [B, T], or [B, T, U] over the site's
+            units (heads of head_out, neurons of mlp_hidden).
         bank: site -> [R, T, ...] candidate values for this layer.
     """
     if site not in edits:
@@ -61,12 +82,13 @@ def edit(x: Array, site: Site, edits: dict[Site, Any], bank: dict[Site, Array]) 
     mask, source = edits[site]
     rows = bank[site]
     t = jnp.arange(rows.shape[1])
-    if site.has_heads:
-        h = jnp.arange(rows.shape[2])
-        value = rows[source, t[None, :, None], h[None, None, :]]  # [B, T, H, D]
+    if mask.ndim == 3:  # one choice per unit
+        u = jnp.arange(rows.shape[2])
+        value = rows[source, t[None, :, None], u[None, None, :]]  # [B, T, U, ...]
     else:
         value = rows[source, t[None, :]]  # [B, T, ...]
-    return jnp.where(mask[..., None], value.astype(x.dtype), x)
+    mask = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+    return jnp.where(mask, value.astype(x.dtype), x)
 
 
 def block(
@@ -76,23 +98,35 @@ def block(
     edits: dict[Site, Any],
     bank: dict[Site, Array],
     dropout_keys: Array | None,
+    *,
+    local: Array | None = None,
+    cache: tuple[Array, Array] | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Apply one block.
 
     Args:
         p: this layer's parameters (the [L] axis already indexed away).
-        z: [B, T, D] residual stream entering the block.
+        z: [B, Tq, D] residual stream entering the block at the queries.
         edits, bank: this layer's edits (see `edit`).
         dropout_keys: [3, 2] keys (attention probabilities, attention output,
             MLP output) or None for a deterministic pass.
+        local: whether this layer is local (sliding-window); a traced bool,
+            since it rides the layer scan. None: the config has no local layers.
+        cache: this layer's keys and values [B, Tc, G, K] at earlier positions.
     Returns:
-        (z_next [B, T, D], captures {site: [B, T, ...]}, and with `ctx.keep_kv`
-        under "keys" and "values" the [B, T, G, K] keys and values).
+        (z_next [B, Tq, D], captures {site: [B, Tq, ...]}, and with
+        `ctx.keep_kv` under "keys" and "values" the [B, Tq, G, K] keys and
+        values; with post-norms and mlp_hidden captured, "mlp_post_scale"
+        [B, Tq], the MLP post-norm's factor, which per-neuron direct effects need).
     """
     cfg = ctx.config
-    rate = cfg.dropout
     keys = (None, None, None) if dropout_keys is None else tuple(dropout_keys)
     out: dict[str, Array] = {}
+    mask, rotary = ctx.mask, ctx.rotary
+    if local is not None:
+        mask = jnp.where(local, ctx.local_mask, mask)
+        if ctx.local_rotary is not None:
+            rotary = tuple(jnp.where(local, a, b) for a, b in zip(ctx.local_rotary, rotary, strict=True))
 
     z = edit(z, Site.RESID_PRE, edits, bank)
     if Site.RESID_PRE in ctx.capture:
@@ -105,10 +139,13 @@ def block(
     v = jnp.einsum("btd,dgk->btgk", h, p["W_V"])
     if cfg.use_bias:
         q, k, v = q + p["b_Q"][None, None], k + p["b_K"][None, None], v + p["b_V"][None, None]
-    if ctx.rotary is not None:
-        q = layers.apply_rotary(q, *ctx.rotary, cfg)
-        k = layers.apply_rotary(k, *ctx.rotary, cfg)
-    heads = layers.attention_heads(q, k, v, ctx.mask, keys[0], rate)  # [B, T, H, K]
+    if cfg.qk_norm:
+        q = layers.norm(q, p["q_norm_g"], None, cfg)
+        k = layers.norm(k, p["k_norm_g"], None, cfg)
+    if rotary is not None:
+        q = layers.apply_rotary(q, *rotary, cfg)
+        k = layers.apply_rotary(k, *rotary, cfg)
+    heads = layers.attention_heads(q, k, v, mask, keys[0], cfg, cache)  # [B, T, H, K]
     kv = {"keys": k, "values": v} if ctx.keep_kv else {}
 
     if Site.HEAD_OUT in ctx.capture or Site.HEAD_OUT in edits:
@@ -116,6 +153,9 @@ def block(
         per_head = jnp.einsum("bthk,hkd->bthd", heads, p["W_O"])
         if cfg.use_bias:
             per_head = per_head + p["b_O"][None, None, None] / cfg.n_heads
+        if cfg.post_norms:  # each head's share of the post-normed sum: the norm's factor of the sum
+            scale = layers.norm_scale(per_head.sum(axis=2), cfg)[..., None]
+            per_head = layers.apply_norm(per_head, scale, p["ln1_post_g"], None, cfg)
         per_head = edit(per_head, Site.HEAD_OUT, edits, bank)
         if Site.HEAD_OUT in ctx.capture:
             out[Site.HEAD_OUT] = per_head
@@ -124,7 +164,9 @@ def block(
         a = jnp.einsum("bthk,hkd->btd", heads, p["W_O"])
         if cfg.use_bias:
             a = a + p["b_O"][None, None]
-    a = layers.dropout(a, keys[1], rate)
+        if cfg.post_norms:
+            a = layers.norm(a, p["ln1_post_g"], None, cfg)
+    a = layers.dropout(a, keys[1], cfg.dropout)
     a = edit(a, Site.ATTN_OUT, edits, bank)
     if Site.ATTN_OUT in ctx.capture:
         out[Site.ATTN_OUT] = a
@@ -139,7 +181,12 @@ def block(
     m = jnp.einsum("btf,fd->btd", hidden, p["W_out"])
     if cfg.use_bias:
         m = m + p["b_out"][None, None]
-    m = layers.dropout(m, keys[2], rate)
+    if cfg.post_norms:
+        post_scale = layers.norm_scale(m, cfg)
+        m = layers.apply_norm(m, post_scale, p["ln2_post_g"], None, cfg)
+        if Site.MLP_HIDDEN in ctx.capture:
+            out["mlp_post_scale"] = post_scale
+    m = layers.dropout(m, keys[2], cfg.dropout)
     m = edit(m, Site.MLP_OUT, edits, bank)
     if Site.MLP_OUT in ctx.capture:
         out[Site.MLP_OUT] = m

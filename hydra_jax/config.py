@@ -74,6 +74,32 @@ class ModelConfig:
         embed_multiplier: the token embeddings are multiplied by this before
             the first block (sqrt(d_model) in Gemma; 1 elsewhere). The
             unembedding is not.
+        post_norms: "sandwich" norms (Gemma 2 and 3): the attention output
+            and the MLP output are each normalised (gains `ln1_post_g`,
+            `ln2_post_g`) before they enter the residual stream. The sites
+            attn_out and mlp_out are the post-normed outputs, what the
+            residual receives.
+        qk_norm: queries and keys are normalised over each head's d_head
+            dimensions (gains `q_norm_g`, `k_norm_g`, [L, K]) before rotary
+            (Gemma 3).
+        sliding_window: local layers let a query see only keys fewer than
+            this many positions before it (key k visible from query q when
+            0 <= q - k < sliding_window).
+        local_layers: per layer, whether it is local (sliding-window); None
+            with a `sliding_window` means every layer is local. Gemma 2
+            alternates local and global layers, Gemma 3 has five local per
+            global.
+        rotary_local_base: the rotary base of local layers (Gemma 3: 10,000
+            locally, 1,000,000 globally). When set, local layers use it with
+            no `rotary_scaling`; global layers use `rotary_base` and the
+            scaling. None: local layers rotate exactly like global ones.
+        attn_scale: the factor attention scores are multiplied by; None means
+            1 / sqrt(d_head). Gemma's `query_pre_attn_scalar` q gives q^-1/2.
+        attn_softcap: attention scores become cap * tanh(score / cap) before
+            the mask and softmax (Gemma 2: 50); None: no cap.
+        final_softcap: the logits become cap * tanh(logit / cap) (Gemma 2:
+            30); None: no cap. Direct and total effects are measured on the
+            logits before the cap (see `hydra_jax.effects`).
         dropout: dropout rate on attention probabilities and on the attention
             and MLP outputs; only active when a dropout key is given.
         dtype: compute dtype ("bfloat16" for mixed precision). Norm
@@ -106,6 +132,14 @@ class ModelConfig:
     tie_embeddings: bool = False
     unembed_bias: bool = False
     embed_multiplier: float = 1.0
+    post_norms: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    local_layers: tuple[bool, ...] | None = None
+    rotary_local_base: float | None = None
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     dropout: float = 0.0
     dtype: DType = "float32"
     param_dtype: DType = "float32"
@@ -174,6 +208,45 @@ class ModelConfig:
                 )
         if not self.embed_multiplier > 0:
             raise ValueError(f"ModelConfig.embed_multiplier must be > 0, got {self.embed_multiplier!r}.")
+        if self.local_layers is not None:
+            if isinstance(self.local_layers, list):  # from JSON
+                object.__setattr__(self, "local_layers", tuple(self.local_layers))
+            if len(self.local_layers) != self.n_layers or not all(
+                isinstance(v, bool) for v in self.local_layers
+            ):
+                raise ValueError(
+                    f"ModelConfig.local_layers must be n_layers={self.n_layers} booleans, got "
+                    f"{self.local_layers!r}."
+                )
+            if self.sliding_window is None:
+                raise ValueError(
+                    "ModelConfig.local_layers needs a sliding_window (the local layers' window)."
+                )
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int)
+            or isinstance(self.sliding_window, bool)
+            or self.sliding_window <= 0
+        ):
+            raise ValueError(
+                f"ModelConfig.sliding_window must be a positive int or None, got {self.sliding_window!r}."
+            )
+        if self.post_norms and self.norm != "rms":
+            raise ValueError(
+                "ModelConfig.post_norms needs norm='rms' (the families with post-norms use RMSNorm)."
+            )
+        if self.rotary_local_base is not None:
+            if self.positions != "rotary" or self.sliding_window is None:
+                raise ValueError(
+                    "ModelConfig.rotary_local_base needs positions='rotary' and a sliding_window."
+                )
+            if not self.rotary_local_base > 0:
+                raise ValueError(
+                    f"ModelConfig.rotary_local_base must be > 0, got {self.rotary_local_base!r}."
+                )
+        for name in ("attn_scale", "attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"ModelConfig.{name} must be a positive number or None, got {value!r}.")
 
     # Derived quantities: properties, so they can never disagree with the fields.
     @property
@@ -185,6 +258,18 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """Dimensions of each head that rotary embeddings rotate."""
         return round(self.rotary_fraction * self.d_head)
+
+    @property
+    def local(self) -> tuple[bool, ...]:
+        """Per layer, whether it is a local (sliding-window) layer."""
+        if self.sliding_window is None:
+            return (False,) * self.n_layers
+        return self.local_layers if self.local_layers is not None else (True,) * self.n_layers
+
+    @property
+    def scores_scale(self) -> float:
+        """The factor attention scores are multiplied by (before any soft-cap)."""
+        return self.attn_scale if self.attn_scale is not None else self.d_head**-0.5
 
     @property
     def compute_dtype(self) -> jnp.dtype:

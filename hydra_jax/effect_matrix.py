@@ -1,23 +1,23 @@
 """`effect_matrix` (one compiled call) and `naive_effect_matrix` (one run per ablation).
 
-Both return an `EffectMatrix` with the same labels and meaning; the naive one
-is the obviously-correct reference the fast paths are tested against.
+Both take their settings as one `EffectSpec` (or its fields as keywords) and
+return an `EffectMatrix` with the same labels and meaning; the naive one is
+the obviously-correct reference the fast paths are tested against.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hydra_jax import interventions as iv
-from hydra_jax import validate
+from hydra_jax import layers, validate
 from hydra_jax.batch import Batch
 from hydra_jax.effects import (
     ABLATABLE,
@@ -27,52 +27,42 @@ from hydra_jax.effects import (
     Labels,
     components,
     direct_effect,
+    order_key,
     target_direction,
 )
-from hydra_jax.engine import CODE, Plan, effect_core, segments_for
-from hydra_jax.model import Transformer
+from hydra_jax.engine import CODE, Plan, describes, effect_core, segments_for
+from hydra_jax.model import Transformer, unembed
 from hydra_jax.run import run
 from hydra_jax.runner import check_batch
 from hydra_jax.sharding import ABLATIONS, PROMPTS, Layout, layout_for
 from hydra_jax.sites import Site, as_site
 from hydra_jax.sources import SourceActivations
 
-Kind = Literal["zero", "mean", "resample", "patch"]
+KINDS = iv.KINDS
+POSITIONS = ("final", "all")
+TARGETS = ("argmax", "answer")
 
 
-def effect_matrix(
-    model: Transformer,
-    batch: Batch,
-    *,
-    ablate: Sequence[str] = ("attn_out",),
-    measure: Sequence[str] = ("attn_out", "mlp_out"),
-    kind: Kind = "resample",
-    position: Literal["final", "all"] = "final",
-    target: Literal["argmax", "answer"] = "argmax",
-    n_resamples: int = 1,
-    chunk_size: int | None = None,
-    seed: int = 0,
-    source: Batch | SourceActivations | None = None,
-    source_index: Any = None,
-    linearise: bool = False,
-    mesh: jax.sharding.Mesh | None = None,
-    shard_params: bool = False,
-    scan_segments: int = 4,
-) -> EffectMatrix:
-    """Every ablation × every measured component × every prompt, in one compiled call.
+@dataclasses.dataclass(frozen=True)
+class EffectSpec:
+    """The settings of an effect matrix, validated once; shared by the CLI, `analyze`,
+    `effect_matrix`, `compile_effect_matrix` and `naive_effect_matrix`.
 
-    Args:
-        model: a `Transformer`.
-        batch: left-padded prompts.
-        ablate: sites whose every layer (every head, for "head_out") is ablated
-            in turn: any of "attn_out", "mlp_out", "head_out".
-        measure: components whose direct-effect change is measured: any of
-            "attn_out", "mlp_out", "head_out" ("attn_out" and "head_out" are
-            alternatives: heads sum to the layer).
+    Attributes:
+        ablate: what is ablated, each in turn: site names (every layer; every
+            head of "head_out", every neuron of "mlp_hidden") among resid_pre,
+            attn_out, head_out, mlp_hidden, mlp_out, or component labels:
+            "attn_out.3", "head_out.3.5", "mlp_hidden.3" (the layer's whole
+            hidden vector), "mlp_hidden.3.17" (one neuron),
+            "mlp_hidden.3.17+42+99" (neurons ablated together).
+        measure: components whose direct-effect change is measured, the same
+            forms, among attn_out, head_out, mlp_hidden (per neuron), mlp_out.
+            "attn_out" and "head_out" are alternatives (heads sum to the
+            layer), so are "mlp_out" and "mlp_hidden".
         kind: "resample" (the paper's default: another prompt's activation:
-            of the batch, by a seeded fixed-point-free draw, or of `source` at
-            `source_index`), "zero", "mean" (over the batch, or over `source`)
-            or "patch" (prompt b of `source`).
+            of the batch, by a seeded fixed-point-free draw, or of a `source`
+            at `source_index`), "zero", "mean" (over the batch, or over
+            `source`) or "patch" (prompt b of `source`).
         position: "final" (the last token only; the fast path) or "all".
         target: "argmax" (the clean run's most likely final token) or
             "answer" (the batch's answer tokens).
@@ -81,6 +71,175 @@ def effect_matrix(
             With a mesh: rows processed at once by each device along the
             mesh's "ablations" axis (all of them at once when it has none).
         seed: seeds the within-batch resampling draw (unused with `source_index`).
+        linearise: also return first-order predictions of every effect
+            (`linear_total`, `linear_delta_direct`): forward-mode derivatives
+            (`jax.jvp`) of the suffix along the edit ĉ − c, in the same call.
+        scan_segments: the most pieces the suffix's layer scan is cut into.
+            Each ablation row is recomputed from the piece holding its layer
+            on, so more pieces mean less work (the layer steps per row of a
+            layer sweep fall from L toward the minimal (L + 1) / 2: 7.5 of
+            12 with 4 pieces) and one more compiled scan body each; 1 runs
+            every row through every layer. Results do not depend on it. With a
+            mesh, and for position="all" with a chunk_size (whose memory bound
+            it would loosen), the scan is not cut.
+    """
+
+    ablate: tuple[str, ...] = ("attn_out",)
+    measure: tuple[str, ...] = ("attn_out", "mlp_out")
+    kind: str = "resample"
+    position: str = "final"
+    target: str = "argmax"
+    n_resamples: int = 1
+    chunk_size: int | None = None
+    seed: int = 0
+    linearise: bool = False
+    scan_segments: int = 4
+
+    def __post_init__(self) -> None:
+        set_ = _setter(self)
+        set_("ablate", _names(self.ablate, ABLATABLE, "ablate"))
+        set_("measure", _names(self.measure, MEASURABLE, "measure"))
+        sites = {_site_of(n) for n in self.measure}
+        for one, other, why in (
+            (Site.ATTN_OUT, Site.HEAD_OUT, "the heads sum to the layer"),
+            (Site.MLP_OUT, Site.MLP_HIDDEN, "the neurons sum to the MLP"),
+        ):
+            if one in sites and other in sites:
+                raise ValueError(
+                    f"measure either {one.value!r} or {other.value!r}, not both: {why}, so the "
+                    "compensation sums would count it twice."
+                )
+        if self.kind not in KINDS:
+            raise ValueError(f"Unknown ablation kind {self.kind!r}; choose one of {KINDS}.")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be 'final' or 'all', got {self.position!r}.")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be 'argmax' or 'answer', got {self.target!r}.")
+        if (
+            isinstance(self.n_resamples, bool)
+            or not isinstance(self.n_resamples, int)
+            or self.n_resamples < 1
+        ):
+            raise ValueError(f"n_resamples must be a positive int, got {self.n_resamples!r}.")
+        if self.kind != "resample" and self.n_resamples != 1:
+            raise ValueError(f"n_resamples only applies to kind='resample', not kind={self.kind!r}.")
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0
+        ):
+            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}.")
+        set_("seed", validate.seed(self.seed))
+        if (
+            isinstance(self.scan_segments, bool)
+            or not isinstance(self.scan_segments, int)
+            or self.scan_segments < 1
+        ):
+            raise ValueError(
+                f"scan_segments must be a positive int (1: one scan over every layer), got "
+                f"{self.scan_segments!r}."
+            )
+        set_("linearise", bool(self.linearise))
+
+    def replace(self, **changes: Any) -> EffectSpec:
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def components(self, config: Any) -> tuple[list[Component], list[Component]]:
+        """The (ablated, measured) components in a model with `config`, checked to exist there."""
+        return _expand(self.ablate, config), _expand(self.measure, config)
+
+
+def _setter(obj: Any) -> Any:  # a frozen dataclass normalising its own fields in __post_init__
+    return lambda name, value: object.__setattr__(obj, name, value)
+
+
+def _site_of(name: str) -> Site:
+    return as_site(name.split(".", 1)[0])
+
+
+def _names(names: Any, allowed: tuple[Site, ...], what: str) -> tuple[str, ...]:
+    """Site names and component labels, checked and deduplicated (in order)."""
+    if isinstance(names, (str, Site, Component)):
+        names = (names,)
+    if not isinstance(names, Iterable):
+        raise TypeError(
+            f"{what} must be a site name or component label, or a sequence of them, from "
+            f"{[s.value for s in allowed]}; got {names!r}."
+        )
+    out = []
+    for n in names:
+        if isinstance(n, Component):
+            n = n.label
+        elif isinstance(n, Site):
+            n = n.value
+        elif not isinstance(n, str):
+            raise TypeError(f"{what} entries must be site names or component labels, got {n!r}.")
+        label = n if "." not in n else Component.parse(n).label  # raises on a malformed label
+        if _site_of(label) not in allowed:
+            raise ValueError(
+                f"{what} takes {[s.value for s in allowed]}"
+                + (
+                    " (the residual stream is not a component: it is ablated, not measured)"
+                    if what == "measure"
+                    else ""
+                )
+                + f"; got {n!r}."
+            )
+        out.append(label)
+    out = tuple(dict.fromkeys(out))
+    if not out:
+        raise ValueError(f"{what} needs at least one site from {[s.value for s in allowed]}.")
+    return out
+
+
+def _expand(names: tuple[str, ...], config: Any) -> list[Component]:
+    """Components of site names (every layer, head, neuron) and labels, ordered, without repeats."""
+    out: list[Component] = []
+    for n in names:
+        if "." in n:
+            c = Component.parse(n)
+            c.check(config)
+            out.append(c)
+        else:
+            out += components((as_site(n),), config)
+    unique = list(dict.fromkeys(out))
+    return sorted(unique, key=order_key)
+
+
+def _spec(spec: EffectSpec | None, settings: dict[str, Any], what: str) -> EffectSpec:
+    if spec is not None and not isinstance(spec, EffectSpec):
+        raise TypeError(f"spec must be an EffectSpec, got {type(spec).__name__}.")
+    if spec is not None and settings:
+        raise TypeError(
+            f"{what} takes either spec= or its settings as keywords, not both; got spec= and "
+            f"{sorted(settings)} (use spec.replace(...))."
+        )
+    names = {f.name for f in dataclasses.fields(EffectSpec)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise TypeError(f"{what} got unexpected arguments {unknown}; its settings are {sorted(names)}.")
+    return spec if spec is not None else EffectSpec(**settings)
+
+
+def effect_matrix(
+    model: Transformer,
+    batch: Batch,
+    spec: EffectSpec | None = None,
+    *,
+    source: Batch | SourceActivations | None = None,
+    source_index: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    shard_params: bool = False,
+    **settings: Any,
+) -> EffectMatrix:
+    """Every ablation × every measured component × every prompt, in one compiled call.
+
+    Args:
+        model: a `Transformer`.
+        batch: left-padded prompts.
+        spec: the settings (see `EffectSpec`: ablate, measure, kind, position,
+            target, n_resamples, chunk_size, seed, linearise, scan_segments),
+            or pass them as keywords: `effect_matrix(model, batch,
+            ablate=("attn_out",), kind="resample")`.
         source: where the values come from, instead of the batch itself:
             a `Batch` (run clean inside the same call) or `SourceActivations`
             (`hydra_jax.sources.source_activations`: its clean activations,
@@ -94,9 +253,6 @@ def effect_matrix(
             `resample_sources(N, k, seed)[:, idx]` for the prompts `idx` of
             an N-prompt dataset, never the prompt itself). The same draw
             gives the same numbers however the dataset is split into batches.
-        linearise: also return first-order predictions of every effect
-            (`linear_total`, `linear_delta_direct`): forward-mode derivatives
-            (`jax.jvp`) of the suffix along the edit ĉ − c, in the same call.
         mesh: split the computation over the devices of a `jax.sharding.Mesh`
             whose axes are named "prompts" (splits the prompts; must divide
             the batch size), "ablations" (splits the ablation rows, padded
@@ -108,23 +264,12 @@ def effect_matrix(
             vocabulary) over the mesh's "model" axis, or its "ablations" axis
             when it has none, for models that do not fit one device.
             Otherwise parameters are replicated on every device.
-        scan_segments: the most pieces the suffix's layer scan is cut into.
-            Each ablation row is recomputed from the piece holding its layer
-            on, so more pieces mean less work (the layer steps per row of a
-            layer sweep fall from L toward the minimal (L + 1) / 2: 7.5 of
-            12 with 4 pieces) and one more compiled scan body each; 1 runs
-            every row through every layer.
-            Results do not depend on it. With a mesh, and for position="all"
-            with a chunk_size (whose memory bound it would loosen), the scan
-            is not cut.
 
     Returns:
         An `EffectMatrix` (shapes: total [A, B], delta_direct [A, M, B], ...).
     """
-    prepared = _prepare(
-        model, batch, ablate, measure, kind, position, target, n_resamples, chunk_size, seed, source,
-        source_index, linearise, mesh, shard_params, scan_segments,
-    )  # fmt: skip
+    spec = _spec(spec, settings, "effect_matrix")
+    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params)
     return prepared.finish(effect_core(*prepared.args, plan=prepared.plan))
 
 
@@ -146,59 +291,74 @@ class _Prepared:
 def _prepare(
     model: Transformer,
     batch: Batch,
-    ablate: Sequence[str],
-    measure: Sequence[str],
-    kind: Kind,
-    position: str,
-    target: str,
-    n_resamples: int,
-    chunk_size: int | None,
-    seed: int,
+    spec: EffectSpec,
     source: Batch | SourceActivations | None,
     source_index: Any,
-    linearise: bool,
     mesh: jax.sharding.Mesh | None,
     shard_params: bool,
-    scan_segments: int,
 ) -> _Prepared:
-    seed = validate.seed(seed)
-    ablated, measured = _check(model, batch, ablate, measure, kind, position, target, n_resamples, source)
-    source_index = _check_source_index(kind, batch, n_resamples, source, source_index)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-    if isinstance(scan_segments, bool) or not isinstance(scan_segments, int) or scan_segments < 1:
-        raise ValueError(
-            f"scan_segments must be a positive int (1: one scan over every layer), got {scan_segments!r}."
-        )
+    """Check the inputs against the model, and build the plan and the rows on the host."""
+    ablated, measured = _check(model, batch, spec, source)
+    source_index = _check_source_index(spec.kind, batch, spec.n_resamples, source, source_index)
+    config = model.config
     layout = layout_for(mesh, shard_params, batch.size)
-    segments = None
-    if layout is None and not (position == "all" and chunk_size is not None):
-        segments = segments_for([c.layer for c in ablated], model.config.n_layers, scan_segments)
+    segments = restore = None
+    order = np.arange(len(ablated))
+    if layout is None and not (spec.position == "all" and spec.chunk_size is not None):
+        order = np.argsort([c.layer for c in ablated], kind="stable")  # a segment's rows are a prefix
+        segments = segments_for([c.layer for c in ablated], config.n_layers, spec.scan_segments)
+        if segments == ((0, config.n_layers, len(ablated)),):
+            segments, order = None, np.arange(len(ablated))
+        else:
+            restore = np.argsort(order).astype(np.int32)
+    rows_in = [ablated[i] for i in order]
+    assert segments is None or describes(segments, [c.layer for c in rows_in]), (segments, rows_in)
     plan = Plan(
-        config=model.config,
-        kind=kind,
-        position=position,
-        target=target,
-        n_resamples=n_resamples,
-        chunk_size=chunk_size,
-        measured=tuple((CODE[c.site], c.layer, c.head or 0) for c in measured),
-        head_ablations=any(c.site is Site.HEAD_OUT for c in ablated),
-        linearise=bool(linearise),
+        config=config,
+        kind=spec.kind,
+        position=spec.position,
+        target=spec.target,
+        n_resamples=spec.n_resamples,
+        chunk_size=spec.chunk_size,
+        measured=tuple((c.site, c.layer, _unit(c)) for c in measured),
+        ablated=frozenset(c.site for c in ablated),
+        linearise=spec.linearise,
         layout=layout,
         segments=segments,
     )
     rows = {
-        "layer": jnp.array([c.layer for c in ablated], jnp.int32),
-        "code": jnp.array([CODE[c.site] for c in ablated], jnp.int32),
-        "head": jnp.array([c.head or 0 for c in ablated], jnp.int32),
+        "layer": np.array([c.layer for c in rows_in], np.int32),
+        "site": np.array([CODE[c.site] for c in rows_in], np.int32),
+        "head": np.array([c.head or 0 for c in rows_in], np.int32),
     }
-    perms = _perms(batch.size, n_resamples, seed, kind) if source_index is None else source_index
+    if Site.MLP_HIDDEN in plan.ablated:
+        neurons = np.zeros((len(rows_in), config.d_mlp), bool)
+        for i, c in enumerate(rows_in):
+            if c.site is Site.MLP_HIDDEN:
+                neurons[i, slice(None) if c.neurons is None else list(c.neurons)] = True
+        rows["neurons"] = neurons
+    if source_index is None:
+        perms = _perms(batch.size, spec.n_resamples, spec.seed, spec.kind)
+    else:
+        perms = source_index
     answers = batch.answers if batch.answers is not None else np.zeros(batch.size, np.int32)
-    args = (model.params, batch.tokens, batch.valid, answers, rows, perms, _source_arrays(source))
+    args = (model.params, batch.tokens, batch.valid, answers, rows, perms, _source_arrays(source), restore)
     if layout is not None:
-        args = _place(layout, kind, *args)
+        args = _place(layout, spec.kind, *args)
     labels = Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured))
     return _Prepared(args=args, plan=plan, labels=labels, n_ablations=len(ablated))
+
+
+def _unit(c: Component) -> int:
+    """The head or neuron a measured component picks out of its layer (0 for whole layers)."""
+    if c.site is Site.MLP_HIDDEN:
+        if c.neurons is None or len(c.neurons) != 1:
+            raise ValueError(
+                f"Measured neurons are measured one at a time: write mlp_hidden.{c.layer}.<neuron> "
+                f"(or 'mlp_hidden' for every neuron), not {c.label!r}."
+            )
+        return c.neurons[0]
+    return c.head or 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,25 +381,27 @@ class CompiledEffectMatrix:
 
 
 def compile_effect_matrix(
-    model: Transformer, batch: Batch, *, fresh: bool = False, **kwargs: Any
+    model: Transformer,
+    batch: Batch,
+    spec: EffectSpec | None = None,
+    *,
+    fresh: bool = False,
+    source: Batch | SourceActivations | None = None,
+    source_index: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    shard_params: bool = False,
+    **settings: Any,
 ) -> CompiledEffectMatrix:
-    """`effect_matrix(model, batch, **kwargs)` compiled ahead of time, without running it.
+    """`effect_matrix(model, batch, spec, ...)` compiled ahead of time, without running it.
 
     Separates compilation from execution: benchmarks time the call alone, and
     `compiled.memory_analysis()` / `cost_analysis()` show what a sweep needs
-    before it runs. Takes exactly `effect_matrix`'s keyword arguments, plus
+    before it runs. Takes exactly `effect_matrix`'s arguments, plus
     `fresh=True` to clear JAX's in-process caches first, so that `compile_s`
     measures a real compilation rather than a cache hit.
     """
-    names = inspect.signature(effect_matrix).parameters
-    unknown = sorted(set(kwargs) - set(names) | ({"model", "batch"} & set(kwargs)))
-    if unknown:
-        raise TypeError(
-            f"compile_effect_matrix got unexpected arguments {unknown}; it takes effect_matrix's."
-        )
-    bound = inspect.signature(effect_matrix).bind(model, batch, **kwargs)
-    bound.apply_defaults()
-    prepared = _prepare(**bound.arguments)
+    spec = _spec(spec, settings, "compile_effect_matrix")
+    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params)
     if fresh:  # JAX reuses an identical program compiled earlier in this process
         jax.clear_caches()
     start = time.perf_counter()
@@ -250,88 +412,156 @@ def compile_effect_matrix(
 def naive_effect_matrix(
     model: Transformer,
     batch: Batch,
+    spec: EffectSpec | None = None,
     *,
-    ablate: Sequence[str] = ("attn_out",),
-    measure: Sequence[str] = ("attn_out", "mlp_out"),
-    kind: Kind = "resample",
-    position: Literal["final", "all"] = "final",
-    target: Literal["argmax", "answer"] = "argmax",
-    n_resamples: int = 1,
-    seed: int = 0,
     source: Batch | None = None,
     source_index: Any = None,
+    **settings: Any,
 ) -> EffectMatrix:
     """The reference: one ordinary `run` per ablation (and resample), same quantities.
 
-    Same arguments as `effect_matrix` (less `chunk_size`; `source` a Batch
-    only). A resample is a patch from the batch (or `source`) reordered by
-    the same seeded permutations (or by `source_index`).
+    Same arguments as `effect_matrix` (`chunk_size`, `linearise` and
+    `scan_segments` have no meaning here and are ignored; `source` a Batch
+    only). A resample is a patch from the batch (or `source`) reordered by the
+    same seeded permutations (or by `source_index`). Direct effects are read
+    from the captured activations (neurons: h_n W_out[n], through the MLP
+    post-norm's factor and gain when the model has post-norms) and total
+    effects from the logits before any final soft-cap.
     """
-    seed = validate.seed(seed)
+    spec = _spec(spec, settings, "naive_effect_matrix")
+    if spec.linearise:
+        raise ValueError(
+            "naive_effect_matrix has no linear predictions; use effect_matrix(..., linearise=True)."
+        )
     if isinstance(source, SourceActivations):
         raise TypeError("naive_effect_matrix recomputes from prompts: pass the source as a Batch.")
-    ablated, measured = _check(model, batch, ablate, measure, kind, position, target, n_resamples, source)
-    source_index = _check_source_index(kind, batch, n_resamples, source, source_index)
-    config = model.config
-    heads = any(c.site is Site.HEAD_OUT for c in measured)
-    capture = ["attn_out", "mlp_out", "resid_pre", "resid_final", "final_scale"] + (
-        ["head_out"] if heads else []
-    )
+    ablated, measured = _check(model, batch, spec, source)
+    source_index = _check_source_index(spec.kind, batch, spec.n_resamples, source, source_index)
+    config, params = model.config, model.params
+    sites = {c.site for c in measured}
+    capture = [
+        "attn_out",
+        "mlp_out",
+        "resid_pre",
+        "resid_final",
+        "final_scale",
+        *sorted(s.value for s in sites),
+    ]
     logits, clean = run(model, batch, capture=capture)
-    final_logits = logits[:, -1] - logits[:, -1].mean(-1, keepdims=True)
-    tgt = jnp.argmax(logits[:, -1], -1) if target == "argmax" else jnp.asarray(batch.answers)
-    w, bias = target_direction(model.params, config, tgt)
+    raw = unembed(params, config, clean[Site.RESID_FINAL][:, -1], capped=False)[0]  # [B, V]
+    tgt = jnp.argmax(logits[:, -1], -1) if spec.target == "argmax" else jnp.asarray(batch.answers)
+    w, bias = target_direction(params, config, tgt)
     scale = clean["final_scale"][:, -1]
 
-    def measured_de(cache: dict) -> jnp.ndarray:  # [M, B] with the clean (frozen) scale
-        rows = []
-        for c in measured:
-            v = cache[c.site][c.layer, :, -1]
-            rows.append(direct_effect(v[:, c.head] if c.head is not None else v, w, scale, config))
-        return jnp.stack(rows)
+    def de(v: jnp.ndarray) -> jnp.ndarray:
+        return direct_effect(v, w, scale, config)
 
-    def target_logit(lg: jnp.ndarray) -> jnp.ndarray:
-        centred = lg[:, -1] - lg[:, -1].mean(-1, keepdims=True)
+    def measured_de(cache: dict) -> jnp.ndarray:  # [M, B] with the clean (frozen) scale
+        out, neuron_de = [], {}
+        for c in measured:
+            if c.site is Site.MLP_HIDDEN:
+                if c.layer not in neuron_de:  # [F, B]: every neuron of the layer at once
+                    neuron_de[c.layer] = de(_neuron_outputs(params, config, cache, c.layer))
+                out.append(neuron_de[c.layer][c.neurons[0]])
+            else:
+                v = cache[c.site][c.layer, :, -1]
+                out.append(de(v[:, c.head] if c.head is not None else v))
+        return jnp.stack(out)
+
+    def target_logit(z_final: jnp.ndarray) -> jnp.ndarray:  # the centred logit before any soft-cap
+        lg = unembed(params, config, z_final, capped=False)[0]
+        centred = lg - lg.mean(-1, keepdims=True)
         return jnp.take_along_axis(centred, tgt[:, None], axis=1)[:, 0]
 
+    clean_target = target_logit(clean[Site.RESID_FINAL][:, -1])
     clean_de = measured_de(clean)
-    perms = _perms(batch.size, n_resamples, seed, kind) if source_index is None else source_index
+    perms = (
+        _perms(batch.size, spec.n_resamples, spec.seed, spec.kind) if source_index is None else source_index
+    )
     pool = batch if source is None else source
     total, delta, norm = [], [], []
     for c in ablated:
         runs = []
-        for k in range(n_resamples):
-            if kind == "resample":
+        for k in range(spec.n_resamples):
+            units = dict(head=c.head, neuron=c.neurons)
+            if spec.kind == "resample":
                 edit = iv.ablate(
-                    c.site, c.layer, c.head, kind="patch", position=position, source=pool[perms[k]]
+                    c.site, c.layer, kind="patch", position=spec.position, source=pool[perms[k]], **units
                 )
             else:
-                edit = iv.ablate(c.site, c.layer, c.head, kind=kind, position=position, source=source)
-            lg, cache = run(model, batch, edit, capture=capture)
+                edit = iv.ablate(
+                    c.site, c.layer, kind=spec.kind, position=spec.position, source=source, **units
+                )
+            _, cache = run(model, batch, edit, capture=capture)
             s_new, z_new = cache["final_scale"][:, -1], cache["resid_final"][:, -1]
             dot = jnp.einsum("bd,bd->b", z_new, w, precision="highest")
             runs.append(
-                (
-                    target_logit(lg) - target_logit(logits),
-                    measured_de(cache) - clean_de,
-                    (s_new - scale) * dot,
-                )
+                (target_logit(z_new) - clean_target, measured_de(cache) - clean_de, (s_new - scale) * dot)
             )
         total.append(jnp.mean(jnp.stack([r[0] for r in runs]), 0))
         delta.append(jnp.mean(jnp.stack([r[1] for r in runs]), 0))
         norm.append(jnp.mean(jnp.stack([r[2] for r in runs]), 0))
-    embed = direct_effect(clean["resid_pre"][0, :, -1], w, scale, config)
+    centred = raw - raw.mean(-1, keepdims=True)
     return EffectMatrix(
         total=jnp.stack(total),
         direct_clean=clean_de,
         delta_direct=jnp.stack(delta),
         norm_term=jnp.stack(norm),
         target=tgt,
-        clean_logit=jnp.take_along_axis(final_logits, tgt[:, None], axis=1)[:, 0],
-        direct_embed=embed,
+        clean_logit=jnp.take_along_axis(centred, tgt[:, None], axis=1)[:, 0],
+        direct_embed=de(clean["resid_pre"][0, :, -1]),
         direct_bias=bias,
         labels=Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured)),
     )
+
+
+def _neuron_outputs(params: dict, config: Any, cache: dict, layer: int) -> jnp.ndarray:
+    """[F, B, D] what each neuron of `layer` writes into the residual at the final position:
+    h_n W_out[n], times the MLP post-norm's factor (of the whole output) and gain with post-norms."""
+    hidden = cache[Site.MLP_HIDDEN][layer, :, -1].astype(jnp.float32)  # [B, F]
+    w_out = params["blocks"]["W_out"][layer].astype(jnp.float32)  # [F, D]
+    out = hidden.T[:, :, None] * w_out[:, None, :]
+    if config.post_norms:
+        m = hidden @ w_out
+        if config.use_bias:
+            m = m + params["blocks"]["b_out"][layer].astype(jnp.float32)[None]
+        gain = params["blocks"]["ln2_post_g"][layer].astype(jnp.float32)
+        out = out * layers.norm_scale(m, config)[None, :, None] * gain[None, None]
+    return out
+
+
+def _check(
+    model: Transformer, batch: Batch, spec: EffectSpec, source: Batch | SourceActivations | None
+) -> tuple[list[Component], list[Component]]:
+    """Check the inputs against the model (the spec is valid already); (ablated, measured)."""
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a hydra_jax.Transformer, got {type(model).__name__}.")
+    check_batch(model.config, batch)
+    kind = spec.kind
+    if spec.target == "answer" and batch.answers is None:
+        raise ValueError(
+            "target='answer' needs answer tokens: build the batch with "
+            "Batch.from_prompts(tokenizer, prompts, answers=...) or use target='argmax'."
+        )
+    if kind == "resample" and source is None:
+        iv.resample_sources(batch.size, spec.n_resamples, 0)  # raises if the batch is too small
+    if kind == "patch" and source is None:
+        raise ValueError("kind='patch' needs source=, a Batch with one prompt per prompt of the batch.")
+    ablated, measured = spec.components(model.config)
+    if source is not None:
+        if kind == "zero":
+            raise ValueError("source= is used by kind='mean', 'resample' or 'patch', not kind='zero'.")
+        if isinstance(source, SourceActivations):
+            _check_activations(model.config, source, tuple({c.site for c in ablated}), kind, spec.position)
+        else:
+            check_batch(model.config, source)
+        if kind == "patch" and source.size != batch.size:
+            raise ValueError(
+                f"A patch source needs {batch.size} prompts (one per prompt), got {source.size}."
+            )
+    for c in measured:
+        _unit(c)
+    return ablated, measured
 
 
 _PER_ABLATION = ("total", "norm_term", "delta_direct", "linear_total", "linear_delta_direct")
@@ -347,6 +577,7 @@ def _place(
     rows: dict[str, jnp.ndarray],
     perms: np.ndarray,
     src: dict[str, Any] | None,
+    restore: None = None,
 ) -> tuple:
     """The arguments of `effect_core` placed on the mesh.
 
@@ -369,6 +600,7 @@ def _place(
         {k: layout.put(v, ABLATIONS) for k, v in rows.items()},
         layout.put(perms),
         src,
+        None,
     )
     return args
 
@@ -377,63 +609,6 @@ def _perms(b: int, k: int, seed: int, kind: str) -> np.ndarray:
     if kind == "resample":
         return iv.resample_sources(b, k, seed)
     return np.zeros((k, b), np.int64)
-
-
-def _check(
-    model: Transformer,
-    batch: Batch,
-    ablate: Sequence[str],
-    measure: Sequence[str],
-    kind: str,
-    position: str,
-    target: str,
-    n_resamples: int,
-    source: Batch | None,
-) -> tuple[list[Component], list[Component]]:
-    """Validate arguments shared by both paths; return (ablated, measured) components."""
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a hydra_jax.Transformer, got {type(model).__name__}.")
-    check_batch(model.config, batch)
-    ablate_sites = _sites(ablate, ABLATABLE, "ablate")
-    measure_sites = _sites(measure, MEASURABLE, "measure")
-    if Site.ATTN_OUT in measure_sites and Site.HEAD_OUT in measure_sites:
-        raise ValueError(
-            "measure either 'attn_out' or 'head_out', not both: the heads sum to the layer, so the "
-            "compensation sums would count attention twice."
-        )
-    if kind not in iv.KINDS:
-        raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {iv.KINDS}.")
-    if position not in ("final", "all"):
-        raise ValueError(f"position must be 'final' or 'all', got {position!r}.")
-    if target not in ("argmax", "answer"):
-        raise ValueError(f"target must be 'argmax' or 'answer', got {target!r}.")
-    if target == "answer" and batch.answers is None:
-        raise ValueError(
-            "target='answer' needs answer tokens: build the batch with "
-            "Batch.from_prompts(tokenizer, prompts, answers=...) or use target='argmax'."
-        )
-    if not isinstance(n_resamples, int) or n_resamples < 1:
-        raise ValueError(f"n_resamples must be a positive int, got {n_resamples!r}.")
-    if kind != "resample" and n_resamples != 1:
-        raise ValueError(f"n_resamples only applies to kind='resample', not kind={kind!r}.")
-    if kind == "resample" and source is None:
-        iv.resample_sources(batch.size, n_resamples, 0)  # raises if the batch is too small
-    if kind == "patch" and source is None:
-        raise ValueError("kind='patch' needs source=, a Batch with one prompt per prompt of the batch.")
-    if source is not None:
-        if kind == "zero":
-            raise ValueError("source= is used by kind='mean', 'resample' or 'patch', not kind='zero'.")
-        if isinstance(source, SourceActivations):
-            _check_activations(model.config, source, ablate_sites, kind, position)
-        else:
-            check_batch(model.config, source)
-        if kind == "patch" and source.size != batch.size:
-            raise ValueError(
-                f"A patch source needs {batch.size} prompts (one per prompt), got {source.size}."
-            )
-    ablated = components(ablate_sites, model.config)
-    measured = components(measure_sites, model.config)
-    return ablated, measured
 
 
 def _check_activations(
@@ -508,23 +683,3 @@ def _source_arrays(source: Batch | SourceActivations | None) -> dict[str, Any] |
     if isinstance(source, SourceActivations):
         return {"acts": {s.value: x for s, x in source.acts.items()}, "valid": source.valid}
     return {"tokens": source.tokens, "valid": source.valid}
-
-
-def _sites(names: Sequence[str], allowed: tuple[Site, ...], what: str) -> tuple[Site, ...]:
-    if isinstance(names, str):
-        names = (names,)
-    if not isinstance(names, Iterable):
-        raise TypeError(
-            f"{what} must be a site name or a sequence of them, from {[s.value for s in allowed]}; "
-            f"got {names!r}."
-        )
-    sites = tuple(dict.fromkeys(as_site(n) for n in names))
-    if not sites:
-        raise ValueError(f"{what} needs at least one site from {[s.value for s in allowed]}.")
-    bad = [s.value for s in sites if s not in allowed]
-    if bad:
-        raise ValueError(
-            f"{what} sites must be components that write into the residual stream, "
-            f"{[s.value for s in allowed]}; got {bad}."
-        )
-    return sites

@@ -46,8 +46,10 @@ from hydra_jax.sites import Site, as_site
 
 Array = jax.Array
 Norm = Literal["frozen", "own"]
-ABLATABLE = (Site.ATTN_OUT, Site.MLP_OUT, Site.HEAD_OUT)
-MEASURABLE = (Site.ATTN_OUT, Site.MLP_OUT, Site.HEAD_OUT)
+ABLATABLE = (Site.RESID_PRE, Site.ATTN_OUT, Site.HEAD_OUT, Site.MLP_HIDDEN, Site.MLP_OUT)
+MEASURABLE = (Site.ATTN_OUT, Site.HEAD_OUT, Site.MLP_HIDDEN, Site.MLP_OUT)
+# Where a component sits within its layer: the residual entering it, attention, then the MLP.
+_STAGE = {Site.RESID_PRE: 0, Site.ATTN_OUT: 1, Site.HEAD_OUT: 1, Site.MLP_HIDDEN: 2, Site.MLP_OUT: 2}
 
 
 # --------------------------------------------------------------------------
@@ -56,47 +58,113 @@ MEASURABLE = (Site.ATTN_OUT, Site.MLP_OUT, Site.HEAD_OUT)
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Component:
-    """One residual-stream writer: an attention layer, an MLP layer or a head."""
+    """One ablatable or measurable unit: a layer's residual, attention or MLP, a head, or neurons.
+
+    Attributes:
+        layer: the layer.
+        site: resid_pre, attn_out, head_out, mlp_hidden or mlp_out.
+        head: the head of a head_out component.
+        neurons: the neurons of an mlp_hidden component (one, or a set ablated
+            together); None: every neuron of the layer, as one unit.
+    """
 
     layer: int
     site: Site
     head: int | None = None
+    neurons: tuple[int, ...] | None = None
 
     @property
     def label(self) -> str:
-        """ "attn_out.3", "mlp_out.3" or "head_out.3.5"."""
-        parts = [self.site.value, str(self.layer)] + ([] if self.head is None else [str(self.head)])
+        """ "attn_out.3", "mlp_out.3", "head_out.3.5", "mlp_hidden.3" (every neuron),
+        "mlp_hidden.3.17" (one neuron) or "mlp_hidden.3.17+42" (a set)."""
+        parts = [self.site.value, str(self.layer)]
+        if self.head is not None:
+            parts.append(str(self.head))
+        if self.neurons is not None:
+            parts.append("+".join(map(str, self.neurons)))
         return ".".join(parts)
 
     @property
     def is_attention(self) -> bool:
         return self.site in (Site.ATTN_OUT, Site.HEAD_OUT)
 
+    @property
+    def is_mlp(self) -> bool:
+        return self.site in (Site.MLP_OUT, Site.MLP_HIDDEN)
+
     @classmethod
     def parse(cls, label: str) -> Component:
-        site, *rest = label.split(".")
-        return cls(int(rest[0]), as_site(site), int(rest[1]) if len(rest) > 1 else None)
+        """The component of a label (see `label`), or a ValueError naming the accepted forms."""
+        site_name, *rest = str(label).split(".")
+        site = as_site(site_name)
+        units = 1 if site in (Site.HEAD_OUT, Site.MLP_HIDDEN) else 0
+        try:
+            if not 1 <= len(rest) <= 1 + units or (site is Site.HEAD_OUT and len(rest) != 2):
+                raise ValueError
+            layer = _index(rest[0])
+            if site is Site.HEAD_OUT:
+                return cls(layer, site, head=_index(rest[1]))
+            if site is Site.MLP_HIDDEN and len(rest) == 2:
+                neurons = tuple(sorted({_index(n) for n in rest[1].split("+")}))
+                return cls(layer, site, neurons=neurons)
+            return cls(layer, site)
+        except ValueError:
+            raise ValueError(
+                f"Cannot read component {label!r}; write <site>.<layer> (resid_pre, attn_out, mlp_out, "
+                "mlp_hidden: every neuron as one unit), head_out.<layer>.<head>, or "
+                "mlp_hidden.<layer>.<neuron>[+<neuron>...] for neurons."
+            ) from None
 
     def is_after(self, other: Component) -> bool:
         """Whether this component reads (directly or not) what `other` writes at the same position."""
         if self.layer != other.layer:
             return self.layer > other.layer
-        # Within a layer only the MLP comes after the attention (sequential residual;
-        # with a parallel residual its change is simply zero).
-        return other.is_attention and self.site is Site.MLP_OUT
+        # Within a layer: the residual entering it, then attention, then the MLP (sequential
+        # residual; with a parallel residual the MLP's change is simply zero).
+        return _STAGE[self.site] > _STAGE[other.site]
+
+    def check(self, config: ModelConfig) -> None:
+        """Raise a ValueError if this component does not exist in a model with `config`."""
+        if not 0 <= self.layer < config.n_layers:
+            raise ValueError(
+                f"{self.label}: layer {self.layer} is out of range for a {config.n_layers}-layer model "
+                f"(valid: 0..{config.n_layers - 1})."
+            )
+        if self.head is not None and not 0 <= self.head < config.n_heads:
+            raise ValueError(
+                f"{self.label}: head {self.head} is out of range for a model with {config.n_heads} heads."
+            )
+        if self.neurons is not None and not all(0 <= n < config.d_mlp for n in self.neurons):
+            raise ValueError(
+                f"{self.label}: a neuron is out of range for a model with d_mlp={config.d_mlp} "
+                f"(valid: 0..{config.d_mlp - 1})."
+            )
+
+
+def _index(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
 
 
 def components(sites: tuple[Site, ...], config: ModelConfig) -> list[Component]:
-    """Every component of `sites`, ordered by layer, then attention before MLP, then head."""
+    """Every component of `sites`: every layer, every head of head_out, every neuron of mlp_hidden;
+    ordered by layer, then residual, attention, MLP, then head or neuron."""
     out = []
     for site in sites:
         for layer in range(config.n_layers):
             if site is Site.HEAD_OUT:
-                out += [Component(layer, site, h) for h in range(config.n_heads)]
+                out += [Component(layer, site, head=h) for h in range(config.n_heads)]
+            elif site is Site.MLP_HIDDEN:
+                out += [Component(layer, site, neurons=(n,)) for n in range(config.d_mlp)]
             else:
                 out.append(Component(layer, site))
-    order = {Site.ATTN_OUT: 0, Site.HEAD_OUT: 0, Site.MLP_OUT: 1}
-    return sorted(out, key=lambda c: (c.layer, order[c.site], c.head or 0))
+    return sorted(out, key=order_key)
+
+
+def order_key(c: Component) -> tuple:
+    """Components' order: by layer, then residual, attention, MLP, then head or neuron."""
+    return (c.layer, _STAGE[c.site], c.site is Site.MLP_OUT, c.head or 0, c.neurons or ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,11 +358,17 @@ class EffectMatrix:
     def decompose(self) -> Decomposition:
         """Split every total effect into own change, attention and MLP compensation, norm term."""
         measured = self.measured
-        attention_sites = {c.site for c in measured if c.is_attention}
-        if not attention_sites or Site.MLP_OUT not in {c.site for c in measured}:
+        if not any(c.is_attention for c in measured) or not any(c.is_mlp for c in measured):
             raise ValueError(
-                "decompose() needs attention (attn_out or head_out) and mlp_out among the measured "
-                f"sites; measured: {sorted({c.site.value for c in measured})}."
+                "decompose() needs attention (attn_out or head_out) and an MLP (mlp_out or mlp_hidden) "
+                f"among the measured sites; measured: {sorted({c.site.value for c in measured})}."
+            )
+        resid = [c.label for c in self.ablated if c.site is Site.RESID_PRE]
+        if resid:
+            raise ValueError(
+                f"decompose() splits the change of a component's own direct effect from the others', but "
+                f"{resid[:3]} are residual streams, not components; decompose the effect matrix of "
+                "attn_out, head_out, mlp_hidden or mlp_out ablations."
             )
         a, m = len(self.labels.ablated), len(measured)
         own = np.zeros((a, m), np.float32)
@@ -318,12 +392,19 @@ class EffectMatrix:
 
 
 def _contains(measured: Component, ablated: Component) -> bool:
-    """Whether `measured` is, or contains, the ablated component."""
-    if measured.layer != ablated.layer:
+    """Whether `measured` is part of the ablated component's own change.
+
+    That is the component itself, the layer's attn_out for a head, its mlp_out
+    for neurons, and the other heads (neurons) of the ablated head's (neuron's)
+    layer: with post-norms they move with it, through the norm's factor of the
+    sum; without, they do not move at all.
+    """
+    if measured.layer != ablated.layer or _STAGE[measured.site] != _STAGE[ablated.site]:
         return False
     if measured.site == ablated.site:
-        return measured.head == ablated.head
-    return measured.site is Site.ATTN_OUT and ablated.site is Site.HEAD_OUT
+        return True
+    # A head (neuron) of an ablated attn_out (mlp_out) does not carry the layer's own change.
+    return measured.site in (Site.ATTN_OUT, Site.MLP_OUT)
 
 
 @jax.tree_util.register_dataclass

@@ -4,20 +4,22 @@ Inside one `jax.jit`:
 
 1. one clean pass over the batch (keeping per-layer keys and values for the
    final-position path) and the target direction w (see `hydra_jax.effects`);
-2. the value each ablation writes (zero, mean, resample, patch), for every
-   ablation and resample, gathered from the clean pass (or a source pass);
-3. the suffix from each ablated layer on, for all ablations at once:
-   - position "final": only the final token is recomputed, attending to the
-     clean keys and values of the earlier positions (unchanged by causality).
-     A layer step costs one token's matmuls instead of T tokens'.
-   - position "all": every position is recomputed with the ordinary block.
-   Layers are a `lax.scan` over the stacked weights; ablations are vmapped
+2. the value each ablation writes (zero, mean, resample, patch; see
+   `hydra_jax.interventions.kind_values`), for every ablation and resample,
+   gathered from the clean pass (or a source set);
+3. the suffix from each ablated layer on, for all ablations at once, with the
+   model's own block (`hydra_jax.block.block`), the ablation riding as an edit:
+   - position "final": the block runs on the final token only, attending to
+     the clean keys and values of the earlier positions (unchanged by
+     causality) as a cache: a layer step costs one token's matmuls, not T's;
+   - position "all": the block runs on every position.
+   Layers are a `lax.scan` over the stacked weights; ablation rows are vmapped
    (`lax.map` in chunks of `chunk_size` to bound memory). The scan is split
-   into a few segments (`plan.segments`, see `segments_for`): rows sorted by
-   layer, a segment runs only the rows ablated below its end, so a row costs
-   roughly the layers from its own on, not all L. Within a segment a row
-   below its ablated layer holds the clean values exactly, so upstream
-   changes are exactly zero;
+   into a few segments (`plan.segments`, see `segments_for`, built on the
+   host from the rows, which arrive sorted by layer): a segment runs only the
+   rows ablated below its end, so a row costs roughly the layers from its own
+   on, not all L. Within a segment a row below its ablated layer holds the
+   clean values exactly, so upstream changes are exactly zero;
 4. direct effects of every measured component (with the frozen clean scale),
    total effects and norm terms, averaged over resamples.
 
@@ -26,8 +28,8 @@ split over devices by XLA: the clean pass and every per-prompt array over the
 "prompts" axis, the ablation rows over "ablations", pinned with
 `with_sharding_constraint`. Without one nothing here changes.
 
-Ablation rows are described by arrays (layer, site code, head), so one
-compiled function serves any set of ablations of the same size.
+Ablation rows are described by arrays (layer, site code, head, neuron mask),
+so one compiled function serves any set of ablations of the same size.
 """
 
 from __future__ import annotations
@@ -42,18 +44,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydra_jax import layers
-from hydra_jax.block import Context, block
+from hydra_jax.block import block
 from hydra_jax.config import ModelConfig
 from hydra_jax.effects import direct_effect, target_direction
-from hydra_jax.interventions import align_right
-from hydra_jax.model import Params, cast_params, position_ids, trunk, unembed
+from hydra_jax.interventions import align_right, kind_values
+from hydra_jax.model import Params, cast_params, context, layer_flags, trunk, unembed
 from hydra_jax.sharding import Layout
-from hydra_jax.sites import Site
+from hydra_jax.sites import EDITABLE_SITES, Site
 
 Array = jax.Array
-ATTN, MLP, HEAD = 0, 1, 2  # site codes of ablation rows (data, so one compile serves any set)
-CODE = {Site.ATTN_OUT: ATTN, Site.MLP_OUT: MLP, Site.HEAD_OUT: HEAD}
-NAME = {ATTN: "attn", MLP: "mlp", HEAD: "head"}
+# Site codes of ablation rows (data, so one compile serves any set of ablations).
+CODE: dict[Site, int] = {site: i for i, site in enumerate(EDITABLE_SITES)}
+# Sites whose values have the residual's width D (the others: mlp_hidden, width F).
+_WIDE = (Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +64,16 @@ class Plan:
     """Static description of an effect-matrix computation (a jit static argument).
 
     Attributes:
-        measured: (code, layer, head) of each measured component, in output order.
-        head_ablations: whether any ablation is of a head (per-head outputs needed).
+        measured: (site, layer, unit) of each measured component, in output
+            order; the unit is the head (head_out) or neuron (mlp_hidden), else 0.
+        ablated: the sites the ablation rows edit.
         linearise: also compute first-order (jvp) predictions of every effect.
         layout: the mesh the computation is split over (None: one device). The
             ablation rows must divide evenly over its "ablations" axis.
         segments: how the suffix's layer scan is split (`segments_for` of the
-            rows' layers): ((first, stop, ablations below stop), ...). None:
-            one scan over every layer for every row.
+            rows' layers, which arrive sorted by layer): ((first, stop,
+            ablations below stop), ...). None: one scan over every layer for
+            every row, rows in any order.
     """
 
     config: ModelConfig
@@ -77,19 +82,27 @@ class Plan:
     target: str
     n_resamples: int
     chunk_size: int | None
-    measured: tuple[tuple[int, int, int], ...]
-    head_ablations: bool
+    measured: tuple[tuple[Site, int, int], ...]
+    ablated: frozenset[Site]
     linearise: bool = False
     layout: Layout | None = None
     segments: tuple[tuple[int, int, int], ...] | None = None
 
     @property
     def measure_heads(self) -> bool:
-        return any(code == HEAD for code, _, _ in self.measured)
+        return any(site is Site.HEAD_OUT for site, _, _ in self.measured)
+
+    @property
+    def measure_neurons(self) -> bool:
+        return any(site is Site.MLP_HIDDEN for site, _, _ in self.measured)
 
     @property
     def needs_heads(self) -> bool:
-        return self.head_ablations or self.measure_heads
+        return Site.HEAD_OUT in self.ablated or self.measure_heads
+
+    @property
+    def needs_hidden(self) -> bool:
+        return Site.MLP_HIDDEN in self.ablated or self.measure_neurons
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -101,6 +114,7 @@ def effect_core(
     rows: dict[str, Array],
     perms: Array,
     source: dict[str, Any] | None,
+    restore: Array | None,
     *,
     plan: Plan,
 ) -> dict[str, Array]:
@@ -109,7 +123,9 @@ def effect_core(
     Args:
         tokens, valid: [B, T] the left-padded batch.
         answers: [B] answer ids (used when plan.target == "answer").
-        rows: "layer", "code", "head": [A] int32 describing each ablation.
+        rows: "layer", "site" (a `CODE`), "head": [A] int32 describing each
+            ablation, and with mlp_hidden ablations "neurons" [A, F] bool (the
+            neurons a row ablates). With `plan.segments` sorted by layer.
         perms: [K, B] resample source of each prompt, per resample: a prompt
             of the batch itself, or with a `source` a row of the source set.
         source: None, or the source set the values are read from (the mean's
@@ -118,6 +134,8 @@ def effect_core(
             call, or {"acts": {site: [L, S, Ts, ...]}, "valid": [S, Ts]} their
             clean activations computed once beforehand (`hydra_jax.sources`;
             Ts = 1 holds only the final position).
+        restore: [A] the rows' places in the caller's order (rows sorted for
+            the segments), or None when they come in that order.
     Returns:
         total [A, B], norm_term [A, B], delta_direct [A, M, B], direct_clean [M, B],
         target [B], clean_logit [B], direct_embed [B], direct_bias [B]; with
@@ -126,7 +144,9 @@ def effect_core(
     cfg = plan.config
     params = cast_params(params, cfg)
     final = plan.position == "final"
-    sites = {Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT} | ({Site.HEAD_OUT} if plan.needs_heads else set())
+    sites = {Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT}
+    sites |= {Site.HEAD_OUT} if plan.needs_heads else set()
+    sites |= {Site.MLP_HIDDEN} if plan.needs_hidden else set()
     z, clean = trunk(params, cfg, tokens, valid, capture=frozenset(sites), keep_kv=final)
     if plan.layout is not None:  # the clean pass stays split over prompts: [B, ...], [L, B, ...]
         z, clean = plan.layout.by_prompt(z, 0), plan.layout.by_prompt(clean, 1)
@@ -140,62 +160,54 @@ def effect_core(
     clean_de = {"attn": de(clean[Site.ATTN_OUT][:, :, -1]), "mlp": de(clean[Site.MLP_OUT][:, :, -1])}
     if plan.needs_heads:
         clean_de["head"] = de(jnp.swapaxes(clean[Site.HEAD_OUT][:, :, -1], 1, 2))  # [L, H, B]
-
-    segmented = _is_segmented(plan, rows["layer"].shape[0])
-    if segmented:  # rows by layer, so that a segment's active rows are a prefix
-        order = jnp.argsort(rows["layer"], stable=True)
-        rows = {key: x[order] for key, x in rows.items()}
-        # The static segments must describe these rows (effect_matrix derives both from the
-        # same ablations); results of rows they do not describe would be wrong, so are NaN.
-        consistent = rows["layer"][0] >= plan.segments[0][0]
-        for _, stop, active in plan.segments:
-            consistent &= jnp.sum(rows["layer"] < stop) <= active
+    neuron_w = None
+    if plan.measure_neurons:
+        neuron_w = _neuron_directions(params, cfg, w, scale)  # [L, B, F]
+        clean_de["neuron"] = jnp.swapaxes(_neuron_de(clean, neuron_w, cfg, slice(-1, None))[:, :, 0], 1, 2)
 
     # The clean activation at each ablated site, and what each ablation writes there.
-    column = jnp.where(rows["code"] == HEAD, 2 + rows["head"], rows["code"])  # [A]
-    here = _site_table(clean, plan, final)[rows["layer"], column]  # [A, B, (T,) D]
-    values, write = _ablation_values(params, cfg, plan, here, column, valid, rows, perms, source)
     k = plan.n_resamples
+    here, values, write = _ablation_values(params, cfg, plan, clean, valid, rows, perms, source)
     n_rows = rows["layer"].shape[0] * k
 
     def flat(x: Array) -> Array:  # [A, K, ...] -> [N, ...]
         return x.reshape(n_rows, *x.shape[2:])
 
-    per_row = {
-        "layer": jnp.repeat(rows["layer"], k),
-        "code": jnp.repeat(rows["code"], k),
-        "head": jnp.repeat(rows["head"], k),
-    }
+    per_row = {key: jnp.repeat(x, k, axis=0) for key, x in rows.items()}
     if write is not None:
         per_row["write"] = flat(write)
 
-    shared = dict(params=params, cfg=cfg, plan=plan, clean=clean, valid=valid, w=w, scale=scale)
-    xs, step = (_final_suffix if final else _all_suffix)(**shared)
-    segments = plan.segments if segmented else ((0, cfg.n_layers, rows["layer"].shape[0]),)
+    xs, step = _suffix(params, cfg, plan, clean, valid, w, scale, neuron_w)
+    segments = plan.segments or ((0, cfg.n_layers, rows["layer"].shape[0]),)
 
-    def effects(value: Array) -> dict[str, Array]:
-        """Every row's effects when each writes `value` [N, B, (T,) D]."""
-        out = _run_rows({**per_row, "value": value}, xs, step, plan, segments, k)
+    def effects(value: dict[str, Array]) -> dict[str, Array]:
+        """Every row's effects when each writes `value` ({"wide"/"hidden": [N, B, (T,) X]})."""
+        out = _run_rows({**per_row, **value}, xs, step, plan, segments, k)
         # Total effect and norm term from the ablated final residual (frozen w, moving scale).
-        z_abl = out.pop("z")  # [N, B, (T,) D]
-        z_abl = z_abl if final else z_abl[:, :, -1]
+        z_abl = out.pop("z")[:, :, -1]  # [N, B, D]
         s_abl = layers.norm_scale(z_abl, cfg)  # [N, B]
         dot = jnp.einsum("nbd,bd->nb", z_abl.astype(jnp.float32), w, precision="highest")
         total = s_abl * dot + (bias - clean_logit)[None]
         return {**out, "total": total, "norm_term": (s_abl - scale[None]) * dot}
 
-    value = flat(values)
+    value = {name: flat(v) for name, v in values.items()}
     out = {"exact": effects(value)}
     if plan.linearise:
         # First order in the edit: d/dε effects(clean + ε (value − clean)) at ε = 0.
-        clean_value = flat(jnp.broadcast_to(here[:, None], values.shape))
-        step_value = value - clean_value
-        zero, one = jnp.zeros((), value.dtype), jnp.ones((), value.dtype)
-        out["linear"] = jax.jvp(lambda eps: effects(clean_value + eps * step_value), (zero,), (one,))[1]
+        clean_value = {
+            name: flat(jnp.broadcast_to(here[name][:, None], v.shape)) for name, v in values.items()
+        }
+        steps = {name: value[name] - clean_value[name] for name in value}
+        zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
 
-    def per_ablation(x: Array) -> Array:  # [N, ...] -> [A, ...], mean over resamples, label order
+        def along(eps: Array) -> dict[str, Array]:
+            return effects({n: clean_value[n] + eps.astype(steps[n].dtype) * steps[n] for n in steps})
+
+        out["linear"] = jax.jvp(along, (zero,), (one,))[1]
+
+    def per_ablation(x: Array) -> Array:  # [N, ...] -> [A, ...], mean over resamples, caller's order
         x = x.reshape(-1, k, *x.shape[1:]).mean(axis=1)
-        return x[jnp.argsort(order)] if segmented else x
+        return x if restore is None else x[restore]
 
     result = {}
     for name, o in out.items():
@@ -213,130 +225,141 @@ def effect_core(
         direct_embed=de(clean[Site.RESID_PRE][0, :, -1]),
         direct_bias=bias,
     )
-    if segmented:
-        result = {key: jnp.where(consistent, x, jnp.nan) for key, x in result.items()}
     if plan.layout is not None:
         result, per_prompt = plan.layout.per_ablation(result), plan.layout.per_prompt(per_prompt)
     return dict(**result, **per_prompt)
 
 
-def _gather_measured(plan: Plan, by_name: dict[str, Array], axis: int) -> Array:
-    """Stack per-site arrays in measured order.
+_BY_SITE = {Site.ATTN_OUT: "attn", Site.MLP_OUT: "mlp", Site.HEAD_OUT: "head", Site.MLP_HIDDEN: "neuron"}
 
-    `by_name[site]` has the layer axis at `axis` and, for heads, the head axis
-    right after it: [..., L, (H,) B].
+
+def _gather_measured(plan: Plan, by_name: dict[str, Array], axis: int) -> Array:
+    """Stack per-site arrays in measured order, one gather per site.
+
+    `by_name[name]` has the layer axis at `axis` and, for heads and neurons,
+    the unit axis right after it: [..., L, (U,) B].
     """
-    picked = []
-    for code, layer, head in plan.measured:
-        x = jnp.take(by_name[NAME[code]], layer, axis=axis)
-        picked.append(jnp.take(x, head, axis=axis) if code == HEAD else x)
-    return jnp.stack(picked, axis=axis)
+    parts, where = [], []
+    for site, name in _BY_SITE.items():
+        picked = [(i, layer, unit) for i, (s, layer, unit) in enumerate(plan.measured) if s is site]
+        if not picked:
+            continue
+        x = by_name[name]
+        if site in (Site.HEAD_OUT, Site.MLP_HIDDEN):  # [..., L, U, B] -> [..., L * U, B]
+            x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+            index = [layer * by_name[name].shape[axis + 1] + unit for _, layer, unit in picked]
+        else:
+            index = [layer for _, layer, _ in picked]
+        parts.append(jnp.take(x, np.asarray(index), axis=axis))
+        where += [i for i, _, _ in picked]
+    stacked = jnp.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
+    order = np.argsort(np.asarray(where))  # back to measured order
+    return stacked if (order == np.arange(len(order))).all() else jnp.take(stacked, order, axis=axis)
+
+
+def _neuron_directions(params: Params, cfg: ModelConfig, w: Array, scale: Array) -> Array:
+    """[L, B, F]: a neuron's direct effect per unit of activation (before an MLP post-norm's factor).
+
+    Neuron n of layer l writes h_n W_out[n] (times the post-norm's factor and
+    gain, with post-norms), so its direct effect is h_n times this.
+    """
+    w_out = params["blocks"]["W_out"].astype(jnp.float32)  # [L, F, D]
+    if cfg.post_norms:
+        w_out = w_out * params["blocks"]["ln2_post_g"].astype(jnp.float32)[:, None, :]
+    return jnp.einsum("lfd,bd->lbf", w_out, w, precision="highest") * scale[None, :, None]
+
+
+def _neuron_de(acts: dict[Any, Array], neuron_w: Array, cfg: ModelConfig, at: slice) -> Array:
+    """[L, B, T', F] direct effect of every neuron at positions `at`, from block outputs."""
+    hidden = acts[Site.MLP_HIDDEN][:, :, at].astype(jnp.float32)  # [L, B, T', F]
+    if cfg.post_norms:
+        hidden = hidden * acts["mlp_post_scale"][:, :, at, None]
+    return hidden * neuron_w[:, :, None]
 
 
 # --------------------------------------------------------------------------
 # What each ablation writes
 
 
-def _site_table(clean: dict[Any, Array], plan: Plan, final: bool) -> Array:
-    """[L, 2 + H?, B, (T,) D]: attn_out, mlp_out (and each head) per layer, to index by row.
+def _tables(acts: dict[Any, Array], plan: Plan, final: bool) -> dict[str, Array]:
+    """The activations ablations read, by value width, to index by row.
 
-    A source set computed for some sites only (`hydra_jax.sources`) has zeros in the
-    other columns: no ablation row reads them.
+    "wide": [L, C, B, (T,) D] with columns resid_pre, attn_out, mlp_out (and
+    each head with head ablations); "hidden": [L, B, (T,) F] with mlp_hidden
+    ablations. A source set computed for some sites only
+    (`hydra_jax.sources`) has zeros in the other columns: no row reads them.
     """
     pick = (lambda x: x[:, :, -1]) if final else (lambda x: x)
-    present = next(x for s, x in clean.items() if s in (Site.ATTN_OUT, Site.MLP_OUT, Site.HEAD_OUT))
-    like = pick(present)
-    like = like[..., 0, :] if present is clean.get(Site.HEAD_OUT) else like  # drop the head axis
+    out = {}
+    wide = [s for s in (*_WIDE, Site.HEAD_OUT) if s in acts]
+    if wide:
+        like = pick(acts[wide[0]])
+        like = like[..., 0, :] if wide[0] is Site.HEAD_OUT else like  # drop the head axis
+        parts = [pick(acts[s])[:, None] if s in acts else jnp.zeros_like(like)[:, None] for s in _WIDE]
+        if Site.HEAD_OUT in plan.ablated:
+            parts.append(jnp.moveaxis(pick(acts[Site.HEAD_OUT]), -2, 1))  # [L, H, B, (T,) D]
+        out["wide"] = jnp.concatenate(parts, axis=1)
+    if Site.MLP_HIDDEN in plan.ablated:
+        out["hidden"] = pick(acts[Site.MLP_HIDDEN])
+    return out
 
-    def layer_site(site: Site) -> Array:
-        return pick(clean[site])[:, None] if site in clean else jnp.zeros_like(like)[:, None]
 
-    parts = [layer_site(Site.ATTN_OUT), layer_site(Site.MLP_OUT)]
-    if plan.head_ablations:
-        heads = pick(clean[Site.HEAD_OUT])  # [L, B, (T,) H, D]
-        parts.append(jnp.moveaxis(heads, -2, 1))  # [L, H, B, (T,) D]
-    return jnp.concatenate(parts, axis=1)
-
-
-def _source_values(
-    params: Params,
-    cfg: ModelConfig,
-    plan: Plan,
-    rows: dict[str, Array],
-    column: Array,
-    t: int,
-    perms: Array,
-    source: dict[str, Any],
-) -> tuple[Array, Array, Array]:
-    """The source set's activation at every ablated site: ([A, S, (T,) D], validity [S, T], perms).
-
-    For resample only the rows `perms` reads are kept when that is fewer than
-    S (a whole dataset's table serves a batch's K x B sources), and `perms` is
-    renumbered to match.
-    """
-    final = plan.position == "final"
-    k, b = perms.shape
-    if "acts" in source:
-        acts, src_valid = {Site(s): x for s, x in source["acts"].items()}, source["valid"]
-    else:
-        acts, src_valid = None, source["valid"]
-    if plan.kind == "resample" and k * b < src_valid.shape[0]:
-        flat = perms.reshape(-1)
-        src_valid = src_valid[flat]
-        if acts is not None:
-            acts = {s: x[:, flat] for s, x in acts.items()}
-        else:
-            source = {"tokens": source["tokens"][flat]}
-        perms = jnp.arange(k * b).reshape(k, b)
-    if acts is None:
-        sites = {Site.ATTN_OUT, Site.MLP_OUT} | ({Site.HEAD_OUT} if plan.head_ablations else set())
-        _, acts = trunk(params, cfg, source["tokens"], src_valid, capture=frozenset(sites))
-    src = _site_table(acts, plan, final)[rows["layer"], column]  # [A, S, (Ts,) D]
-    if not final:
-        src, src_valid = align_right(src, src_valid, t)
-    return src, src_valid, perms
+def _at_rows(tables: dict[str, Array], rows: dict[str, Array]) -> dict[str, Array]:
+    """Each row's activation at its site: "wide" [A, S, (T,) D], "hidden" [A, S, (T,) F]."""
+    column = jnp.where(rows["site"] == CODE[Site.HEAD_OUT], len(_WIDE) + rows["head"], 0)
+    for i, site in enumerate(_WIDE):
+        column = jnp.where(rows["site"] == CODE[site], i, column)
+    out = {}
+    if "wide" in tables:
+        out["wide"] = tables["wide"][rows["layer"], column]
+    if "hidden" in tables:
+        out["hidden"] = tables["hidden"][rows["layer"]]
+    return out
 
 
 def _ablation_values(
     params: Params,
     cfg: ModelConfig,
     plan: Plan,
-    here: Array,
-    column: Array,
+    clean: dict[Any, Array],
     valid: Array,
     rows: dict[str, Array],
     perms: Array,
     source: dict[str, Any] | None,
-) -> tuple[Array, Array | None]:
-    """The value each ablation writes, [A, K, B, (T,) D], and for "all" where it may write [A, K, B, T]."""
+) -> tuple[dict[str, Array], dict[str, Array], Array | None]:
+    """The clean value at each row's site ([A, B, (T,) X]), what it writes ([A, K, B, (T,) X]),
+    and for position "all" where it may write ([A, K, B, T]), per value width."""
     final = plan.position == "final"
-    k, a = plan.n_resamples, here.shape[0]
-
-    def per_row(write: Array) -> Array | None:  # [(K,) B, T] -> [A, K, B, T]; nothing for "final"
-        return None if final else jnp.broadcast_to(write, (a, k, *valid.shape))
-
-    if plan.kind == "zero":
-        return jnp.zeros((a, k, *here.shape[1:]), here.dtype), per_row(valid)
-    if source is None:  # resample, mean and patch read the batch itself
-        src, src_valid = here, valid
+    t = valid.shape[1]
+    here = _at_rows(_tables(clean, plan, final), rows)
+    src_valid = valid
+    if plan.kind == "zero" or source is None:  # zero writes zeros; the others read the batch itself
+        src = here
     else:
-        src, src_valid, perms = _source_values(params, cfg, plan, rows, column, valid.shape[1], perms, source)
-    if plan.kind == "resample":
-        values = src[:, perms]  # [A, K, B, (T,) D]
-        return values, None if final else per_row(src_valid[perms] & valid[None])  # source real there too
-    if plan.kind == "mean":
-        if final:  # every prompt has a real final token
-            values = jnp.broadcast_to(src.mean(axis=1, keepdims=True), here.shape)
-        else:  # over the prompts real at each aligned position; where() keeps padding out entirely
-            real = src_valid[None, :, :, None]  # [1, S, T, 1]
-            count = real.sum(axis=1, keepdims=True).astype(src.dtype)
-            total = jnp.where(real, src, 0).sum(axis=1, keepdims=True)
-            values = jnp.broadcast_to(total / jnp.maximum(count, 1), here.shape)
-            src_valid = jnp.broadcast_to(src_valid.any(axis=0, keepdims=True), valid.shape)
-    else:  # patch: prompt b of the source
-        values = src
-    values = jnp.broadcast_to(values[:, None], (a, k, *here.shape[1:]))
-    return values, None if final else per_row(valid & src_valid)
+        if "acts" in source:
+            acts, src_valid = {Site(s): x for s, x in source["acts"].items()}, source["valid"]
+        else:
+            acts, src_valid = None, source["valid"]
+        if plan.kind == "resample" and perms.size < src_valid.shape[0]:
+            # Only the rows `perms` reads (a whole dataset's table serves a batch's K x B sources).
+            taken = perms.reshape(-1)
+            src_valid = src_valid[taken]
+            if acts is not None:
+                acts = {s: x[:, taken] for s, x in acts.items()}
+            else:
+                source = {"tokens": source["tokens"][taken]}
+            perms = jnp.arange(perms.size).reshape(perms.shape)
+        if acts is None:
+            _, acts = trunk(params, cfg, source["tokens"], src_valid, capture=frozenset(plan.ablated))
+        src = _at_rows(_tables(acts, plan, final), rows)
+        if not final:
+            aligned = {name: align_right(x, src_valid, t) for name, x in src.items()}
+            src = {name: x for name, (x, _) in aligned.items()}
+            src_valid = next(iter(aligned.values()))[1]
+    values, write = {}, None
+    for name in here:
+        values[name], write = kind_values(plan.kind, here[name], src[name], src_valid, valid, perms, final)
+    return here, values, write
 
 
 # --------------------------------------------------------------------------
@@ -386,9 +409,21 @@ def segments_for(
     return tuple(reversed(out))
 
 
-def _is_segmented(plan: Plan, n_ablations: int) -> bool:
-    """Whether rows run segment by segment (else every row scans every layer, as one segment)."""
-    return plan.segments not in (None, ((0, plan.config.n_layers, n_ablations),))
+def describes(segments: Sequence[tuple[int, int, int]], row_layers: Sequence[int]) -> bool:
+    """Whether `segments` plan for these rows, in this order (checked on the host, once).
+
+    The engine trusts its static plan: a segment [first, stop) runs the first
+    `active` rows, so the rows must be sorted by layer, start at or after the
+    first segment, and exactly `active` of them lie below each `stop`.
+    """
+    layers = np.asarray(row_layers, np.int64)
+    return bool(
+        layers.size
+        and (np.diff(layers) >= 0).all()
+        and layers[0] >= segments[0][0]
+        and segments[-1][1] >= layers[-1] + 1
+        and all(int((layers < stop).sum()) == active for _, stop, active in segments)
+    )
 
 
 def _run_rows(
@@ -446,11 +481,10 @@ def _pad_rows(x: Array, n: int) -> Array:
 
 
 # --------------------------------------------------------------------------
-# The suffix step of one ablation row: final position only
+# The suffix step of one ablation row: the model's block, the ablation as an edit
 
 
-def _final_suffix(
-    *,
+def _suffix(
     params: Params,
     cfg: ModelConfig,
     plan: Plan,
@@ -458,157 +492,91 @@ def _final_suffix(
     valid: Array,
     w: Array,
     scale: Array,
+    neuron_w: Array | None,
 ) -> tuple[dict[str, Array], Callable[..., tuple[Array, dict[str, Array]]]]:
-    """Per-layer clean inputs, and the layer step recomputing a row's final token.
+    """Per-layer clean inputs, and the layer step recomputing a row from its ablated layer on.
 
-    The final token attends to the clean keys and values of the earlier
-    positions (unchanged by causality) and its own recomputed ones.
+    Position "final": the block's queries are the final token, which attends
+    to the clean keys and values of the earlier positions (unchanged by
+    causality) and to its own recomputed ones. Position "all": every position.
     """
-    rotary = None
-    if cfg.positions == "rotary":
-        rotary = layers.rotary_angles(position_ids(valid)[:, -1:], cfg)  # [B, 1, R/2] each
-    earlier = valid[:, :-1]  # [B, T-1]: the earlier real keys the final query sees (and its own)
+    final = plan.position == "final"
+    b, t = valid.shape
+    tq = 1 if final else t
+    capture = {Site.ATTN_OUT, Site.MLP_OUT}
+    capture |= {Site.HEAD_OUT} if plan.measure_heads else set()
+    capture |= {Site.MLP_HIDDEN} if plan.measure_neurons else set()
+    ctx, _ = context(cfg, valid, frozenset(capture), final=final)
     de = functools.partial(direct_effect, w=w, scale=scale, config=cfg)
+    source = jnp.broadcast_to(jnp.arange(b)[:, None], (b, tq))  # prompt b reads bank row b
     xs = {
         "layer": jnp.arange(cfg.n_layers),
         "p": params["blocks"],
-        "keys": clean["keys"][:, :, :-1],  # [L, B, T-1, G, K]
-        "values": clean["values"][:, :, :-1],
-        "z": clean[Site.RESID_PRE][:, :, -1],  # [L, B, D]
-        "a": clean[Site.ATTN_OUT][:, :, -1],
+        "z": clean[Site.RESID_PRE][:, :, -tq:],  # [L, B, Tq, D]
+        "a": clean[Site.ATTN_OUT][:, :, -1],  # [L, B, D]
         "m": clean[Site.MLP_OUT][:, :, -1],
     }
+    if final:  # [L, B, T-1, G, K]: the earlier positions' clean keys and values
+        xs["keys"], xs["values"] = clean["keys"][:, :, :-1], clean["values"][:, :, :-1]
+    if layer_flags(cfg) is not None:
+        xs["local"] = layer_flags(cfg)
     if plan.measure_heads:
         xs["heads"] = clean[Site.HEAD_OUT][:, :, -1]  # [L, B, H, D]
+    if plan.measure_neurons:
+        xs["neuron_w"] = neuron_w  # [L, B, F]
+        xs["neurons"] = _neuron_de(clean, neuron_w, cfg, slice(-1, None))[:, :, 0]  # [L, B, F]
 
     def step(row: dict[str, Array], z: Array, x: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
-        start, code, head, value = row["layer"], row["code"], row["head"], row["value"]  # value [B, D]
-        p, here, before = x["p"], x["layer"] == start, x["layer"] < start
-        z = jnp.where(x["layer"] <= start, x["z"], z)  # clean up to the ablated layer
-        h = layers.norm(z[:, None], p["ln1_g"], p.get("ln1_b"), cfg)  # [B, 1, D]
-        q = jnp.einsum("btd,dhk->bthk", h, p["W_Q"])
-        k = jnp.einsum("btd,dgk->btgk", h, p["W_K"])
-        v = jnp.einsum("btd,dgk->btgk", h, p["W_V"])
-        if cfg.use_bias:
-            q, k, v = q + p["b_Q"][None, None], k + p["b_K"][None, None], v + p["b_V"][None, None]
-        if rotary is not None:
-            q, k = layers.apply_rotary(q, *rotary, cfg), layers.apply_rotary(k, *rotary, cfg)
-        zh = _final_attention(q[:, 0], x["keys"], x["values"], k[:, 0], v[:, 0], earlier)  # [B, H, K]
-        b_o = p["b_O"] if cfg.use_bias else jnp.zeros((cfg.d_model,), zh.dtype)
-        a = jnp.einsum("bhk,hkd->bd", zh, p["W_O"]) + b_o[None]
-        own = jnp.einsum("bk,kd->bd", zh[:, head], p["W_O"][head]) + b_o[None] / cfg.n_heads
-        a = jnp.where(here & (code == ATTN), value, a)
-        a = jnp.where(here & (code == HEAD), a - own + value, a)
-        # Below the ablated layer, and the attention beside an ablated MLP, stay clean.
-        attn_clean = before | (here & (code == MLP))
-        a = jnp.where(attn_clean, x["a"], a)
-        mlp_in = z if cfg.parallel_residual else z + a
-        hidden = layers.mlp_hidden(
-            layers.norm(mlp_in, p["ln2_g"], p.get("ln2_b"), cfg),
-            p["W_in"],
-            p.get("b_in"),
-            p.get("W_gate"),
-            cfg,
-        )
-        m = jnp.einsum("bf,fd->bd", hidden, p["W_out"])
-        if cfg.use_bias:
-            m = m + p["b_out"][None]
-        m = jnp.where(here & (code == MLP), value, m)
-        m = jnp.where(before, x["m"], m)
-        out = {"attn": de(a - x["a"]), "mlp": de(m - x["m"])}
-        if plan.measure_heads:
-            per_head = jnp.einsum("bhk,hkd->bhd", zh, p["W_O"]) + b_o[None, None] / cfg.n_heads
-            is_own = here & (code == HEAD) & (jnp.arange(cfg.n_heads) == head)  # [H]
-            per_head = jnp.where(is_own[None, :, None], value[:, None], per_head)
-            per_head = jnp.where(attn_clean, x["heads"], per_head)
-            out["head"] = de(jnp.swapaxes(per_head - x["heads"], 0, 1))  # [H, B]
-        return z + a + m, out
-
-    return xs, step
-
-
-# --------------------------------------------------------------------------
-# The suffix step of one ablation row: every position
-
-
-def _all_suffix(
-    *,
-    params: Params,
-    cfg: ModelConfig,
-    plan: Plan,
-    clean: dict[Any, Array],
-    valid: Array,
-    w: Array,
-    scale: Array,
-) -> tuple[dict[str, Array], Callable[..., tuple[Array, dict[str, Array]]]]:
-    """Per-layer clean inputs, and the layer step recomputing every position of a row."""
-    b, t = valid.shape
-    idx = jnp.arange(t)
-    rotary = layers.rotary_angles(position_ids(valid), cfg) if cfg.positions == "rotary" else None
-    capture = {Site.ATTN_OUT, Site.MLP_OUT} | ({Site.HEAD_OUT} if plan.measure_heads else set())
-    ctx = Context(cfg, layers.attention_mask(valid, idx, idx), rotary, frozenset(capture))
-    de = functools.partial(direct_effect, w=w, scale=scale, config=cfg)
-    source = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))  # prompt b reads bank row b
-    xs = {
-        "layer": jnp.arange(cfg.n_layers),
-        "p": params["blocks"],
-        "z": clean[Site.RESID_PRE],  # [L, B, T, D]
-        "a": clean[Site.ATTN_OUT][:, :, -1],
-        "m": clean[Site.MLP_OUT][:, :, -1],
-    }
-    if plan.measure_heads:
-        xs["heads"] = clean[Site.HEAD_OUT][:, :, -1]
-
-    def step(row: dict[str, Array], z: Array, x: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
-        start, code, head, value, write = row["layer"], row["code"], row["head"], row["value"], row["write"]
-        here, before = x["layer"] == start, x["layer"] < start
-        z = jnp.where(x["layer"] <= start, x["z"], z)
-        edits, bank = {}, {}
-        for site, c in ((Site.ATTN_OUT, ATTN), (Site.MLP_OUT, MLP)):
-            edits[site] = (here & (code == c) & write, source)
-            bank[site] = value
-        if plan.head_ablations:
-            one_head = jnp.arange(cfg.n_heads) == head  # [H]
-            mask = (here & (code == HEAD) & write)[..., None] & one_head[None, None]
-            edits[Site.HEAD_OUT] = (mask, jnp.broadcast_to(source[..., None], mask.shape))
-            bank[Site.HEAD_OUT] = jnp.broadcast_to(value[:, :, None], (b, t, cfg.n_heads, value.shape[-1]))
-        z_next, cap = block(x["p"], z, ctx, edits, bank, None)
-        # Below the ablated layer, and the attention beside an ablated MLP, are unchanged
-        # by causality; report them as exactly clean.
-        attn_clean = before | (here & (code == MLP))
+        here, before = x["layer"] == row["layer"], x["layer"] < row["layer"]
+        z = jnp.where(x["layer"] <= row["layer"], x["z"], z)  # clean up to the ablated layer
+        edits, bank = _row_edits(row, here, plan, source)
+        cache = (x["keys"], x["values"]) if final else None
+        z_next, cap = block(x["p"], z, ctx, edits, bank, None, local=x.get("local"), cache=cache)
+        # Below the ablated layer, and the attention beside an ablated MLP, are unchanged by
+        # causality; report them as exactly clean.
+        mlp_row = (row["site"] == CODE[Site.MLP_OUT]) | (row["site"] == CODE[Site.MLP_HIDDEN])
+        attn_clean = before | (here & mlp_row)
         a = jnp.where(attn_clean, x["a"], cap[Site.ATTN_OUT][:, -1])
         m = jnp.where(before, x["m"], cap[Site.MLP_OUT][:, -1])
         out = {"attn": de(a - x["a"]), "mlp": de(m - x["m"])}
         if plan.measure_heads:
             per_head = jnp.where(attn_clean, x["heads"], cap[Site.HEAD_OUT][:, -1])
-            out["head"] = de(jnp.swapaxes(per_head - x["heads"], 0, 1))
+            out["head"] = de(jnp.swapaxes(per_head - x["heads"], 0, 1))  # [H, B]
+        if plan.measure_neurons:
+            hidden = cap[Site.MLP_HIDDEN][:, -1].astype(jnp.float32)  # [B, F]
+            if cfg.post_norms:
+                hidden = hidden * cap["mlp_post_scale"][:, -1, None]
+            change = jnp.where(before, 0.0, hidden * x["neuron_w"] - x["neurons"])
+            out["neuron"] = change.T  # [F, B]
         return z_next, out
 
     return xs, step
 
 
-def _final_attention(q: Array, keys: Array, values: Array, k: Array, v: Array, earlier: Array) -> Array:
-    """One query's attention over the clean earlier keys and its own, grouped-query aware.
+def _row_edits(
+    row: dict[str, Array], here: Array, plan: Plan, source: Array
+) -> tuple[dict[Site, Any], dict[Site, Array]]:
+    """One row's ablation as block edits at this layer (nothing is written at other layers).
 
-    Equal to `layers.attention_heads` over the keys with the own one appended,
-    without building that per-row copy of the cache: the scores against the
-    shared clean cache and against the own key are softmaxed together.
-
-    Args:
-        q: [B, H, K] the final token's queries; k, v: [B, G, K] its own key and value.
-        keys, values: [B, T-1, G, K] the clean earlier positions.
-        earlier: [B, T-1] which earlier positions are real.
-    Returns:
-        [B, H, K] per-head outputs before W_O, in q's dtype.
+    Every site the plan ablates gets an edit (all-False off its rows), so all
+    rows share one tree structure and vmap applies. Prompt b reads bank row b.
     """
-    b, h, kd = q.shape
-    g = keys.shape[2]
-    q = q.reshape(b, g, h // g, kd)
-    norm = jnp.sqrt(jnp.float32(kd))
-    cached = jnp.einsum("bgrk,bsgk->bgrs", q, keys, preferred_element_type=jnp.float32) / norm
-    cached = jnp.where(earlier[:, None, None], cached, layers.MASK_VALUE)
-    own = jnp.einsum("bgrk,bgk->bgr", q, k.astype(q.dtype), preferred_element_type=jnp.float32) / norm
-    probs = jax.nn.softmax(jnp.concatenate([cached, own[..., None]], axis=-1), axis=-1)
-    z = jnp.einsum("bgrs,bsgk->bgrk", probs[..., :-1].astype(values.dtype), values)
-    z = z + probs[..., -1:].astype(v.dtype) * v[:, :, None].astype(z.dtype)
-    return z.reshape(b, h, kd).astype(q.dtype)
+    cfg = plan.config
+    b, tq = source.shape
+    write = row["write"] if "write" in row else jnp.ones((b, tq), bool)  # [B, Tq]
+    edits, bank = {}, {}
+    for site in sorted(plan.ablated):
+        on = here & (row["site"] == CODE[site]) & write  # [B, Tq]
+        value = row["hidden" if site is Site.MLP_HIDDEN else "wide"].reshape(b, tq, -1)  # [B, Tq, X]
+        if site is Site.HEAD_OUT:
+            units = jnp.arange(cfg.n_heads) == row["head"]  # [H]
+            value = jnp.broadcast_to(value[:, :, None], (b, tq, cfg.n_heads, value.shape[-1]))
+        elif site is Site.MLP_HIDDEN:
+            units = row["neurons"]  # [F]
+        else:
+            edits[site], bank[site] = (on, source), value
+            continue
+        mask = on[..., None] & units[None, None]
+        edits[site] = (mask, jnp.broadcast_to(source[..., None], mask.shape))
+        bank[site] = value
+    return edits, bank

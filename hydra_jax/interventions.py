@@ -10,8 +10,11 @@ with `stack`, and hand any of them to `hydra_jax.run`:
 Before a run, `resolve` turns these descriptions into a pytree of arrays
 (`Resolved`), which is what the compiled forward consumes:
 
-    edits[site] = (mask [L, B, T(, H)] bool, source [L, B, T(, H)] int32)
+    edits[site] = (mask [L, B, T(, U)] bool, source [L, B, T(, U)] int32)
     bank[site]  = [L, R, T(, H), ...]     candidate values ("rows")
+
+(U: the site's units, present for head_out (H heads) and, when an edit picks
+neurons, for mlp_hidden (F neurons): each unit may read a different row.)
 
 At layer l the forward writes `bank[site][l, source[l, b, t], t]` wherever
 `mask[l, b, t]` is True. The bank is shared by every intervention of a stack,
@@ -42,7 +45,7 @@ real token at that aligned position.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -74,6 +77,12 @@ class Ablation:
     value: Any = None
     source: Batch | Mapping[str, Any] | None = None
     seed: int = 0
+    neurons: tuple[int, ...] | None = None
+
+    @property
+    def units(self) -> tuple[int, ...] | None:
+        """The heads (head_out) or neurons (mlp_hidden) edited; None: all of them."""
+        return self.heads if self.site is Site.HEAD_OUT else self.neurons
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -123,6 +132,7 @@ def ablate(
     value: Any = None,
     source: Batch | Mapping[str, Any] | None = None,
     seed: int = 0,
+    neuron: int | Sequence[int] | None = None,
 ) -> Intervention:
     """Describe an ablation (or patch) of `site` at `layer`.
 
@@ -139,6 +149,8 @@ def ablate(
             "resample" and "patch" a batch of the same size, or for "patch" a
             cache returned by `hydra_jax.run` containing this site.
         seed: seeds the resampling permutation.
+        neuron: for `mlp_hidden` only: a neuron index or several (default:
+            every neuron); the others keep their values.
 
     Returns:
         An `Intervention` with one edit.
@@ -161,6 +173,13 @@ def ablate(
         heads = _int_tuple(head, "head")
         if any(v < 0 for v in heads):
             raise ValueError(f"head must be non-negative, got {head!r}.")
+    neurons = None
+    if neuron is not None:
+        if site is not Site.MLP_HIDDEN:
+            raise ValueError(f"neuron= only applies to site 'mlp_hidden', not {site.value!r}.")
+        neurons = _int_tuple(neuron, "neuron")
+        if any(v < 0 for v in neurons):
+            raise ValueError(f"neuron must be non-negative, got {neuron!r}.")
     if isinstance(position, str):
         if position not in ("final", "all"):
             raise ValueError(f"position must be 'final', 'all' or indices, got {position!r}.")
@@ -186,7 +205,8 @@ def ablate(
         for key, acts in source.items():
             if key == site and np.ndim(acts) >= 1 and max(layers) < np.shape(acts)[0]:
                 _check_finite(np.asarray(acts)[list(layers)], f"The source cache's {where}")
-    return Intervention((Ablation(site, layers, heads, kind, pos, value, source, validate.seed(seed)),))
+    ablation = Ablation(site, layers, heads, kind, pos, value, source, validate.seed(seed), neurons)
+    return Intervention((ablation,))
 
 
 def _check_finite(value: Any, what: str) -> None:
@@ -316,6 +336,54 @@ def align_right(acts: Array, valid: Any, t: int) -> tuple[Array, Any]:
     return jnp.pad(acts, pad), xp.pad(valid, [(0, 0), (t - ts, 0)])
 
 
+def masked_mean(acts: Array, valid: Any) -> Array:
+    """The mean over source prompts of [X, S, T, ...] activations, at each position over the
+    prompts real there (`valid` [S, T]): [X, 1, T, ...]. Padding never enters a mean."""
+    real = jnp.asarray(valid).reshape(1, *valid.shape, *([1] * (acts.ndim - 3)))
+    total = jnp.where(real, acts, 0).sum(axis=1, keepdims=True)
+    count = jnp.maximum(real.sum(axis=1, keepdims=True), 1).astype(acts.dtype)
+    return (total / count).astype(acts.dtype)
+
+
+def kind_values(
+    kind: str, here: Array, src: Array, src_valid: Array, valid: Array, perms: Array, final: bool
+) -> tuple[Array, Array | None]:
+    """What each ablation kind writes, for many ablations at once (the effect engine's form).
+
+    Args:
+        here: [A, B, (T,) ...] the clean activation at each of A ablated sites.
+        src: [A, S, (T,) ...] the same sites on the source set (the batch
+            itself when there is none), right-aligned to the batch's T.
+        src_valid: [S, T] where the source has real tokens; valid: [B, T].
+        perms: [K, B] the source row of each prompt in each resample.
+        final: the values are of the final position only (no T axis).
+    Returns:
+        (values [A, K, B, (T,) ...], and for every position where each may
+        write [A, K, B, T]: only where the source is real too, the rule of
+        `ablate`'s module docstring; None for the final position).
+    """
+    k, a = perms.shape[0], here.shape[0]
+
+    def where_to_write(write: Callable[[], Array]) -> Array | None:  # [(K,) B, T] -> [A, K, B, T]
+        return None if final else jnp.broadcast_to(write(), (a, k, *valid.shape))
+
+    if kind == "zero":
+        return jnp.zeros((a, k, *here.shape[1:]), here.dtype), where_to_write(lambda: valid)
+    if kind == "resample":
+        return src[:, perms], where_to_write(lambda: src_valid[perms] & valid[None])
+    if kind == "mean":
+        values = src.mean(axis=1, keepdims=True) if final else masked_mean(src, src_valid)
+        values = jnp.broadcast_to(values, here.shape)
+        if not final:
+            src_valid = jnp.broadcast_to(src_valid.any(axis=0, keepdims=True), valid.shape)
+    elif kind == "patch":  # prompt b of the source
+        values = src
+    else:
+        raise ValueError(f"Unknown ablation kind {kind!r}; choose one of {KINDS}.")
+    values = jnp.broadcast_to(values[:, None], (a, k, *here.shape[1:]))
+    return values, where_to_write(lambda: valid & src_valid)
+
+
 def _int_tuple(value: int | Sequence[int], name: str) -> tuple[int, ...]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return (int(value),)
@@ -341,6 +409,13 @@ def _check_against(e: Ablation, config: ModelConfig, batch: Batch) -> None:
             raise ValueError(
                 f"head {bad[0]} is out of range for a model with {config.n_heads} heads "
                 f"(valid: 0..{config.n_heads - 1})."
+            )
+    if e.neurons is not None:
+        bad = [v for v in e.neurons if v >= config.d_mlp]
+        if bad:
+            raise ValueError(
+                f"neuron {bad[0]} is out of range for a model with d_mlp={config.d_mlp} "
+                f"(valid: 0..{config.d_mlp - 1})."
             )
     if isinstance(e.position, tuple):
         lengths = batch.lengths
@@ -374,6 +449,10 @@ class _Banks:
                 key = id(batch if e.source is None else e.source)
                 self.needs[key] = self.needs.get(key, frozenset()) | {e.site}
         self.b, self.t = batch.size, batch.length
+        # Sites whose masks carry a unit axis: heads always; neurons when an edit picks some.
+        self.units = {Site.HEAD_OUT: config.n_heads}
+        if any(e.site is Site.MLP_HIDDEN and e.neurons is not None for e in edits):
+            self.units[Site.MLP_HIDDEN] = config.d_mlp
         self.groups: dict[Site, dict[Any, tuple[int, np.ndarray, Array]]] = {}
         self.caches: dict[int, dict[Site, Array]] = {}
 
@@ -381,7 +460,7 @@ class _Banks:
         return site.feature_shape(self.config)
 
     def empty(self, site: Site) -> tuple[np.ndarray, np.ndarray]:
-        shape = (self.config.n_layers, self.b, self.t) + ((self.config.n_heads,) if site.has_heads else ())
+        shape = (self.config.n_layers, self.b, self.t) + ((self.units[site],) if site in self.units else ())
         return np.zeros(shape, bool), np.zeros(shape, np.int64)
 
     def edit(self, e: Ablation) -> tuple[np.ndarray, np.ndarray]:
@@ -392,10 +471,10 @@ class _Banks:
         layer_on = np.zeros(cfg.n_layers, bool)
         layer_on[list(e.layers)] = True
         m = layer_on[:, None, None] & where[None]
-        if e.site.has_heads:
-            head_on = np.zeros(cfg.n_heads, bool)
-            head_on[list(range(cfg.n_heads)) if e.heads is None else list(e.heads)] = True
-            m = m[..., None] & head_on
+        if e.site in self.units:
+            unit_on = np.zeros(self.units[e.site], bool)
+            unit_on[slice(None) if e.units is None else list(e.units)] = True
+            m = m[..., None] & unit_on
         mask |= m
 
         offset, row_valid, _ = self._group(e)  # row_valid [R_group, T]
@@ -403,7 +482,7 @@ class _Banks:
         src = offset + rows[:, None]  # [B, 1]
         readable = row_valid[rows]  # [B, T]: the source has a real token there
         src = np.broadcast_to(src, (b, t))
-        if e.site.has_heads:
+        if e.site in self.units:
             src, readable = src[..., None], readable[..., None]
         mask &= readable[None]
         return mask, np.broadcast_to(src[None], mask.shape)
@@ -463,10 +542,7 @@ class _Banks:
             return np.ones((b, t), bool), jnp.broadcast_to(value, (cfg.n_layers, b, t, *feat))
         acts, valid = self._source_activations(e)  # [L, S, T, ...], [S, T]
         if e.kind == "mean":
-            real = jnp.asarray(valid).reshape(1, *valid.shape, *([1] * len(feat)))
-            total = jnp.where(real, acts, 0).sum(axis=1, keepdims=True)  # padding never enters the mean
-            count = jnp.maximum(real.sum(axis=1, keepdims=True), 1).astype(dt)
-            return valid.any(axis=0, keepdims=True), (total / count).astype(dt)
+            return valid.any(axis=0, keepdims=True), masked_mean(acts, valid).astype(dt)
         return valid, acts
 
     def _source_activations(self, e: Ablation) -> tuple[Array, np.ndarray]:

@@ -57,26 +57,31 @@ def _lead(v: Array, ndim: int) -> Array:
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
-def rotary_angles(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
+def rotary_angles(positions: Array, config: ModelConfig, local: bool = False) -> tuple[Array, Array]:
     """cos and sin of the rotary angles.
 
     Args:
         positions: [B, T] integer position ids.
+        local: the angles of local (sliding-window) layers, which differ when
+            `config.rotary_local_base` is set.
     Returns:
         (cos, sin), each [B, T, rotary_dim // 2] float32.
     """
-    inv_freq = jnp.asarray(rotary_frequencies(config), jnp.float32)
+    inv_freq = jnp.asarray(rotary_frequencies(config, local), jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, R/2]
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def rotary_frequencies(config: ModelConfig) -> np.ndarray:
+def rotary_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
     """The [rotary_dim // 2] rotary frequencies (radians per position), scaling applied.
 
     Computed in float64 numpy from the static config, then used in float32,
-    so "llama3" scaling's wavelength comparisons are exact.
+    so "llama3" scaling's wavelength comparisons are exact. Local layers of a
+    config with `rotary_local_base` use that base and no scaling.
     """
     half = config.rotary_dim // 2
+    if local and config.rotary_local_base is not None:
+        return config.rotary_local_base ** (-np.arange(half, dtype=np.float64) / half)
     inv_freq = config.rotary_base ** (-np.arange(half, dtype=np.float64) / half)
     factor = config.rotary_scaling_factor
     if config.rotary_scaling == "linear":
@@ -116,7 +121,7 @@ def apply_rotary(x: Array, cos: Array, sin: Array, config: ModelConfig) -> Array
     return jnp.concatenate([rotated, x_pass], axis=-1)
 
 
-def attention_mask(k_valid: Array, q_pos: Array, k_pos: Array) -> Array:
+def attention_mask(k_valid: Array, q_pos: Array, k_pos: Array, window: int | None = None) -> Array:
     """Boolean [B, Tq, Tk] mask: the key is a real token, not in the query's future.
 
     A query always sees itself too. For real tokens that changes nothing (a
@@ -126,36 +131,81 @@ def attention_mask(k_valid: Array, q_pos: Array, k_pos: Array) -> Array:
 
     Args:
         k_valid: [B, Tk] True at real tokens.
-        q_pos, k_pos: [Tq], [Tk] indices into the padded sequence.
+        q_pos, k_pos: [Tq], [Tk] indices into the padded sequence (the keys
+            may be listed in any order: a cache of earlier positions, then
+            the queries' own).
+        window: a sliding window: only keys fewer than `window` positions
+            before the query are seen. Left padding sits before every real
+            token, so padded-index distances are token distances.
     """
-    causal = k_pos[None, :] <= q_pos[:, None]  # [Tq, Tk]
-    itself = k_pos[None, :] == q_pos[:, None]
-    return (causal[None] & k_valid[:, None, :]) | itself[None]
+    distance = q_pos[:, None] - k_pos[None, :]  # [Tq, Tk]
+    seen = distance >= 0
+    if window is not None:
+        seen &= distance < window
+    return (seen[None] & k_valid[:, None, :]) | (distance == 0)[None]
 
 
 def attention_heads(
-    q: Array, k: Array, v: Array, mask: Array, dropout_key: Array | None, rate: float
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    dropout_key: Array | None,
+    config: ModelConfig,
+    cache: tuple[Array, Array] | None = None,
 ) -> Array:
     """Per-head attention outputs z_h (before W_O), grouped-query aware.
 
+    Scores are q·k times `config.scores_scale`, soft-capped when
+    `config.attn_softcap` is set, masked, then softmaxed in float32.
+
     Args:
-        q: [B, Tq, H, K]; k, v: [B, Tk, G, K] with H a multiple of G.
-        mask: [B, Tq, Tk] boolean.
+        q: [B, Tq, H, K]; k, v: [B, Tq, G, K] the queries' own keys and
+            values, with H a multiple of G.
+        mask: [B, Tq, Tc + Tq] boolean over the cached keys, then the own ones.
+        cache: the keys and values [B, Tc, G, K] of earlier positions,
+            attended to before the own ones. The effect engine's final-position
+            path passes the clean run's here, shared by every ablation row:
+            the scores against it and against the own keys are softmaxed
+            together without building a per-row copy of the cache.
     Returns:
         [B, Tq, H, K] in q's dtype.
     """
     b, tq, h, kd = q.shape
     g = k.shape[2]
     q = q.reshape(b, tq, g, h // g, kd)
-    scores = jnp.einsum("bqgrk,bsgk->bgrqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(kd))
+
+    def scores_of(keys: Array) -> Array:  # [B, G, R, Tq, S]
+        return jnp.einsum("bqgrk,bsgk->bgrqs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+
+    scores = scores_of(k) if cache is None else jnp.concatenate([scores_of(cache[0]), scores_of(k)], axis=-1)
+    scores = scores * jnp.float32(config.scores_scale)
+    if config.attn_softcap is not None:
+        cap = jnp.float32(config.attn_softcap)
+        scores = cap * jnp.tanh(scores / cap)
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
+    rate = config.dropout
     if dropout_key is not None and rate > 0:
         keep = jax.random.bernoulli(dropout_key, 1.0 - rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
-    z = jnp.einsum("bgrqs,bsgk->bqgrk", probs.astype(v.dtype), v)
-    return z.reshape(b, tq, h, kd)
+
+    def mix(p: Array, values: Array) -> Array:
+        return jnp.einsum("bgrqs,bsgk->bqgrk", p.astype(v.dtype), values.astype(v.dtype))
+
+    if cache is None:
+        z = mix(probs, v)
+    else:
+        tc = cache[0].shape[1]
+        z = mix(probs[..., :tc], cache[1]) + mix(probs[..., tc:], v)
+    return z.reshape(b, tq, h, kd).astype(q.dtype)
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    """cap * tanh(x / cap), or x when `cap` is None."""
+    if cap is None:
+        return x
+    return jnp.float32(cap) * jnp.tanh(x / jnp.float32(cap))
 
 
 def mlp_hidden(x: Array, w_in: Array, b_in: Array | None, w_gate: Array | None, config: ModelConfig) -> Array:

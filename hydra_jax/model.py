@@ -6,6 +6,8 @@ The model is data. Parameters live in a flat, TransformerLens-named tree:
     blocks/ ln1_g [L, D]  ln1_b [L, D] (LayerNorm)   W_Q [L, D, H, K]
             W_K, W_V [L, D, G, K]    W_O [L, H, K, D]
             b_Q [L, H, K]  b_K, b_V [L, G, K]  b_O [L, D]   (use_bias)
+            ln1_post_g, ln2_post_g [L, D] (post_norms; RMSNorm)
+            q_norm_g, k_norm_g [L, K] (qk_norm)
             ln2_g, ln2_b [L, D]      W_in [L, D, F]  W_gate [L, D, F] (gated)
             W_out [L, F, D]  b_in [L, F]  b_out [L, D]     (use_bias)
     ln_final_g [D]  ln_final_b [D] (LayerNorm)
@@ -29,7 +31,7 @@ from flax import nnx
 from hydra_jax import layers
 from hydra_jax.block import Context, block
 from hydra_jax.config import ModelConfig
-from hydra_jax.sites import Site
+from hydra_jax.sites import Site, is_site
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -66,6 +68,10 @@ def init_params(config: ModelConfig, key: Array) -> Params:
         blocks["W_gate"] = normal((length, d, f))
     if c.norm == "layer":
         blocks["ln1_b"], blocks["ln2_b"] = zeros(length, d), zeros(length, d)
+    if c.post_norms:
+        blocks["ln1_post_g"], blocks["ln2_post_g"] = ones(length, d), ones(length, d)
+    if c.qk_norm:
+        blocks["q_norm_g"], blocks["k_norm_g"] = ones(length, k), ones(length, k)
     if c.use_bias:
         blocks |= {
             "b_Q": zeros(length, h, k),
@@ -114,11 +120,14 @@ def embed(params: Params, config: ModelConfig, tokens: Array, positions: Array) 
     return z.astype(config.compute_dtype)
 
 
-def unembed(params: Params, config: ModelConfig, z: Array) -> tuple[Array, Array]:
+def unembed(params: Params, config: ModelConfig, z: Array, *, capped: bool = True) -> tuple[Array, Array]:
     """Final norm and unembedding.
 
     Args:
         z: [..., D] final residual stream.
+        capped: apply `config.final_softcap` (the model's logits). False gives
+            the logits before the cap, which the residual stream writes
+            linearly and on which hydra_jax measures effects.
     Returns:
         (logits [..., V] float32, final_scale [...] float32).
     """
@@ -128,6 +137,8 @@ def unembed(params: Params, config: ModelConfig, z: Array) -> tuple[Array, Array
     logits = jnp.einsum("...d,dv->...v", h, w_u, preferred_element_type=jnp.float32)
     if config.unembed_bias:
         logits = logits + params["b_U"].astype(jnp.float32).reshape((1,) * (logits.ndim - 1) + (-1,))
+    if capped:
+        logits = layers.softcap(logits, config.final_softcap)
     return logits, scale
 
 
@@ -138,15 +149,42 @@ def cast_params(params: Params, config: ModelConfig) -> Params:
 
 
 def context(
-    config: ModelConfig, valid: Array, capture: frozenset[Site], keep_kv: bool = False
+    config: ModelConfig,
+    valid: Array,
+    capture: frozenset[Site],
+    keep_kv: bool = False,
+    final: bool = False,
 ) -> tuple[Context, Array]:
-    """The shared block context and the position ids for a padded batch."""
+    """The shared block context and the query positions' ids for a padded batch.
+
+    Args:
+        valid: [B, T] True at real tokens.
+        final: queries are the final position only, attending to a cache of
+            the T - 1 earlier positions and then itself (the effect engine's
+            fast path); otherwise every position attends to every position.
+    """
     t = valid.shape[1]
     positions = position_ids(valid)
-    idx = jnp.arange(t)
-    mask = layers.attention_mask(valid, idx, idx)
-    rotary = layers.rotary_angles(positions, config) if config.positions == "rotary" else None
-    return Context(config, mask, rotary, capture, keep_kv), positions
+    q_idx = jnp.arange(t - 1, t) if final else jnp.arange(t)
+    q_positions = positions[:, -1:] if final else positions
+    k_idx = jnp.arange(t)  # final: the cache's T - 1 positions, then the final token's own key
+    local = config.sliding_window is not None and any(config.local)
+    mask = layers.attention_mask(valid, q_idx, k_idx)
+    local_mask = layers.attention_mask(valid, q_idx, k_idx, config.sliding_window) if local else None
+    rotary = local_rotary = None
+    if config.positions == "rotary":
+        rotary = layers.rotary_angles(q_positions, config)
+        if local and config.rotary_local_base is not None:
+            local_rotary = layers.rotary_angles(q_positions, config, local=True)
+    ctx = Context(config, mask, rotary, capture, keep_kv, local_mask=local_mask, local_rotary=local_rotary)
+    return ctx, positions
+
+
+def layer_flags(config: ModelConfig) -> Array | None:
+    """[L] bool: which layers are local (sliding-window); None when none is (nothing rides the scan)."""
+    if config.sliding_window is None or not any(config.local):
+        return None
+    return jnp.asarray(config.local, bool)
 
 
 def trunk(
@@ -177,10 +215,10 @@ def trunk(
         keys = jax.random.split(dropout_key, (config.n_layers, 3))
 
     def step(z: Array, xs: tuple[Any, ...]) -> tuple[Array, dict[str, Array]]:
-        p, layer_edits, layer_bank, layer_keys = xs
-        return block(p, z, ctx, layer_edits, layer_bank, layer_keys)
+        p, layer_edits, layer_bank, layer_keys, local = xs
+        return block(p, z, ctx, layer_edits, layer_bank, layer_keys, local=local)
 
-    return jax.lax.scan(step, z, (params["blocks"], edits, bank, keys))
+    return jax.lax.scan(step, z, (params["blocks"], edits, bank, keys, layer_flags(config)))
 
 
 def forward(
@@ -211,7 +249,7 @@ def forward(
         params, config, tokens, valid, edits=edits, bank=bank, capture=capture, dropout_key=dropout_key
     )
     logits, scale = unembed(params, config, z)
-    cache = {Site(k): v for k, v in cache.items()}
+    cache = {Site(k): v for k, v in cache.items() if is_site(k)}
     if Site.RESID_FINAL in capture:
         cache[Site.RESID_FINAL] = z
     if Site.FINAL_SCALE in capture:

@@ -106,11 +106,63 @@ tiny_pythia = ModelConfig(
     use_bias=True,
 )
 
+# Gemma 2 2B and Gemma 3 1B: sandwich norms, sliding-window layers, the query
+# pre-attention scale 256 ** -0.5, embeddings scaled by sqrt(d_model); Gemma 2
+# soft-caps attention scores (50) and logits (30), Gemma 3 normalises queries
+# and keys and gives its local layers their own rotary base.
+gemma2_2b = ModelConfig(
+    d_model=2304,
+    n_layers=26,
+    n_heads=8,
+    n_kv_heads=4,
+    d_head=256,
+    d_mlp=9216,
+    d_vocab=256_000,
+    n_ctx=8192,
+    norm="rms",
+    norm_eps=1e-6,
+    mlp="geglu",
+    positions="rotary",
+    tie_embeddings=True,
+    embed_multiplier=2304**0.5,
+    post_norms=True,
+    sliding_window=4096,
+    local_layers=tuple(i % 2 == 0 for i in range(26)),
+    attn_scale=256**-0.5,
+    attn_softcap=50.0,
+    final_softcap=30.0,
+)
+gemma3_1b = ModelConfig(
+    d_model=1152,
+    n_layers=26,
+    n_heads=4,
+    n_kv_heads=1,
+    d_head=256,
+    d_mlp=6912,
+    d_vocab=262_144,
+    n_ctx=32_768,
+    norm="rms",
+    norm_eps=1e-6,
+    mlp="geglu",
+    positions="rotary",
+    rotary_base=1_000_000.0,
+    rotary_local_base=10_000.0,
+    tie_embeddings=True,
+    embed_multiplier=1152**0.5,
+    post_norms=True,
+    qk_norm=True,
+    sliding_window=512,
+    local_layers=tuple((i + 1) % 6 != 0 for i in range(26)),
+    attn_scale=256**-0.5,
+)
+
 FULL: dict[str, ModelConfig] = {
     "chinchilla_7b": chinchilla_7b,
     "gpt2_small": gpt2_small,
     "llama_1b": llama_1b,
     "pythia_160m": pythia_160m,
+    "gemma2_2b": gemma2_2b,
+    "gemma3_1b": gemma3_1b,
 }
 TINY: dict[str, ModelConfig] = {
     "tiny_chinchilla": tiny_chinchilla,
@@ -118,7 +170,35 @@ TINY: dict[str, ModelConfig] = {
     "tiny_llama": tiny_llama,
     "tiny_pythia": tiny_pythia,
 }
-ALL: dict[str, ModelConfig] = {**FULL, **TINY}
+# Tiny Gemma 2 and 3 (kept out of TINY, which every family-wide test runs): the
+# window (3) is shorter than the test prompts and the caps are small enough to
+# bite on random weights, so every Gemma feature changes the numbers.
+_GEMMA = dict(
+    norm="rms", norm_eps=1e-6, mlp="geglu", positions="rotary", tie_embeddings=True, post_norms=True
+)
+tiny_gemma2 = ModelConfig(
+    **{**_TINY, "n_kv_heads": 2},
+    **_GEMMA,
+    embed_multiplier=32**0.5,
+    sliding_window=3,
+    local_layers=(True, False, True),
+    attn_scale=0.5,
+    attn_softcap=1.0,
+    final_softcap=2.0,
+)
+tiny_gemma3 = ModelConfig(
+    **{**_TINY, "n_kv_heads": 2},
+    **_GEMMA,
+    embed_multiplier=32**0.5,
+    qk_norm=True,
+    sliding_window=3,
+    local_layers=(True, True, False),
+    rotary_base=1_000_000.0,
+    rotary_local_base=10_000.0,
+    attn_scale=0.3,
+)
+GEMMA: dict[str, ModelConfig] = {"tiny_gemma2": tiny_gemma2, "tiny_gemma3": tiny_gemma3}
+ALL: dict[str, ModelConfig] = {**FULL, **TINY, **GEMMA}
 
 
 def get(name: str) -> ModelConfig:

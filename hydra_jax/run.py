@@ -74,7 +74,8 @@ def _checked(resolved: Resolved, config: ModelConfig, batch: Batch) -> Resolved:
             raise ValueError(f"Site {site.value!r} cannot be edited.")
         feat = site.feature_shape(config)
         want = (config.n_layers, batch.size, batch.length, *feat[:-1])
-        if mask.shape[len(lead) :] != want or source.shape != mask.shape:
+        per_neuron = site is Site.MLP_HIDDEN and mask.shape[len(lead) :] == (*want, config.d_mlp)
+        if (mask.shape[len(lead) :] != want and not per_neuron) or source.shape != mask.shape:
             raise ValueError(
                 f"Resolved edit for {site.value!r} has mask {mask.shape} and source {source.shape}; "
                 f"this model and batch need {(*lead, *want)} for both."

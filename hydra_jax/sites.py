@@ -89,6 +89,14 @@ _FROM_TL_SUFFIX = {
 }
 
 
+def is_site(name: object) -> bool:
+    """Whether `name` is a site (block outputs also carry keys, values and norm factors)."""
+    return isinstance(name, str) and name in _NAMES
+
+
+_NAMES = frozenset(s.value for s in Site)
+
+
 def as_site(name: str | Site) -> Site:
     """Parse a site name, or raise a ValueError listing the valid ones."""
     try:

@@ -34,10 +34,10 @@ import numpy as np
 from hydra_jax.batch import Batch
 from hydra_jax.model import Transformer
 from hydra_jax.runner import check_batch, clean_cache
-from hydra_jax.sites import Site, as_site
+from hydra_jax.sites import EDITABLE_SITES, Site, as_site
 
 Array = jax.Array
-SITES = (Site.ATTN_OUT, Site.MLP_OUT, Site.HEAD_OUT)  # what effect_matrix ablates
+SITES = EDITABLE_SITES  # what effect_matrix ablates
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -19,7 +19,7 @@ from hydra_jax.batch import Batch
 from hydra_jax.block import block
 from hydra_jax.config import ModelConfig
 from hydra_jax.model import Params, Transformer, cast_params, context, embed, unembed
-from hydra_jax.sites import Site
+from hydra_jax.sites import Site, is_site
 
 Array = jax.Array
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -50,9 +50,11 @@ def unrolled_forward(
         p = {name: w[layer] for name, w in params["blocks"].items()}
         layer_edits = {s: (m[layer], i[layer]) for s, (m, i) in edits.items()}
         layer_bank = {s: rows[layer] for s, rows in bank.items()}
-        z, out = block(p, z, ctx, layer_edits, layer_bank, None)
+        local = jnp.asarray(config.local[layer]) if ctx.local_mask is not None else None
+        z, out = block(p, z, ctx, layer_edits, layer_bank, None, local=local)
         for site, value in out.items():
-            per_layer[site].append(value)
+            if is_site(site):
+                per_layer[site].append(value)
     logits, scale = unembed(params, config, z)
     cache = {site: jnp.stack(values) for site, values in per_layer.items()}
     if Site.RESID_FINAL in capture:

@@ -201,7 +201,9 @@ def _check_type(value: Any, hint: Any, name: str) -> None:
         wanted = " or ".join(
             f"one of {list(typing.get_args(o))}"
             if typing.get_origin(o) is typing.Literal
-            else {type(None): "null", int: "an int", float: "a number", str: "a string"}.get(o, "a bool")
+            else {type(None): "null", int: "an int", float: "a number", str: "a string"}.get(
+                o, "a list of booleans" if typing.get_origin(o) is tuple else "a bool"
+            )
             for o in options
         )
         raise ValueError(f"{name} must be {wanted}, got {value!r}.")
@@ -218,6 +220,9 @@ def _fits(value: Any, option: Any) -> bool:
         return isinstance(value, (int, np.integer))
     if option is float:
         return isinstance(value, (int, float, np.integer, np.floating))
+    if typing.get_origin(option) is tuple:  # tuple[X, ...]: a JSON list of X
+        (item, _) = typing.get_args(option)
+        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
     return isinstance(value, option)
 
 

@@ -517,7 +517,9 @@ def test_bench_sizes_and_preset_are_checked(tmp_path, capsys, options, named):
 
 @pytest.mark.parametrize("field", ["ablate", "measure"])
 def test_effect_matrix_needs_sites_not_none(model, batch, field):
-    with pytest.raises(TypeError, match=rf"{field} must be a site name or a sequence of them.*got None"):
+    with pytest.raises(
+        TypeError, match=rf"{field} must be a site name or component label, or a sequence of them.*got None"
+    ):
         hj.effect_matrix(model, batch, **{field: None})
 
 

@@ -116,7 +116,7 @@ def test_dict_and_json_round_trip(name):
 
 def test_to_dict_holds_every_field_and_from_dict_fills_defaults():
     data = presets.tiny_llama.to_dict()
-    assert len(data) == 28
+    assert len(data) == 36
     assert {k: data[k] for k in SHAPE} == SHAPE
     assert (data["n_kv_heads"], data["mlp"], data["norm_eps"]) == (2, "swiglu", 1e-5)
     assert ModelConfig.from_dict(SHAPE) == presets.tiny_chinchilla

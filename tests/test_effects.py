@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ from flax import nnx
 import hydra_jax as hj
 from hydra_jax.effect_matrix import compile_effect_matrix, effect_matrix, naive_effect_matrix
 from hydra_jax.effects import Component, direct_effects
-from hydra_jax.engine import effect_core, segments_for
+from hydra_jax.engine import describes, segments_for
 from hydra_jax.interventions import resample_sources
 from hydra_jax.testing import count_compilations
 
@@ -149,18 +148,19 @@ def test_segments_for_minimises_the_layer_steps():
         assert work == brute_force_segments(layers, n_layers, n_segments), (layers, n_layers, n_segments)
 
 
-def test_segments_that_do_not_describe_the_rows_give_nan(model, batch):
-    """effect_core trusts its static plan; rows it does not describe are flagged, not silently wrong."""
-    prepared = _prepare_for(model, batch)
-    wrong = dataclasses.replace(prepared.plan, segments=((1, model.config.n_layers, 3),))  # rows start at 0
-    out = effect_core(*prepared.args, plan=wrong)
-    assert np.isnan(np.asarray(out["total"])).all() and np.isnan(np.asarray(out["delta_direct"])).all()
-    good = effect_core(*prepared.args, plan=prepared.plan)
-    assert np.isfinite(np.asarray(good["total"])).all()
+def test_the_plan_is_checked_against_its_rows_on_the_host(model, batch):
+    """effect_core trusts its static plan, so the host checks it describes the rows it is given."""
+    prepared = _prepare_for(model, batch, scan_segments=2)
+    layers = np.asarray(prepared.args[4]["layer"])
+    assert prepared.plan.segments is not None and describes(prepared.plan.segments, layers)
+    n = model.config.n_layers
+    assert not describes(((1, n, len(layers)),), layers)  # rows start at layer 0
+    assert not describes(prepared.plan.segments, layers[::-1])  # not sorted by layer
+    assert not describes(((0, n, len(layers) - 1),), layers)  # a row the scan would not run
 
 
-def _prepare_for(model, batch):
-    return compile_effect_matrix(model, batch, ablate=("attn_out", "mlp_out")).prepared
+def _prepare_for(model, batch, **settings):
+    return compile_effect_matrix(model, batch, ablate=("attn_out", "mlp_out"), **settings).prepared
 
 
 def test_upstream_changes_are_exactly_zero(family_model):
@@ -367,8 +367,11 @@ def test_erasure_motif_matches_hand_computation(fraction):
 
 BAD = [
     (dict(ablate=("attn",)), r"Unknown site 'attn'"),
-    (dict(ablate=("resid_pre",)), r"ablate sites must be components that write into the residual"),
-    (dict(measure=("mlp_hidden",)), r"measure sites must be components that write into the residual"),
+    (dict(measure=("resid_pre",)), r"the residual stream is not a component: it is ablated, not measured"),
+    (dict(measure=("mlp_out", "mlp_hidden")), r"measure either 'mlp_out' or 'mlp_hidden'"),
+    (dict(ablate=("mlp_hidden.1.999",)), r"a neuron is out of range for a model with d_mlp=64"),
+    (dict(ablate=("mlp_hidden.7",)), r"layer 7 is out of range for a 3-layer model"),
+    (dict(ablate=("mlp_hidden.1.x",)), r"Cannot read component 'mlp_hidden.1.x'"),
     (dict(measure=("attn_out", "head_out")), r"measure either 'attn_out' or 'head_out'"),
     (dict(n_resamples=4), r"4 resamples need 5 prompts"),
     (dict(n_resamples=0), r"n_resamples must be a positive int"),
@@ -460,7 +463,7 @@ def test_bad_source_activations(model, batch):
     with pytest.raises(TypeError, match=r"naive_effect_matrix recomputes from prompts"):
         naive_effect_matrix(model, batch, ablate=("attn_out",), kind="mean", source=acts)
     with pytest.raises(ValueError, match=r"sites must be ablatable sites"):
-        source_activations(model, batch, sites=("resid_pre",))
+        source_activations(model, batch, sites=("resid_final",))
 
 
 def test_labels_and_components(model, batch):

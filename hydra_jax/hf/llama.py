@@ -101,7 +101,11 @@ def config_from_hf(hf: dict[str, Any], dtype: str, family: str = "Llama") -> Mod
 
 
 def params_from_hf(t: Tensors, c: ModelConfig, norm_offset: float = 0.0) -> dict[str, Any]:
-    """The parameter tree; `norm_offset` is added to every norm gain (1 for Gemma's (1 + w) norms)."""
+    """The parameter tree; `norm_offset` is added to every norm gain (1 for Gemma's (1 + w) norms).
+
+    With `c.post_norms` (Gemma 2/3) ``post_attention_layernorm`` is the norm on the attention
+    output and ``pre_feedforward_layernorm`` the MLP's input norm, as `hydra_jax.hf.gemma` maps them.
+    """
     d, n, h, g, k, f, v = c.d_model, c.n_layers, c.n_heads, c.kv_heads, c.d_head, c.d_mlp, c.d_vocab
     layer = "model.layers.{i}."
 
@@ -114,11 +118,19 @@ def params_from_hf(t: Tensors, c: ModelConfig, norm_offset: float = 0.0) -> dict
         "W_K": heads_in(t.stack(layer + "self_attn.k_proj.weight", n, (g * k, d)), g, k),
         "W_V": heads_in(t.stack(layer + "self_attn.v_proj.weight", n, (g * k, d)), g, k),
         "W_O": heads_out(t.stack(layer + "self_attn.o_proj.weight", n, (d, h * k)), h, k),
-        "ln2_g": gain(t.stack(layer + "post_attention_layernorm.weight", n, (d,))),
         "W_gate": linear(t.stack(layer + "mlp.gate_proj.weight", n, (f, d))),
         "W_in": linear(t.stack(layer + "mlp.up_proj.weight", n, (f, d))),
         "W_out": linear(t.stack(layer + "mlp.down_proj.weight", n, (d, f))),
     }
+    if c.post_norms:  # sandwich norms around both sublayers
+        blocks["ln1_post_g"] = gain(t.stack(layer + "post_attention_layernorm.weight", n, (d,)))
+        blocks["ln2_g"] = gain(t.stack(layer + "pre_feedforward_layernorm.weight", n, (d,)))
+        blocks["ln2_post_g"] = gain(t.stack(layer + "post_feedforward_layernorm.weight", n, (d,)))
+    else:
+        blocks["ln2_g"] = gain(t.stack(layer + "post_attention_layernorm.weight", n, (d,)))
+    if c.qk_norm:
+        blocks["q_norm_g"] = gain(t.stack(layer + "self_attn.q_norm.weight", n, (k,)))
+        blocks["k_norm_g"] = gain(t.stack(layer + "self_attn.k_norm.weight", n, (k,)))
     if c.use_bias:
         blocks |= {
             "b_Q": t.stack(layer + "self_attn.q_proj.bias", n, (h * k,)).reshape(n, h, k),
