@@ -13,11 +13,13 @@ Public names:
                                  in one compiled call
     naive_effect_matrix          the same, one run per ablation (the reference)
     compile_effect_matrix        effect_matrix compiled ahead of time (timing, memory analysis)
+    EffectSpec                   the settings of an effect matrix (what is ablated and measured,
+                                 the kind, position, target, ...), validated once
     EffectMatrix, Decomposition  its result, and TE = own + attention + mlp + norm
     hydra_summary                per-ablation Hydra statistics with bootstrap intervals
     save, load                   checkpoint directories (orbax parameters, config, tokenizer)
-    from_hf, convert             local Hugging Face checkpoints (GPT-2, Llama, GPT-NeoX, Gemma)
-    from_gguf                    llama.cpp GGUF files (Llama, Qwen2), dequantised with gguf
+    from_hf, convert             Hugging Face checkpoints (GPT-2, Llama, GPT-NeoX, Gemma 1-3)
+    from_gguf                    llama.cpp GGUF files (Llama, Qwen2, Gemma 2/3), dequantised with gguf
     data                         the synthetic factual world, FactDataset, tokenizer training
 """
 
@@ -25,7 +27,7 @@ from hydra_jax import data, gguf, hf, interventions, presets, sites
 from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.checkpoint import load, save
 from hydra_jax.config import ModelConfig
-from hydra_jax.effect_matrix import compile_effect_matrix, effect_matrix, naive_effect_matrix
+from hydra_jax.effect_matrix import EffectSpec, compile_effect_matrix, effect_matrix, naive_effect_matrix
 from hydra_jax.effects import Component, Decomposition, DirectEffects, EffectMatrix, Labels, direct_effects
 from hydra_jax.gguf import from_gguf
 from hydra_jax.hf import convert, from_hf
@@ -42,6 +44,7 @@ __all__ = [
     "Decomposition",
     "DirectEffects",
     "EffectMatrix",
+    "EffectSpec",
     "HydraSummary",
     "Labels",
     "ModelConfig",

@@ -30,7 +30,7 @@ from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.checkpoint import load
 from hydra_jax.data.facts import FactDataset
 from hydra_jax.data.prompts import check_prompt_text
-from hydra_jax.effect_matrix import effect_matrix
+from hydra_jax.effect_matrix import EffectSpec, effect_matrix
 from hydra_jax.effects import EffectMatrix
 from hydra_jax.hf import from_hf, hub, is_hf_dir
 from hydra_jax.interventions import resample_sources
@@ -88,14 +88,26 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}.")
         if self.granularity not in ("layer", "head"):
             raise ValueError(f"--granularity must be 'layer' or 'head', got {self.granularity!r}.")
-        if self.target not in ("argmax", "answer"):
-            raise ValueError(f"--target must be 'argmax' or 'answer', got {self.target!r}.")
+        _ = self.spec  # the kind, position and target rules are EffectSpec's, checked here up front
         if self.filter not in FILTERS:
             raise ValueError(
                 f"--filter must be 'none' or 'correct' (keep prompts the model completes with their "
                 f"answer), got {self.filter!r}."
             )
         check_prompt_text(self.prompt_text)
+
+    @property
+    def spec(self) -> EffectSpec:
+        """The effect matrix every batch computes: layers (attention and MLP) or every head ablated,
+        attention and MLP layers measured."""
+        return EffectSpec(
+            ablate=("attn_out", "mlp_out") if self.granularity == "layer" else ("head_out",),
+            measure=("attn_out", "mlp_out"),
+            kind=self.kind,
+            position=self.position,
+            target=self.target,
+            n_resamples=self.n_resamples,
+        )
 
 
 def checkpoints_dir() -> pathlib.Path:
@@ -385,15 +397,8 @@ def measure(
     batch filled up with its last prompt, whose extra results are dropped), so
     one compilation serves them all.
     """
-    ablate = ("attn_out", "mlp_out") if settings.granularity == "layer" else ("head_out",)
-    kw = dict(
-        ablate=ablate,
-        measure=("attn_out", "mlp_out"),
-        kind=settings.kind,
-        position=settings.position,
-        target=settings.target,
-        n_resamples=settings.n_resamples,
-    )
+    spec = settings.spec
+    ablate = spec.ablate
     parts, t0 = [], time.time()
     k, n = settings.n_resamples, batch.size
     acts = draw = None
@@ -416,7 +421,7 @@ def measure(
                 extra["source_index"] = np.arange(k * size).reshape(k, size)
             else:
                 extra["source_index"] = draw[:, idx]
-        em = effect_matrix(model, _rows(batch, idx), **kw, **extra)
+        em = effect_matrix(model, _rows(batch, idx), spec, **extra)
         # Wait for the batch: otherwise the progress bar counts dispatches, not finished work.
         parts.append(jax.block_until_ready(_first_prompts(em, min(size, n - start))))
     em = concat(parts)

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import tokenizers
 
+from hydra_jax.config import ModelConfig
+
 INT32_LIMIT = 2**31  # token ids are stored as int32
 
 
@@ -431,3 +433,29 @@ def _check_strings(texts: list, what: str) -> None:
     if bad:
         i, t = bad[0]
         raise TypeError(f"{what}[{i}] is {type(t).__name__} {t!r:.60}, not a string.")
+
+
+def check_batch(config: ModelConfig, batch: Batch) -> None:
+    """Raise a clear error if `batch` cannot be fed to a model with `config`."""
+    if not isinstance(batch, Batch):
+        raise TypeError(
+            f"Expected a hydra_jax.Batch, got {type(batch).__name__}; build one with "
+            "Batch.from_prompts(tokenizer, prompts) or Batch.from_tokens(token_lists)."
+        )
+    longest = int(batch.lengths.max())
+    if longest > config.n_ctx:
+        raise ValueError(
+            f"A prompt is {longest} tokens long but the model's context is n_ctx="
+            f"{config.n_ctx}; shorten or drop the longest prompts."
+        )
+    real = batch.tokens[batch.valid]
+    bad = real[(real < 0) | (real >= config.d_vocab)]
+    if bad.size:
+        raise ValueError(
+            f"Token ids {sorted(set(bad.tolist()))[:5]} are outside the vocabulary "
+            f"[0, {config.d_vocab}); was the batch built with this model's tokenizer?"
+        )
+    if batch.answers is not None:
+        a = batch.answers
+        if np.any((a < 0) | (a >= config.d_vocab)):
+            raise ValueError(f"Answer token ids must lie in [0, {config.d_vocab}); got {a.tolist()}.")

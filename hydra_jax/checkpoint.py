@@ -35,7 +35,7 @@ from hydra_jax.config import ModelConfig
 from hydra_jax.model import Transformer, param_count
 
 FORMAT_VERSION = 1
-MANIFEST = "MANIFEST.json"
+MANIFEST = outdir.MANIFEST
 RESERVED = ("config.json", "params", "tokenizer.json", "MODEL_CARD.md", MANIFEST)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from hydra_jax import interventions as iv
 from hydra_jax import layers, validate
-from hydra_jax.batch import Batch
+from hydra_jax.batch import Batch, check_batch
 from hydra_jax.effects import (
     ABLATABLE,
     MEASURABLE,
@@ -33,7 +33,6 @@ from hydra_jax.effects import (
 from hydra_jax.engine import CODE, Plan, describes, effect_core, segments_for
 from hydra_jax.model import Transformer, unembed
 from hydra_jax.run import run
-from hydra_jax.runner import check_batch
 from hydra_jax.sharding import ABLATIONS, PROMPTS, Layout, layout_for
 from hydra_jax.sites import Site, as_site
 from hydra_jax.sources import SourceActivations

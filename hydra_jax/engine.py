@@ -39,6 +39,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,6 +143,14 @@ def effect_core(
         `plan.linearise` also linear_total [A, B] and linear_delta_direct [A, M, B].
     """
     cfg = plan.config
+    n_ablations = rows["layer"].shape[0]  # the shape contract, checked at trace time
+    chex.assert_equal_shape([tokens, valid])
+    chex.assert_shape([rows["layer"], rows["site"], rows["head"]], (n_ablations,))
+    chex.assert_shape(perms, (plan.n_resamples, tokens.shape[0]))
+    if Site.MLP_HIDDEN in plan.ablated:
+        chex.assert_shape(rows["neurons"], (n_ablations, cfg.d_mlp))
+    if restore is not None:
+        chex.assert_shape(restore, (n_ablations,))
     params = cast_params(params, cfg)
     final = plan.position == "final"
     sites = {Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT}

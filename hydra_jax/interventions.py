@@ -53,10 +53,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydra_jax import validate
-from hydra_jax.batch import Batch
+from hydra_jax.batch import Batch, check_batch
 from hydra_jax.config import ModelConfig
-from hydra_jax.model import Params
-from hydra_jax.runner import check_batch, clean_cache
+from hydra_jax.model import Params, clean_cache
 from hydra_jax.sites import EDITABLE_SITES, Site, as_site
 
 Array = jax.Array

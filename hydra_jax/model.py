@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hydra_jax import layers
+from hydra_jax.batch import Batch
 from hydra_jax.block import Context, block
 from hydra_jax.config import ModelConfig
 from hydra_jax.sites import Site, is_site
@@ -330,3 +331,43 @@ class _Stacked(nnx.Module):
     def __init__(self, params: Params):
         for name, value in params.items():
             setattr(self, name, nnx.Param(value))
+
+
+# ---- compiled runs -------------------------------------------------------------
+# `run_core` is one compiled function per (config, capture set, stacked?, shapes):
+# requested sites are static, so unrequested ones are never computed, and a stack
+# of N interventions is one `jax.vmap` inside one `jax.jit` (`hydra_jax.run`).
+
+
+@functools.partial(jax.jit, static_argnames=("config", "capture", "stacked"))
+def run_core(
+    params: Params,
+    tokens: Array,
+    valid: Array,
+    edits: dict[Site, Any],
+    bank: dict[Site, Array],
+    *,
+    config: ModelConfig,
+    capture: frozenset[Site],
+    stacked: bool,
+) -> tuple[Array, dict[Site, Array]]:
+    """Forward with edits; with `stacked`, edits carry a leading [N] axis and are vmapped.
+
+    The bank is shared by every intervention of a stack (not vmapped), so N
+    interventions that resample from the same clean run hold one copy of it.
+    """
+
+    def one(e: dict[Site, Any]) -> tuple[Array, dict[Site, Array]]:
+        return forward(params, config, tokens, valid, edits=e, bank=bank, capture=capture)
+
+    return jax.vmap(one)(edits) if stacked else one(edits)
+
+
+def clean_cache(
+    params: Params, config: ModelConfig, batch: Batch, sites: frozenset[Site]
+) -> dict[Site, Array]:
+    """Captured activations of an unedited run."""
+    _, cache = run_core(
+        params, batch.tokens, batch.valid, {}, {}, config=config, capture=sites, stacked=False
+    )
+    return cache

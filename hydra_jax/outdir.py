@@ -38,6 +38,7 @@ from collections.abc import Iterator, Mapping
 from typing import Literal
 
 Kind = Literal["report", "checkpoint", "bench"]
+MANIFEST = "MANIFEST.json"  # a checkpoint's list of its files and their sha256 (`hydra_jax.checkpoint`)
 
 # What each kind is called in messages, and the prefix of its temporary directories.
 WHAT = {"report": "report", "checkpoint": "checkpoint", "bench": "benchmark results"}
@@ -252,8 +253,6 @@ def _not_a_report(path: str) -> str | None:
 
 
 def _not_a_checkpoint(path: str) -> str | None:
-    from hydra_jax.checkpoint import MANIFEST
-
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             listed = json.load(f)["files"]

@@ -6,11 +6,10 @@ from collections.abc import Iterable
 
 import jax
 
-from hydra_jax.batch import Batch
+from hydra_jax.batch import Batch, check_batch
 from hydra_jax.config import ModelConfig
 from hydra_jax.interventions import Intervention, InterventionStack, Resolved, resolve
-from hydra_jax.model import Transformer
-from hydra_jax.runner import check_batch, run_core
+from hydra_jax.model import Transformer, run_core
 from hydra_jax.sites import Site, as_site
 
 Array = jax.Array

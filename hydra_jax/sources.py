@@ -31,9 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hydra_jax.batch import Batch
-from hydra_jax.model import Transformer
-from hydra_jax.runner import check_batch, clean_cache
+from hydra_jax.batch import Batch, check_batch
+from hydra_jax.model import Transformer, clean_cache
 from hydra_jax.sites import EDITABLE_SITES, Site, as_site
 
 Array = jax.Array

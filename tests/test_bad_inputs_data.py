@@ -12,8 +12,8 @@ import tokenizers
 
 import hydra_jax as hj
 from hydra_jax.analyze import resolve_data
+from hydra_jax.batch import check_batch
 from hydra_jax.cli import main
-from hydra_jax.runner import check_batch
 
 CF = {"requested_rewrite": {"prompt": "{} is in", "subject": "Eiffel Tower", "target_true": {"str": "Paris"},
                             "relation_id": "P131"}}  # fmt: skip

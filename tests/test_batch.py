@@ -6,7 +6,7 @@ import tokenizers
 from numpy.testing import assert_array_equal
 
 from hydra_jax import Batch, Tokenizer, presets
-from hydra_jax.runner import check_batch
+from hydra_jax.batch import check_batch
 
 T, F = True, False
 

@@ -280,11 +280,3 @@ RELATIONS: tuple[Relation, ...] = (
 )
 
 RELATION_NAMES: tuple[str, ...] = tuple(r.name for r in RELATIONS)
-
-
-def relation_index(name: str) -> int:
-    """Position of relation `name` in `RELATIONS` (the id used by `FactDataset.relation_ids`)."""
-    try:
-        return RELATION_NAMES.index(name)
-    except ValueError:
-        raise ValueError(f"Unknown relation {name!r}; expected one of {RELATION_NAMES}.") from None

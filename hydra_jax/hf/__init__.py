@@ -6,7 +6,7 @@
 
 Families, each with its weight map in its own module: GPT-2 (`gpt2`), Llama
 and Llama-architecture models such as Mistral (`llama`), GPT-NeoX / Pythia
-(`gpt_neox`) and Gemma (`gemma`). Weights are read from safetensors only, never
+(`gpt_neox`) and Gemma 1, 2 and 3 (`gemma`). Weights are read from safetensors only, never
 pickle. A local directory needs no network; a repo id is fetched by `hub`
 (config, safetensors and tokenizer files only; HF_HUB_OFFLINE=1 reads the cache only).
 """
