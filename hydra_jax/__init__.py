@@ -23,18 +23,27 @@ Public names:
     data                         the synthetic factual world, FactDataset, tokenizer training
 """
 
-from hydra_jax import data, gguf, hf, interventions, presets, sites
+from hydra_jax import data, interventions
 from hydra_jax.batch import Batch, Tokenizer
-from hydra_jax.checkpoint import load, save
-from hydra_jax.config import ModelConfig
-from hydra_jax.effect_matrix import EffectSpec, compile_effect_matrix, effect_matrix, naive_effect_matrix
-from hydra_jax.effects import Component, Decomposition, DirectEffects, EffectMatrix, Labels, direct_effects
-from hydra_jax.gguf import from_gguf
-from hydra_jax.hf import convert, from_hf
-from hydra_jax.model import Transformer, param_count
-from hydra_jax.run import run
-from hydra_jax.sites import Site
-from hydra_jax.summary import HydraSummary, hydra_summary
+from hydra_jax.effects.matrix import EffectSpec, compile_effect_matrix, effect_matrix, naive_effect_matrix
+from hydra_jax.effects.results import (
+    Component,
+    Decomposition,
+    DirectEffects,
+    EffectMatrix,
+    Labels,
+    direct_effects,
+)
+from hydra_jax.effects.summary import HydraSummary, hydra_summary
+from hydra_jax.interventions.run import run
+from hydra_jax.loaders import gguf, hf
+from hydra_jax.loaders.checkpoint import load, save
+from hydra_jax.loaders.gguf import from_gguf
+from hydra_jax.loaders.hf import convert, from_hf
+from hydra_jax.model import presets, sites
+from hydra_jax.model.config import ModelConfig
+from hydra_jax.model.sites import Site
+from hydra_jax.model.transformer import Transformer, param_count
 
 __version__ = "0.1.0"
 

@@ -25,18 +25,19 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from hydra_jax import outdir, presets, validate
+from hydra_jax import outdir, validate
 from hydra_jax.batch import Batch, Tokenizer
-from hydra_jax.checkpoint import load
 from hydra_jax.data.facts import FactDataset
 from hydra_jax.data.prompts import check_prompt_text
-from hydra_jax.effect_matrix import EffectSpec, effect_matrix
-from hydra_jax.effects import EffectMatrix
-from hydra_jax.hf import from_hf, hub, is_hf_dir
-from hydra_jax.interventions import resample_sources
-from hydra_jax.model import Transformer, param_count
-from hydra_jax.sources import source_activations
-from hydra_jax.summary import MAX_BOOTSTRAP, HydraSummary, hydra_summary
+from hydra_jax.effects.matrix import EffectSpec, effect_matrix
+from hydra_jax.effects.results import EffectMatrix
+from hydra_jax.effects.summary import MAX_BOOTSTRAP, HydraSummary, hydra_summary
+from hydra_jax.interventions.ablations import resample_sources
+from hydra_jax.interventions.sources import source_activations
+from hydra_jax.loaders.checkpoint import load
+from hydra_jax.loaders.hf import from_hf, hub, is_hf_dir
+from hydra_jax.model import presets
+from hydra_jax.model.transformer import Transformer, param_count
 
 DEFAULT_MODEL = "hydra-8l"
 FILTERS = ("none", "correct")
@@ -149,7 +150,7 @@ def resolve_model(spec: str | None) -> tuple[Transformer, Tokenizer, dict[str, A
         config = presets.get(spec).replace(d_vocab=tokenizer.vocab_size)
         return Transformer(config, rngs=nnx.Rngs(0)), tokenizer, {"name": spec, "path": None, "random": True}
     if spec.lower().endswith(".gguf") and os.path.isfile(spec):
-        from hydra_jax.gguf import from_gguf
+        from hydra_jax.loaders.gguf import from_gguf
 
         model, tokenizer = from_gguf(spec)
         info = {"name": os.path.basename(spec), "path": os.path.abspath(spec), "format": "gguf"}
@@ -376,7 +377,7 @@ def _clean_top_tokens(
     Every call pads to the same [B, T] `shape` (a short last chunk repeats its
     first prompt), so `run` compiles once however many chunks there are.
     """
-    from hydra_jax.run import run
+    from hydra_jax.interventions.run import run
 
     b, t = shape
     lists = [prompt_ids[i] for i in rows] + [prompt_ids[rows[0]]] * (b - len(rows))
@@ -509,7 +510,7 @@ def analyze(
     written beside `out` and moved into place whole (`hydra_jax.outdir.atomic_dir`).
     `overwrite` replaces only a report directory hydra_jax wrote.
     """
-    from hydra_jax import report
+    from hydra_jax.report import document as report
 
     model = settings.model if settings.model is not None else str(checkpoints_dir() / DEFAULT_MODEL)
     inputs = {"--model": model, "--compare": settings.compare}
@@ -540,7 +541,7 @@ def preflight(settings: Settings) -> None:
     if settings.n_bootstrap > MAX_BOOTSTRAP:
         raise ValueError(
             f"--n-bootstrap {settings.n_bootstrap:,} is above the limit of {MAX_BOOTSTRAP:,} draws (the "
-            "bootstrap holds every draw in memory; see hydra_jax.summary.MAX_BOOTSTRAP); pass fewer "
+            "bootstrap holds every draw in memory; see hydra_jax.effects.summary.MAX_BOOTSTRAP); pass fewer "
             "(default 1000)."
         )
     # Resample sources come from the whole dataset, so only --n-prompts bounds --n-resamples.
@@ -565,20 +566,20 @@ def preflight(settings: Settings) -> None:
 
 def _preflight_model(spec: str | None, flag: str) -> None:
     """What `resolve_model` will load, checked without reading any weights."""
-    from hydra_jax.checkpoint import CheckpointError, read_config
-    from hydra_jax.hf import common, hf_config
+    from hydra_jax.loaders.checkpoint import CheckpointError, read_config
+    from hydra_jax.loaders.hf import common, hf_config
 
     if spec is None or spec in presets.ALL:
         return  # resolve_model names the default model's location; presets need no files
     if not os.path.exists(spec):
         if hub.is_repo_id(spec):
-            return  # a Hub repo id: resolved (and checked) by hydra_jax.hf.hub
+            return  # a Hub repo id: resolved (and checked) by hydra_jax.loaders.hf.hub
         raise ValueError(
             f"{flag} {spec!r} is neither a checkpoint directory nor a preset (nor a Hub repo id, "
             f"org/name); presets: {sorted(presets.ALL)}."
         )
     if spec.lower().endswith(".gguf") and os.path.isfile(spec):
-        from hydra_jax.gguf import gguf_config
+        from hydra_jax.loaders.gguf import gguf_config
 
         try:
             gguf_config(spec)  # the header only: architecture, shapes, rope scaling

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import tokenizers
 
-from hydra_jax.config import ModelConfig
+from hydra_jax.model.config import ModelConfig
 
 INT32_LIMIT = 2**31  # token ids are stored as int32
 

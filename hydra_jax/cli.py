@@ -22,8 +22,8 @@ from hydra_jax import compile_cache
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from hydra_jax import presets
-    from hydra_jax.model import param_count
+    from hydra_jax.model import presets
+    from hydra_jax.model.transformer import param_count
 
     names = sorted(presets.ALL) if not args.names else args.names
     rows = []
@@ -54,7 +54,7 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hydra_jax.recipe import run_recipe
+    from hydra_jax.train.recipe import run_recipe
 
     model_dir = run_recipe(args.config, args.out, progress=not args.quiet, restart=args.restart)
     print(f"Model written to {model_dir} (see its MODEL_CARD.md).")
@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from hydra_jax.hf import convert
+    from hydra_jax.loaders.hf import convert
 
     out = convert(
         args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, revision=args.revision
@@ -106,8 +106,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from hydra_jax import report
     from hydra_jax.analyze import Settings, analyze
+    from hydra_jax.report import document as report
 
     settings = Settings(
         model=args.model,
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model on the synthetic factual world from a recipe",
         description="Train a model from a JSON recipe (data, model and optimiser settings; see "
-        "hydra_jax/recipe.py). Re-running the same recipe with the same --out resumes from the latest "
+        "hydra_jax/train/recipe.py). Re-running the same recipe with the same --out resumes from the latest "
         "checkpoint; another recipe there is refused. "
         "Example: hydra-jax train --config checkpoints/hydra-8l/recipe.json --out runs/hydra-8l",
     )

@@ -38,7 +38,9 @@ from collections.abc import Iterator, Mapping
 from typing import Literal
 
 Kind = Literal["report", "checkpoint", "bench"]
-MANIFEST = "MANIFEST.json"  # a checkpoint's list of its files and their sha256 (`hydra_jax.checkpoint`)
+MANIFEST = (
+    "MANIFEST.json"  # a checkpoint's list of its files and their sha256 (`hydra_jax.loaders.checkpoint`)
+)
 
 # What each kind is called in messages, and the prefix of its temporary directories.
 WHAT = {"report": "report", "checkpoint": "checkpoint", "bench": "benchmark results"}
@@ -230,7 +232,7 @@ def _not_ours(path: str, kind: Kind) -> str | None:
 
 
 def _not_a_report(path: str) -> str | None:
-    from hydra_jax import report
+    from hydra_jax.report import document as report
 
     names = {"summary.json", "effects.npz", "report.md", report.COMPARE_FIGURE, *report.FIGURES.values()}
     try:

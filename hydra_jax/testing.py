@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydra_jax.batch import Batch
-from hydra_jax.block import block
-from hydra_jax.config import ModelConfig
-from hydra_jax.model import Params, Transformer, cast_params, context, embed, unembed
-from hydra_jax.sites import Site, is_site
+from hydra_jax.model.block import block
+from hydra_jax.model.config import ModelConfig
+from hydra_jax.model.sites import Site, is_site
+from hydra_jax.model.transformer import Params, Transformer, cast_params, context, embed, unembed
 
 Array = jax.Array
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -35,7 +35,7 @@ def unrolled_forward(
     bank: dict[Site, Array] | None = None,
     capture: frozenset[Site] = frozenset(),
 ) -> tuple[Array, dict[Site, Array]]:
-    """The same forward as `hydra_jax.model.forward`, with a Python loop over layers.
+    """The same forward as `hydra_jax.model.transformer.forward`, with a Python loop over layers.
 
     The reference that the scanned forward is tested against: it indexes
     layer l out of every stacked array by hand instead of relying on

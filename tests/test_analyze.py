@@ -46,7 +46,7 @@ def report(tiny_checkpoint, tmp_path_factory):
 
 
 def test_report_files_and_schema(report):
-    from hydra_jax.report import validate_summary
+    from hydra_jax.report.document import validate_summary
 
     names = set(os.listdir(report))
     figures = {"direct_vs_total.png", "decomposition.png", "coupling.png", "erasure.png", "repair.png"}
@@ -70,8 +70,8 @@ def test_report_agrees_with_effect_matrix(report, tiny_checkpoint):
     """The report's numbers are hj.effect_matrix's on the same prompts, with resample sources drawn
     once over the whole dataset (seeded), whatever the batch."""
     from hydra_jax.analyze import Settings, measure, resolve_data
-    from hydra_jax.interventions import resample_sources
-    from hydra_jax.sources import source_activations
+    from hydra_jax.interventions.ablations import resample_sources
+    from hydra_jax.interventions.sources import source_activations
 
     model, tokenizer = hj.load(tiny_checkpoint)
     settings = Settings(n_prompts=24, batch_size=12, n_resamples=2)

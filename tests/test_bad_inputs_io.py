@@ -29,9 +29,9 @@ from conftest import random_model
 
 import hydra_jax as hj
 from hydra_jax import outdir
-from hydra_jax.checkpoint import CheckpointError
 from hydra_jax.cli import main
-from hydra_jax.report import SCHEMA_ID
+from hydra_jax.loaders.checkpoint import CheckpointError
+from hydra_jax.report.document import SCHEMA_ID
 
 TINY_RUN = ["--model", "tiny_chinchilla", "--n-prompts", "8", "--n-bootstrap", "10", "--batch-size", "8"]
 
@@ -487,7 +487,7 @@ def test_options_and_inputs_are_checked_before_any_model_is_loaded(
 
 
 def test_a_model_without_a_tokenizer_is_refused_up_front(checkpoint, tmp_path, capsys, nothing_loaded):
-    from hydra_jax.checkpoint import _write_manifest
+    from hydra_jax.loaders.checkpoint import _write_manifest
 
     model = copy(checkpoint, tmp_path / "model")
     os.remove(os.path.join(model, "tokenizer.json"))
@@ -526,7 +526,7 @@ def test_effect_matrix_needs_sites_not_none(model, batch, field):
 def test_the_bootstrap_is_bounded_before_anything_is_allocated():
     from test_summary import TWO_LAYERS, make_em
 
-    from hydra_jax.summary import MAX_BOOTSTRAP
+    from hydra_jax.effects.summary import MAX_BOOTSTRAP
 
     em = make_em(("attn_out.0",), TWO_LAYERS, np.zeros((1, 4, 5)))
     with pytest.raises(ValueError, match=r"100,001 is above the limit of 100,000 draws"):

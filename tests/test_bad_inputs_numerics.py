@@ -16,9 +16,9 @@ import pytest
 from conftest import random_model
 
 import hydra_jax as hj
-from hydra_jax.checkpoint import CheckpointError
-from hydra_jax.hf import gemma, gpt2, gpt_neox, llama
-from hydra_jax.sources import SourceActivations
+from hydra_jax.interventions.sources import SourceActivations
+from hydra_jax.loaders.checkpoint import CheckpointError
+from hydra_jax.loaders.hf import gemma, gpt2, gpt_neox, llama
 
 # ---- non-finite values -----------------------------------------------------------
 
@@ -50,7 +50,7 @@ def test_a_non_finite_source_cache_is_refused_at_the_patched_layer(model, batch)
 
 
 def test_non_finite_source_activations_are_refused(model, batch):
-    from hydra_jax.sources import source_activations
+    from hydra_jax.interventions.sources import source_activations
 
     acts = source_activations(model, batch)
     x = np.array(acts.acts[hj.Site.ATTN_OUT])

@@ -15,9 +15,9 @@ import pytest
 import hydra_jax as hj
 from hydra_jax import validate
 from hydra_jax.analyze import Settings
-from hydra_jax.interventions import ablate
-from hydra_jax.recipe import DataConfig, RecipeError, read_recipe
-from hydra_jax.train import TrainConfig
+from hydra_jax.interventions.ablations import ablate
+from hydra_jax.train.loop import TrainConfig
+from hydra_jax.train.recipe import DataConfig, RecipeError, read_recipe
 
 BAD_SEEDS = [None, -1, 1.5, True, "3"]
 ID = [repr(s) for s in BAD_SEEDS]

@@ -19,8 +19,8 @@ import tokenizers
 import hydra_jax as hj
 import hydra_jax.data
 from hydra_jax.cli import main
-from hydra_jax.recipe import DataConfig, RecipeError, read_recipe, recipe_record
-from hydra_jax.train import TrainConfig, run_record, train
+from hydra_jax.train.loop import TrainConfig, run_record, train
+from hydra_jax.train.recipe import DataConfig, RecipeError, read_recipe, recipe_record
 
 MODEL = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_head": 8, "d_mlp": 32, "d_vocab": 128, "n_ctx": 32}
 RECIPE = {

@@ -5,8 +5,9 @@ import pytest
 import tokenizers
 from numpy.testing import assert_array_equal
 
-from hydra_jax import Batch, Tokenizer, presets
+from hydra_jax import Batch, Tokenizer
 from hydra_jax.batch import check_batch
+from hydra_jax.model import presets
 
 T, F = True, False
 

@@ -13,7 +13,7 @@ from conftest import random_model
 
 import hydra_jax as hj
 from hydra_jax.bench import flops
-from hydra_jax.interventions import resample_sources
+from hydra_jax.interventions.ablations import resample_sources
 
 SMALL = hj.ModelConfig(d_model=8, n_layers=3, n_heads=2, d_head=4, d_mlp=16, d_vocab=10, n_ctx=16)
 
@@ -72,7 +72,10 @@ def test_bench_command_writes_every_section(tmp_path, capsys):
     from hydra_jax.cli import main
 
     out = tmp_path / "bench"
-    assert main(["bench", "--quick", "--no-peer", "--repeats", "1", "--out", str(out), "--quiet"]) == 0
+    # Compilation is the cost here: batch 4 x 16 tokens makes the scaling series' base rows (and
+    # rows tokens=16, batch=4) the layer sweep's program, so the suite compiles each program once.
+    args = ["bench", "--quick", "--no-peer", "--repeats", "1", "--batch", "4", "--tokens", "16"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
     result = json.load(open(out / "results.json"))
     sweeps = {s["granularity"]: s for s in result["sweep"]["sweeps"]}
     assert set(sweeps) == {"layer", "head"} and sweeps["head"]["ablations"] == 3 * 4

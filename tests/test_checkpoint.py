@@ -10,7 +10,7 @@ import pytest
 from conftest import ragged_batch, random_model
 
 import hydra_jax as hj
-from hydra_jax.checkpoint import CheckpointError, load, save
+from hydra_jax.loaders.checkpoint import CheckpointError, load, save
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_missing_files_and_directories(saved, tmp_path):
 
 
 def test_a_consistent_but_wrong_config_is_refused(saved, tmp_path):
-    from hydra_jax.checkpoint import _write_manifest
+    from hydra_jax.loaders.checkpoint import _write_manifest
 
     path = copy_of(saved[1], tmp_path)
     data = json.loads((path / "config.json").read_text())

@@ -1,4 +1,4 @@
-"""The paper's claims (hydra_jax.claims) on a hand-built effect matrix whose answers are known."""
+"""The paper's claims (hydra_jax.report.claims) on a hand-built effect matrix whose answers are known."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hydra_jax as hj
-from hydra_jax.claims import PER_ABLATION, paper_claims, statements
+from hydra_jax.report.claims import PER_ABLATION, paper_claims, statements
 
 LABELS = ("attn_out.0", "mlp_out.0", "attn_out.1", "mlp_out.1")
 

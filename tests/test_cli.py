@@ -5,8 +5,8 @@ import json
 import pytest
 
 import hydra_jax
-from hydra_jax import presets
 from hydra_jax.cli import main
+from hydra_jax.model import presets
 
 
 def test_presets_lists_every_preset_with_its_count(capsys):

@@ -101,8 +101,13 @@ print(json.dumps({"rc": rc, **{k.rsplit("/", 1)[-1]: v for k, v in counts.items(
 
 def test_a_second_process_loads_the_compiled_programs(tmp_path):
     env = {**os.environ, ENV: str(tmp_path / "jc")}
-    args = ["analyze", "--model", "tiny_chinchilla", "--n-prompts", "8", "--n-bootstrap", "10"]
-    args += ["--batch-size", "8", "--out", str(tmp_path / "report"), "--overwrite", "--quiet"]
+    # The shipped default model on four prompts from a file: a preset would train the default
+    # world's tokenizer, and the default data be generated, in each process before anything compiles.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\nThe river runs through\nShe was born in\nHe speaks\n")
+    args = ["analyze", "--data", str(prompts), "--n-prompts", "4", "--n-resamples", "1"]
+    args += ["--n-bootstrap", "2", "--batch-size", "4", "--out", str(tmp_path / "report"), "--overwrite"]
+    args += ["--quiet"]
     runs, entries = [], []
     for _ in range(2):
         done = subprocess.run(

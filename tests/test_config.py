@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hydra_jax import presets
-from hydra_jax.config import ModelConfig
-from hydra_jax.model import param_count
+from hydra_jax.model import presets
+from hydra_jax.model.config import ModelConfig
+from hydra_jax.model.transformer import param_count
 
 SHAPE = dict(d_model=32, n_layers=3, n_heads=4, d_head=8, d_mlp=64, d_vocab=97, n_ctx=24)
 
@@ -181,7 +181,7 @@ def test_presets_get():
 
 def test_rotary_scaling_by_hand():
     """Frequencies of d_head 8 (base 10000: 1, 0.1, 0.01, 0.001 rad/position) under each scaling."""
-    from hydra_jax.layers import rotary_frequencies
+    from hydra_jax.model.layers import rotary_frequencies
 
     base = ModelConfig(**SHAPE)
     np.testing.assert_allclose(rotary_frequencies(base), [1, 0.1, 0.01, 0.001], rtol=1e-12)

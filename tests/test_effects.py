@@ -11,10 +11,10 @@ from conftest import FAMILIES, ragged_batch, random_model
 from flax import nnx
 
 import hydra_jax as hj
-from hydra_jax.effect_matrix import compile_effect_matrix, effect_matrix, naive_effect_matrix
-from hydra_jax.effects import Component, direct_effects
-from hydra_jax.engine import describes, segments_for
-from hydra_jax.interventions import resample_sources
+from hydra_jax.effects.engine import describes, segments_for
+from hydra_jax.effects.matrix import compile_effect_matrix, effect_matrix, naive_effect_matrix
+from hydra_jax.effects.results import Component, direct_effects
+from hydra_jax.interventions.ablations import resample_sources
 from hydra_jax.testing import count_compilations
 
 KINDS = ("zero", "mean", "resample", "patch")
@@ -216,7 +216,7 @@ def test_own_norm_direct_effect_is_the_paper_literal_formula(model, batch):
 
 
 def frozen_target(model, cache):
-    from hydra_jax.model import unembed
+    from hydra_jax.model.transformer import unembed
 
     logits, _ = unembed(model.params, model.config, cache["resid_final"][:, -1])
     return jnp.argmax(logits, -1)
@@ -422,7 +422,7 @@ def test_bad_patch_source_and_model(model, batch):
 def test_values_from_a_source_set_equal_the_naive_reference(model, position):
     """Resample sources and means from a larger set (a Batch run in the call, or SourceActivations
     computed once) give the naive reference's numbers; the batch is three prompts of the set."""
-    from hydra_jax.sources import source_activations
+    from hydra_jax.interventions.sources import source_activations
 
     data = ragged_batch(model.config, lengths=(7, 4, 6, 2, 5, 3), seed=1)
     idx = np.array([1, 4, 5])
@@ -450,7 +450,7 @@ def test_values_from_a_source_set_equal_the_naive_reference(model, position):
 
 
 def test_bad_source_activations(model, batch):
-    from hydra_jax.sources import source_activations
+    from hydra_jax.interventions.sources import source_activations
 
     acts = source_activations(model, batch, sites=("attn_out",))
     with pytest.raises(ValueError, match=r"include \['mlp_out'\]; compute them with source_activations"):

@@ -27,9 +27,9 @@ from test_gguf import write_tokenizer as write_gguf_tokenizer
 from test_hf import edit_config, reference_model, write_tokenizer
 
 import hydra_jax as hj
-from hydra_jax import layers
-from hydra_jax.checkpoint import CheckpointError
-from hydra_jax.hf import gemma
+from hydra_jax.loaders.checkpoint import CheckpointError
+from hydra_jax.loaders.hf import gemma
+from hydra_jax.model import layers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -21,10 +21,10 @@ import pytest
 from test_effects import assert_same
 
 import hydra_jax as hj
-from hydra_jax.checkpoint import CheckpointError
-from hydra_jax.gguf import tokenizer as gtok
-from hydra_jax.gguf.reader import GGUFFile, dequantisable
-from hydra_jax.gguf.weights import unpermute
+from hydra_jax.loaders.checkpoint import CheckpointError
+from hydra_jax.loaders.gguf import tokenizer as gtok
+from hydra_jax.loaders.gguf.reader import GGUFFile, dequantisable
+from hydra_jax.loaders.gguf.weights import unpermute
 
 Q = gguf.GGMLQuantizationType
 D, H, G, K, F, L = 32, 4, 2, 8, 256, 2  # F = 256: one K-quant block per ffn_down row

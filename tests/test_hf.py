@@ -20,8 +20,8 @@ import pytest
 from test_effects import assert_same
 
 import hydra_jax as hj
-from hydra_jax import layers
-from hydra_jax.checkpoint import CheckpointError
+from hydra_jax.loaders.checkpoint import CheckpointError
+from hydra_jax.model import layers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -19,8 +19,8 @@ from test_hf import reference_model, save_reference
 
 import hydra_jax as hj
 from hydra_jax.analyze import resolve_model
-from hydra_jax.checkpoint import CheckpointError
-from hydra_jax.hf import hub
+from hydra_jax.loaders.checkpoint import CheckpointError
+from hydra_jax.loaders.hf import hub
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import ragged_batch
 
 import hydra_jax as hj
-from hydra_jax.interventions import (
+from hydra_jax.interventions.ablations import (
     Resolved,
     ablate,
     combine,

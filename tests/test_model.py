@@ -10,9 +10,9 @@ from conftest import ragged_batch, random_model
 from flax import nnx
 
 import hydra_jax as hj
-from hydra_jax import layers
-from hydra_jax.model import forward, position_ids
-from hydra_jax.sites import SITES, Site
+from hydra_jax.model import layers
+from hydra_jax.model.sites import SITES, Site
+from hydra_jax.model.transformer import forward, position_ids
 from hydra_jax.testing import count_compilations, unrolled_forward
 
 ALL_SITES = frozenset(SITES)

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hydra_jax as hj
-from hydra_jax.interventions import align_right, masked_mean, resample_sources
-from hydra_jax.layers import attention_mask
+from hydra_jax.interventions.ablations import align_right, masked_mean, resample_sources
+from hydra_jax.model.layers import attention_mask
 
 PROPERTY = settings(max_examples=40, deadline=None)
 lengths = st.lists(st.integers(1, 7), min_size=1, max_size=4)  # one real length per prompt

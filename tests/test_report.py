@@ -13,7 +13,7 @@ import pytest
 from conftest import ragged_batch, random_model
 
 import hydra_jax as hj
-from hydra_jax import report
+from hydra_jax.report import document as report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LENGTHS = (7, 4, 6, 2, 5, 3)
@@ -251,7 +251,7 @@ def test_bad_meta(layer_run, tmp_path):
 def test_report_format_page_is_current():
     import pathlib
 
-    from hydra_jax.report import schema_markdown
+    from hydra_jax.report.document import schema_markdown
 
     page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "report-format.md"
     assert page.read_text() == schema_markdown(), "regenerate docs/report-format.md with schema_markdown()"

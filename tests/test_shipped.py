@@ -8,8 +8,8 @@ import pytest
 
 import hydra_jax as hj
 from hydra_jax.analyze import checkpoints_dir
-from hydra_jax.recipe import CHECK_PROMPTS
-from hydra_jax.train import accuracy
+from hydra_jax.train.loop import accuracy
+from hydra_jax.train.recipe import CHECK_PROMPTS
 
 SHIPPED = ["hydra-8l", "hydra-8l-dropout"]
 

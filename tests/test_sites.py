@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from hydra_jax import presets
-from hydra_jax.sites import (
+from hydra_jax.model import presets
+from hydra_jax.model.sites import (
     EDITABLE_SITES,
     PER_LAYER_SITES,
     SITES,

@@ -11,8 +11,8 @@ from conftest import ragged_batch, random_model
 from test_effects import assert_same, source_for
 
 import hydra_jax as hj
-from hydra_jax.effect_matrix import EffectSpec, effect_matrix, naive_effect_matrix
-from hydra_jax.effects import Component, order_key
+from hydra_jax.effects.matrix import EffectSpec, effect_matrix, naive_effect_matrix
+from hydra_jax.effects.results import Component, order_key
 
 # The sites test_effects does not cover (resid_pre; a neuron, a neuron set and a whole hidden
 # layer of mlp_hidden) and, for the Gemma presets (which no family-wide test runs), every site.
@@ -80,7 +80,7 @@ def test_neurons_measured_per_neuron_sum_to_the_mlp(family_model):
 
 def _bias_de(em, layer, model):
     """[B] the direct effect of the MLP's output bias (part of mlp_out, of no neuron), frozen scale."""
-    from hydra_jax.effects import direct_effect, target_direction
+    from hydra_jax.effects.results import direct_effect, target_direction
 
     batch = ragged_batch(model.config)
     _, cache = hj.run(model, batch, capture=["final_scale"])

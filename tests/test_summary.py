@@ -12,9 +12,9 @@ import pytest
 from conftest import ragged_batch
 
 import hydra_jax as hj
-from hydra_jax.effect_matrix import effect_matrix
-from hydra_jax.effects import EffectMatrix, Labels
-from hydra_jax.summary import MEANS, STATS, HydraSummary, Stat, hydra_summary
+from hydra_jax.effects.matrix import effect_matrix
+from hydra_jax.effects.results import EffectMatrix, Labels
+from hydra_jax.effects.summary import MEANS, STATS, HydraSummary, Stat, hydra_summary
 
 TWO_LAYERS = ("attn_out.0", "mlp_out.0", "attn_out.1", "mlp_out.1")
 

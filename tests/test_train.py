@@ -15,7 +15,7 @@ import tokenizers
 from flax import nnx
 
 import hydra_jax as hj
-from hydra_jax.train import RunDirectoryError, TrainConfig, batch_at, run_record, train
+from hydra_jax.train.loop import RunDirectoryError, TrainConfig, batch_at, run_record, train
 
 MODEL = hj.ModelConfig(d_model=32, n_layers=2, n_heads=2, d_head=16, d_mlp=64, d_vocab=16, n_ctx=32)
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from hydra_jax.config import ModelConfig
-from hydra_jax.engine import segments_for
+from hydra_jax.effects.engine import segments_for
+from hydra_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ class FlopAccount:
         suffix_minimal: the recomputed one-token suffixes, minimal.
         suffix_engine: the one-token suffix steps hydra_jax's fast path computes
             (each row runs every layer from the first layer of its scan segment
-            on; see `hydra_jax.engine.segments_for`).
+            on; see `hydra_jax.effects.engine.segments_for`).
         peer_per_ablation: one full forward of the batch per ablation row, plus the clean one.
     """
 

@@ -7,7 +7,7 @@ would: one clean `run_with_hooks` caching the final position of every
 component, then either one hooked forward per ablation (`stacked=False`) or
 every ablation stacked into one batch with per-row hooks (`stacked=True`).
 Direct effects use the same frozen final-norm scale and target direction as
-`hydra_jax.effects`, so the two tools' outputs can be compared number for
+`hydra_jax.effects.results`, so the two tools' outputs can be compared number for
 number before their times are.
 
 Needs the `bench` extra (torch and transformer-lens 3.9).
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from hydra_jax.config import ModelConfig
-from hydra_jax.model import Transformer, unembedding
+from hydra_jax.model.config import ModelConfig
+from hydra_jax.model.transformer import Transformer, unembedding
 
 _ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "swiglu": "silu"}
 
@@ -228,7 +228,7 @@ def _stacked_patch(todo: list[tuple[int, tuple, Any]], b: int) -> Any:
 
 
 def _inv_norm(tl: Any, config: ModelConfig, z: Any) -> Any:
-    """1/std (LayerNorm) or 1/rms (RMSNorm) of the final residual, as `hydra_jax.layers.norm_scale`."""
+    """1/std (LayerNorm) or 1/rms (RMSNorm) of the final residual, as `hydra_jax.model.layers.norm_scale`."""
     import torch
 
     if config.norm == "layer":
@@ -237,7 +237,7 @@ def _inv_norm(tl: Any, config: ModelConfig, z: Any) -> Any:
 
 
 def _direction(tl: Any, config: ModelConfig, z_final: Any) -> tuple[Any, Any, Any, Any]:
-    """Target (clean argmax), direction w [B, D], bias [B] and clean scale [B], as `hydra_jax.effects`."""
+    """Target (clean argmax), direction w [B, D], bias [B] and clean scale [B], as in `effects.results`."""
     scale = _inv_norm(tl, config, z_final)
     w_u, b_u = tl.unembed.W_U, tl.unembed.b_U
     g = tl.ln_final.w

@@ -1,0 +1,591 @@
+"""The effect-matrix engine: one compiled call for every ablation of a batch.
+
+Inside one `jax.jit`:
+
+1. one clean pass over the batch (keeping per-layer keys and values for the
+   final-position path) and the target direction w (see `hydra_jax.effects.results`);
+2. the value each ablation writes (zero, mean, resample, patch; see
+   `hydra_jax.interventions.ablations.kind_values`), for every ablation and resample,
+   gathered from the clean pass (or a source set);
+3. the suffix from each ablated layer on, for all ablations at once, with the
+   model's own block (`hydra_jax.model.block.block`), the ablation riding as an edit:
+   - position "final": the block runs on the final token only, attending to
+     the clean keys and values of the earlier positions (unchanged by
+     causality) as a cache: a layer step costs one token's matmuls, not T's;
+   - position "all": the block runs on every position.
+   Layers are a `lax.scan` over the stacked weights; ablation rows are vmapped
+   (`lax.map` in chunks of `chunk_size` to bound memory). The scan is split
+   into a few segments (`plan.segments`, see `segments_for`, built on the
+   host from the rows, which arrive sorted by layer): a segment runs only the
+   rows ablated below its end, so a row costs roughly the layers from its own
+   on, not all L. Within a segment a row below its ablated layer holds the
+   clean values exactly, so upstream changes are exactly zero;
+4. direct effects of every measured component (with the frozen clean scale),
+   total effects and norm terms, averaged over resamples.
+
+With a mesh (`plan.layout`, see `hydra_jax.effects.sharding`) the same computation is
+split over devices by XLA: the clean pass and every per-prompt array over the
+"prompts" axis, the ablation rows over "ablations", pinned with
+`with_sharding_constraint`. Without one nothing here changes.
+
+Ablation rows are described by arrays (layer, site code, head, neuron mask),
+so one compiled function serves any set of ablations of the same size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hydra_jax.effects.results import direct_effect, target_direction
+from hydra_jax.effects.sharding import Layout
+from hydra_jax.interventions.ablations import align_right, kind_values
+from hydra_jax.model import layers
+from hydra_jax.model.block import block
+from hydra_jax.model.config import ModelConfig
+from hydra_jax.model.sites import EDITABLE_SITES, Site
+from hydra_jax.model.transformer import Params, cast_params, context, layer_flags, trunk, unembed
+
+Array = jax.Array
+# Site codes of ablation rows (data, so one compile serves any set of ablations).
+CODE: dict[Site, int] = {site: i for i, site in enumerate(EDITABLE_SITES)}
+# Sites whose values have the residual's width D (the others: mlp_hidden, width F).
+_WIDE = (Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static description of an effect-matrix computation (a jit static argument).
+
+    Attributes:
+        measured: (site, layer, unit) of each measured component, in output
+            order; the unit is the head (head_out) or neuron (mlp_hidden), else 0.
+        ablated: the sites the ablation rows edit.
+        linearise: also compute first-order (jvp) predictions of every effect.
+        layout: the mesh the computation is split over (None: one device). The
+            ablation rows must divide evenly over its "ablations" axis.
+        segments: how the suffix's layer scan is split (`segments_for` of the
+            rows' layers, which arrive sorted by layer): ((first, stop,
+            ablations below stop), ...). None: one scan over every layer for
+            every row, rows in any order.
+    """
+
+    config: ModelConfig
+    kind: str
+    position: str
+    target: str
+    n_resamples: int
+    chunk_size: int | None
+    measured: tuple[tuple[Site, int, int], ...]
+    ablated: frozenset[Site]
+    linearise: bool = False
+    layout: Layout | None = None
+    segments: tuple[tuple[int, int, int], ...] | None = None
+
+    @property
+    def measure_heads(self) -> bool:
+        return any(site is Site.HEAD_OUT for site, _, _ in self.measured)
+
+    @property
+    def measure_neurons(self) -> bool:
+        return any(site is Site.MLP_HIDDEN for site, _, _ in self.measured)
+
+    @property
+    def needs_heads(self) -> bool:
+        return Site.HEAD_OUT in self.ablated or self.measure_heads
+
+    @property
+    def needs_hidden(self) -> bool:
+        return Site.MLP_HIDDEN in self.ablated or self.measure_neurons
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def effect_core(
+    params: Params,
+    tokens: Array,
+    valid: Array,
+    answers: Array,
+    rows: dict[str, Array],
+    perms: Array,
+    source: dict[str, Any] | None,
+    restore: Array | None,
+    *,
+    plan: Plan,
+) -> dict[str, Array]:
+    """All effects of a batch in one compiled call.
+
+    Args:
+        tokens, valid: [B, T] the left-padded batch.
+        answers: [B] answer ids (used when plan.target == "answer").
+        rows: "layer", "site" (a `CODE`), "head": [A] int32 describing each
+            ablation, and with mlp_hidden ablations "neurons" [A, F] bool (the
+            neurons a row ablates). With `plan.segments` sorted by layer.
+        perms: [K, B] resample source of each prompt, per resample: a prompt
+            of the batch itself, or with a `source` a row of the source set.
+        source: None, or the source set the values are read from (the mean's
+            reference set, the patch source, or the resample sources):
+            {"tokens": [S, Ts], "valid": [S, Ts]} prompts run clean inside this
+            call, or {"acts": {site: [L, S, Ts, ...]}, "valid": [S, Ts]} their
+            clean activations computed once beforehand (`hydra_jax.interventions.sources`;
+            Ts = 1 holds only the final position).
+        restore: [A] the rows' places in the caller's order (rows sorted for
+            the segments), or None when they come in that order.
+    Returns:
+        total [A, B], norm_term [A, B], delta_direct [A, M, B], direct_clean [M, B],
+        target [B], clean_logit [B], direct_embed [B], direct_bias [B]; with
+        `plan.linearise` also linear_total [A, B] and linear_delta_direct [A, M, B].
+    """
+    cfg = plan.config
+    n_ablations = rows["layer"].shape[0]  # the shape contract, checked at trace time
+    chex.assert_equal_shape([tokens, valid])
+    chex.assert_shape([rows["layer"], rows["site"], rows["head"]], (n_ablations,))
+    chex.assert_shape(perms, (plan.n_resamples, tokens.shape[0]))
+    if Site.MLP_HIDDEN in plan.ablated:
+        chex.assert_shape(rows["neurons"], (n_ablations, cfg.d_mlp))
+    if restore is not None:
+        chex.assert_shape(restore, (n_ablations,))
+    params = cast_params(params, cfg)
+    final = plan.position == "final"
+    sites = {Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT}
+    sites |= {Site.HEAD_OUT} if plan.needs_heads else set()
+    sites |= {Site.MLP_HIDDEN} if plan.needs_hidden else set()
+    z, clean = trunk(params, cfg, tokens, valid, capture=frozenset(sites), keep_kv=final)
+    if plan.layout is not None:  # the clean pass stays split over prompts: [B, ...], [L, B, ...]
+        z, clean = plan.layout.by_prompt(z, 0), plan.layout.by_prompt(clean, 1)
+
+    # Target direction and the clean run's direct effects (final position).
+    logits, scale = unembed(params, cfg, z[:, -1])  # [B, V], [B]
+    target = jnp.argmax(logits, axis=-1) if plan.target == "argmax" else answers
+    w, bias = target_direction(params, cfg, target)
+    de = functools.partial(direct_effect, w=w, scale=scale, config=cfg)
+    clean_logit = de(z[:, -1]) + bias
+    clean_de = {"attn": de(clean[Site.ATTN_OUT][:, :, -1]), "mlp": de(clean[Site.MLP_OUT][:, :, -1])}
+    if plan.needs_heads:
+        clean_de["head"] = de(jnp.swapaxes(clean[Site.HEAD_OUT][:, :, -1], 1, 2))  # [L, H, B]
+    neuron_w = None
+    if plan.measure_neurons:
+        neuron_w = _neuron_directions(params, cfg, w, scale)  # [L, B, F]
+        clean_de["neuron"] = jnp.swapaxes(_neuron_de(clean, neuron_w, cfg, slice(-1, None))[:, :, 0], 1, 2)
+
+    # The clean activation at each ablated site, and what each ablation writes there.
+    k = plan.n_resamples
+    here, values, write = _ablation_values(params, cfg, plan, clean, valid, rows, perms, source)
+    n_rows = rows["layer"].shape[0] * k
+
+    def flat(x: Array) -> Array:  # [A, K, ...] -> [N, ...]
+        return x.reshape(n_rows, *x.shape[2:])
+
+    per_row = {key: jnp.repeat(x, k, axis=0) for key, x in rows.items()}
+    if write is not None:
+        per_row["write"] = flat(write)
+
+    xs, step = _suffix(params, cfg, plan, clean, valid, w, scale, neuron_w)
+    segments = plan.segments or ((0, cfg.n_layers, rows["layer"].shape[0]),)
+
+    def effects(value: dict[str, Array]) -> dict[str, Array]:
+        """Every row's effects when each writes `value` ({"wide"/"hidden": [N, B, (T,) X]})."""
+        out = _run_rows({**per_row, **value}, xs, step, plan, segments, k)
+        # Total effect and norm term from the ablated final residual (frozen w, moving scale).
+        z_abl = out.pop("z")[:, :, -1]  # [N, B, D]
+        s_abl = layers.norm_scale(z_abl, cfg)  # [N, B]
+        dot = jnp.einsum("nbd,bd->nb", z_abl.astype(jnp.float32), w, precision="highest")
+        total = s_abl * dot + (bias - clean_logit)[None]
+        return {**out, "total": total, "norm_term": (s_abl - scale[None]) * dot}
+
+    value = {name: flat(v) for name, v in values.items()}
+    out = {"exact": effects(value)}
+    if plan.linearise:
+        # First order in the edit: d/dε effects(clean + ε (value − clean)) at ε = 0.
+        clean_value = {
+            name: flat(jnp.broadcast_to(here[name][:, None], v.shape)) for name, v in values.items()
+        }
+        steps = {name: value[name] - clean_value[name] for name in value}
+        zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
+
+        def along(eps: Array) -> dict[str, Array]:
+            return effects({n: clean_value[n] + eps.astype(steps[n].dtype) * steps[n] for n in steps})
+
+        out["linear"] = jax.jvp(along, (zero,), (one,))[1]
+
+    def per_ablation(x: Array) -> Array:  # [N, ...] -> [A, ...], mean over resamples, caller's order
+        x = x.reshape(-1, k, *x.shape[1:]).mean(axis=1)
+        return x if restore is None else x[restore]
+
+    result = {}
+    for name, o in out.items():
+        o = {key: per_ablation(v) for key, v in o.items()}
+        prefix = "" if name == "exact" else "linear_"
+        result[prefix + "total"] = o.pop("total")
+        norm_term = o.pop("norm_term")
+        if name == "exact":
+            result["norm_term"] = norm_term
+        result[prefix + "delta_direct"] = _gather_measured(plan, o, axis=1)  # [A, M, B]
+    per_prompt = dict(
+        direct_clean=_gather_measured(plan, clean_de, axis=0),  # [M, B]
+        target=target,
+        clean_logit=clean_logit,
+        direct_embed=de(clean[Site.RESID_PRE][0, :, -1]),
+        direct_bias=bias,
+    )
+    if plan.layout is not None:
+        result, per_prompt = plan.layout.per_ablation(result), plan.layout.per_prompt(per_prompt)
+    return dict(**result, **per_prompt)
+
+
+_BY_SITE = {Site.ATTN_OUT: "attn", Site.MLP_OUT: "mlp", Site.HEAD_OUT: "head", Site.MLP_HIDDEN: "neuron"}
+
+
+def _gather_measured(plan: Plan, by_name: dict[str, Array], axis: int) -> Array:
+    """Stack per-site arrays in measured order, one gather per site.
+
+    `by_name[name]` has the layer axis at `axis` and, for heads and neurons,
+    the unit axis right after it: [..., L, (U,) B].
+    """
+    parts, where = [], []
+    for site, name in _BY_SITE.items():
+        picked = [(i, layer, unit) for i, (s, layer, unit) in enumerate(plan.measured) if s is site]
+        if not picked:
+            continue
+        x = by_name[name]
+        if site in (Site.HEAD_OUT, Site.MLP_HIDDEN):  # [..., L, U, B] -> [..., L * U, B]
+            x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+            index = [layer * by_name[name].shape[axis + 1] + unit for _, layer, unit in picked]
+        else:
+            index = [layer for _, layer, _ in picked]
+        parts.append(jnp.take(x, np.asarray(index), axis=axis))
+        where += [i for i, _, _ in picked]
+    stacked = jnp.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
+    order = np.argsort(np.asarray(where))  # back to measured order
+    return stacked if (order == np.arange(len(order))).all() else jnp.take(stacked, order, axis=axis)
+
+
+def _neuron_directions(params: Params, cfg: ModelConfig, w: Array, scale: Array) -> Array:
+    """[L, B, F]: a neuron's direct effect per unit of activation (before an MLP post-norm's factor).
+
+    Neuron n of layer l writes h_n W_out[n] (times the post-norm's factor and
+    gain, with post-norms), so its direct effect is h_n times this.
+    """
+    w_out = params["blocks"]["W_out"].astype(jnp.float32)  # [L, F, D]
+    if cfg.post_norms:
+        w_out = w_out * params["blocks"]["ln2_post_g"].astype(jnp.float32)[:, None, :]
+    return jnp.einsum("lfd,bd->lbf", w_out, w, precision="highest") * scale[None, :, None]
+
+
+def _neuron_de(acts: dict[Any, Array], neuron_w: Array, cfg: ModelConfig, at: slice) -> Array:
+    """[L, B, T', F] direct effect of every neuron at positions `at`, from block outputs."""
+    hidden = acts[Site.MLP_HIDDEN][:, :, at].astype(jnp.float32)  # [L, B, T', F]
+    if cfg.post_norms:
+        hidden = hidden * acts["mlp_post_scale"][:, :, at, None]
+    return hidden * neuron_w[:, :, None]
+
+
+# --------------------------------------------------------------------------
+# What each ablation writes
+
+
+def _tables(acts: dict[Any, Array], plan: Plan, final: bool) -> dict[str, Array]:
+    """The activations ablations read, by value width, to index by row.
+
+    "wide": [L, C, B, (T,) D] with columns resid_pre, attn_out, mlp_out (and
+    each head with head ablations); "hidden": [L, B, (T,) F] with mlp_hidden
+    ablations. A source set computed for some sites only
+    (`hydra_jax.interventions.sources`) has zeros in the other columns: no row reads them.
+    """
+    pick = (lambda x: x[:, :, -1]) if final else (lambda x: x)
+    out = {}
+    wide = [s for s in (*_WIDE, Site.HEAD_OUT) if s in acts]
+    if wide:
+        like = pick(acts[wide[0]])
+        like = like[..., 0, :] if wide[0] is Site.HEAD_OUT else like  # drop the head axis
+        parts = [pick(acts[s])[:, None] if s in acts else jnp.zeros_like(like)[:, None] for s in _WIDE]
+        if Site.HEAD_OUT in plan.ablated:
+            parts.append(jnp.moveaxis(pick(acts[Site.HEAD_OUT]), -2, 1))  # [L, H, B, (T,) D]
+        out["wide"] = jnp.concatenate(parts, axis=1)
+    if Site.MLP_HIDDEN in plan.ablated:
+        out["hidden"] = pick(acts[Site.MLP_HIDDEN])
+    return out
+
+
+def _at_rows(tables: dict[str, Array], rows: dict[str, Array]) -> dict[str, Array]:
+    """Each row's activation at its site: "wide" [A, S, (T,) D], "hidden" [A, S, (T,) F]."""
+    column = jnp.where(rows["site"] == CODE[Site.HEAD_OUT], len(_WIDE) + rows["head"], 0)
+    for i, site in enumerate(_WIDE):
+        column = jnp.where(rows["site"] == CODE[site], i, column)
+    out = {}
+    if "wide" in tables:
+        out["wide"] = tables["wide"][rows["layer"], column]
+    if "hidden" in tables:
+        out["hidden"] = tables["hidden"][rows["layer"]]
+    return out
+
+
+def _ablation_values(
+    params: Params,
+    cfg: ModelConfig,
+    plan: Plan,
+    clean: dict[Any, Array],
+    valid: Array,
+    rows: dict[str, Array],
+    perms: Array,
+    source: dict[str, Any] | None,
+) -> tuple[dict[str, Array], dict[str, Array], Array | None]:
+    """The clean value at each row's site ([A, B, (T,) X]), what it writes ([A, K, B, (T,) X]),
+    and for position "all" where it may write ([A, K, B, T]), per value width."""
+    final = plan.position == "final"
+    t = valid.shape[1]
+    here = _at_rows(_tables(clean, plan, final), rows)
+    src_valid = valid
+    if plan.kind == "zero" or source is None:  # zero writes zeros; the others read the batch itself
+        src = here
+    else:
+        if "acts" in source:
+            acts, src_valid = {Site(s): x for s, x in source["acts"].items()}, source["valid"]
+        else:
+            acts, src_valid = None, source["valid"]
+        if plan.kind == "resample" and perms.size < src_valid.shape[0]:
+            # Only the rows `perms` reads (a whole dataset's table serves a batch's K x B sources).
+            taken = perms.reshape(-1)
+            src_valid = src_valid[taken]
+            if acts is not None:
+                acts = {s: x[:, taken] for s, x in acts.items()}
+            else:
+                source = {"tokens": source["tokens"][taken]}
+            perms = jnp.arange(perms.size).reshape(perms.shape)
+        if acts is None:
+            _, acts = trunk(params, cfg, source["tokens"], src_valid, capture=frozenset(plan.ablated))
+        src = _at_rows(_tables(acts, plan, final), rows)
+        if not final:
+            aligned = {name: align_right(x, src_valid, t) for name, x in src.items()}
+            src = {name: x for name, (x, _) in aligned.items()}
+            src_valid = next(iter(aligned.values()))[1]
+    values, write = {}, None
+    for name in here:
+        values[name], write = kind_values(plan.kind, here[name], src[name], src_valid, valid, perms, final)
+    return here, values, write
+
+
+# --------------------------------------------------------------------------
+# Running the suffix of every row, segment by segment
+
+
+def segments_for(
+    row_layers: Sequence[int], n_layers: int, n_segments: int
+) -> tuple[tuple[int, int, int], ...]:
+    """Split the layer scan into at most `n_segments` pieces that minimise the suffix work.
+
+    A row is recomputed from the segment holding its ablated layer on, so a
+    segment [first, stop) runs the rows whose layer is below `stop`. The cut
+    points are chosen by dynamic programming over the layers to minimise
+    Σ_segments (rows run) × (layers in it), the suffix's layer steps (ties go
+    to fewer segments); layers below the lowest ablated one are not run.
+
+    Args:
+        row_layers: the ablated layer of every ablation row, in any order.
+        n_layers: the model's depth L.
+        n_segments: the most segments (each one is a separately compiled scan).
+    Returns:
+        ((first, stop, rows below stop), ...) covering [min(row_layers), L).
+    """
+    ablated = np.asarray(row_layers, np.int64)
+    if ablated.size == 0:
+        raise ValueError("segments_for needs at least one ablation row.")
+    if n_segments < 1:
+        raise ValueError(f"n_segments must be a positive int, got {n_segments!r}.")
+    low = int(ablated.min())
+    below = [int((ablated < stop).sum()) for stop in range(n_layers + 1)]  # rows a segment to `stop` runs
+    # best[c]: (least work, segments, last cut) covering [low, c) with up to j segments, j = 1, 2, ...
+    best = {c: (below[c] * (c - low), 1, low) for c in range(low + 1, n_layers + 1)}
+    table = [best]
+    for j in range(2, n_segments + 1):
+        prev = table[-1]
+        best = {
+            c: min([prev[c]] + [(prev[a][0] + below[c] * (c - a), j, a) for a in range(low + 1, c)])
+            for c in range(low + 1, n_layers + 1)
+        }
+        table.append(best)
+    out, c = [], n_layers
+    while c > low:
+        _, j, a = table[-1][c] if not out else table[j - 2][c]
+        out.append((a, c, below[c]))
+        c = a
+    return tuple(reversed(out))
+
+
+def describes(segments: Sequence[tuple[int, int, int]], row_layers: Sequence[int]) -> bool:
+    """Whether `segments` plan for these rows, in this order (checked on the host, once).
+
+    The engine trusts its static plan: a segment [first, stop) runs the first
+    `active` rows, so the rows must be sorted by layer, start at or after the
+    first segment, and exactly `active` of them lie below each `stop`.
+    """
+    layers = np.asarray(row_layers, np.int64)
+    return bool(
+        layers.size
+        and (np.diff(layers) >= 0).all()
+        and layers[0] >= segments[0][0]
+        and segments[-1][1] >= layers[-1] + 1
+        and all(int((layers < stop).sum()) == active for _, stop, active in segments)
+    )
+
+
+def _run_rows(
+    per_row: dict[str, Array],
+    xs: dict[str, Array],
+    step: Callable[..., tuple[Array, dict[str, Array]]],
+    plan: Plan,
+    segments: tuple[tuple[int, int, int], ...],
+    k: int,
+) -> dict[str, Array]:
+    """Every row's suffix: final residual "z" [N, B, (T,) D] and per-layer outputs {name: [N, L, ...]}.
+
+    Segment [first, stop) scans its layers for the rows below `stop` (a prefix:
+    rows are sorted by layer) and hands their residuals on to the next segment;
+    the other rows sit below their ablated layer there, where every change is
+    exactly zero. Rows are vmapped, or mapped `chunk_size` at a time, or
+    split over the mesh.
+    """
+    n = per_row["layer"].shape[0]
+    z = jnp.broadcast_to(xs["z"][0], (n, *xs["z"].shape[1:]))  # each row resets to clean at its layer
+    parts = []
+    for first, stop, active in segments:
+        active *= k  # ablations -> rows
+
+        def run(row: dict[str, Array], first: int = first, stop: int = stop) -> dict[str, Array]:
+            def body(carry: Array, i: Array) -> tuple[Array, dict[str, Array]]:
+                # Layer i of the clean inputs, indexed in the loop (slicing xs would copy it).
+                return step(row, carry, jax.tree.map(lambda leaf: leaf[i], xs))
+
+            z_out, out = jax.lax.scan(body, row["z"], jnp.arange(first, stop))
+            return {"z": z_out, **out}
+
+        rows = {key: x[:active] for key, x in per_row.items()} | {"z": z[:active]}
+        if plan.layout is not None:  # rows over "ablations", their prompts over "prompts"
+            rows = plan.layout.rows(rows)
+        if plan.chunk_size is None:
+            got = jax.vmap(run)(rows)
+        elif plan.layout is None:  # chunks of `chunk_size` rows, vmapped within a chunk, one after another
+            got = jax.lax.map(run, rows, batch_size=plan.chunk_size)
+        else:  # every device steps through its own rows, `chunk_size` at a time
+            got = plan.layout.map_rows(run, rows, plan.chunk_size)
+        z_active = got.pop("z")
+        z = z_active if active == n else jnp.concatenate([z_active, z[active:]])
+        parts.append({key: _pad_rows(x, n) for key, x in got.items()})
+    out = {key: jnp.concatenate([p[key] for p in parts], axis=1) for key in parts[0]}
+    first = segments[0][0]
+    if first > 0:  # no row is ablated below `first`: nothing changes there
+        out = {key: jnp.pad(x, [(0, 0), (first, 0)] + [(0, 0)] * (x.ndim - 2)) for key, x in out.items()}
+    return {"z": z, **out}
+
+
+def _pad_rows(x: Array, n: int) -> Array:
+    """[active, ...] -> [n, ...] with zeros for the rows not run (unchanged: exactly zero)."""
+    return x if x.shape[0] == n else jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+# --------------------------------------------------------------------------
+# The suffix step of one ablation row: the model's block, the ablation as an edit
+
+
+def _suffix(
+    params: Params,
+    cfg: ModelConfig,
+    plan: Plan,
+    clean: dict[Any, Array],
+    valid: Array,
+    w: Array,
+    scale: Array,
+    neuron_w: Array | None,
+) -> tuple[dict[str, Array], Callable[..., tuple[Array, dict[str, Array]]]]:
+    """Per-layer clean inputs, and the layer step recomputing a row from its ablated layer on.
+
+    Position "final": the block's queries are the final token, which attends
+    to the clean keys and values of the earlier positions (unchanged by
+    causality) and to its own recomputed ones. Position "all": every position.
+    """
+    final = plan.position == "final"
+    b, t = valid.shape
+    tq = 1 if final else t
+    capture = {Site.ATTN_OUT, Site.MLP_OUT}
+    capture |= {Site.HEAD_OUT} if plan.measure_heads else set()
+    capture |= {Site.MLP_HIDDEN} if plan.measure_neurons else set()
+    ctx, _ = context(cfg, valid, frozenset(capture), final=final)
+    de = functools.partial(direct_effect, w=w, scale=scale, config=cfg)
+    source = jnp.broadcast_to(jnp.arange(b)[:, None], (b, tq))  # prompt b reads bank row b
+    xs = {
+        "layer": jnp.arange(cfg.n_layers),
+        "p": params["blocks"],
+        "z": clean[Site.RESID_PRE][:, :, -tq:],  # [L, B, Tq, D]
+        "a": clean[Site.ATTN_OUT][:, :, -1],  # [L, B, D]
+        "m": clean[Site.MLP_OUT][:, :, -1],
+    }
+    if final:  # [L, B, T-1, G, K]: the earlier positions' clean keys and values
+        xs["keys"], xs["values"] = clean["keys"][:, :, :-1], clean["values"][:, :, :-1]
+    if layer_flags(cfg) is not None:
+        xs["local"] = layer_flags(cfg)
+    if plan.measure_heads:
+        xs["heads"] = clean[Site.HEAD_OUT][:, :, -1]  # [L, B, H, D]
+    if plan.measure_neurons:
+        xs["neuron_w"] = neuron_w  # [L, B, F]
+        xs["neurons"] = _neuron_de(clean, neuron_w, cfg, slice(-1, None))[:, :, 0]  # [L, B, F]
+
+    def step(row: dict[str, Array], z: Array, x: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+        here, before = x["layer"] == row["layer"], x["layer"] < row["layer"]
+        z = jnp.where(x["layer"] <= row["layer"], x["z"], z)  # clean up to the ablated layer
+        edits, bank = _row_edits(row, here, plan, source)
+        cache = (x["keys"], x["values"]) if final else None
+        z_next, cap = block(x["p"], z, ctx, edits, bank, None, local=x.get("local"), cache=cache)
+        # Below the ablated layer, and the attention beside an ablated MLP, are unchanged by
+        # causality; report them as exactly clean.
+        mlp_row = (row["site"] == CODE[Site.MLP_OUT]) | (row["site"] == CODE[Site.MLP_HIDDEN])
+        attn_clean = before | (here & mlp_row)
+        a = jnp.where(attn_clean, x["a"], cap[Site.ATTN_OUT][:, -1])
+        m = jnp.where(before, x["m"], cap[Site.MLP_OUT][:, -1])
+        out = {"attn": de(a - x["a"]), "mlp": de(m - x["m"])}
+        if plan.measure_heads:
+            per_head = jnp.where(attn_clean, x["heads"], cap[Site.HEAD_OUT][:, -1])
+            out["head"] = de(jnp.swapaxes(per_head - x["heads"], 0, 1))  # [H, B]
+        if plan.measure_neurons:
+            hidden = cap[Site.MLP_HIDDEN][:, -1].astype(jnp.float32)  # [B, F]
+            if cfg.post_norms:
+                hidden = hidden * cap["mlp_post_scale"][:, -1, None]
+            change = jnp.where(before, 0.0, hidden * x["neuron_w"] - x["neurons"])
+            out["neuron"] = change.T  # [F, B]
+        return z_next, out
+
+    return xs, step
+
+
+def _row_edits(
+    row: dict[str, Array], here: Array, plan: Plan, source: Array
+) -> tuple[dict[Site, Any], dict[Site, Array]]:
+    """One row's ablation as block edits at this layer (nothing is written at other layers).
+
+    Every site the plan ablates gets an edit (all-False off its rows), so all
+    rows share one tree structure and vmap applies. Prompt b reads bank row b.
+    """
+    cfg = plan.config
+    b, tq = source.shape
+    write = row["write"] if "write" in row else jnp.ones((b, tq), bool)  # [B, Tq]
+    edits, bank = {}, {}
+    for site in sorted(plan.ablated):
+        on = here & (row["site"] == CODE[site]) & write  # [B, Tq]
+        value = row["hidden" if site is Site.MLP_HIDDEN else "wide"].reshape(b, tq, -1)  # [B, Tq, X]
+        if site is Site.HEAD_OUT:
+            units = jnp.arange(cfg.n_heads) == row["head"]  # [H]
+            value = jnp.broadcast_to(value[:, :, None], (b, tq, cfg.n_heads, value.shape[-1]))
+        elif site is Site.MLP_HIDDEN:
+            units = row["neurons"]  # [F]
+        else:
+            edits[site], bank[site] = (on, source), value
+            continue
+        mask = on[..., None] & units[None, None]
+        edits[site] = (mask, jnp.broadcast_to(source[..., None], mask.shape))
+        bank[site] = value
+    return edits, bank

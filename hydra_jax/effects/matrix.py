@@ -1,0 +1,685 @@
+"""`effect_matrix` (one compiled call) and `naive_effect_matrix` (one run per ablation).
+
+Both take their settings as one `EffectSpec` (or its fields as keywords) and
+return an `EffectMatrix` with the same labels and meaning; the naive one is
+the obviously-correct reference the fast paths are tested against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hydra_jax import interventions as iv
+from hydra_jax import validate
+from hydra_jax.batch import Batch, check_batch
+from hydra_jax.effects.engine import CODE, Plan, describes, effect_core, segments_for
+from hydra_jax.effects.results import (
+    ABLATABLE,
+    MEASURABLE,
+    Component,
+    EffectMatrix,
+    Labels,
+    components,
+    direct_effect,
+    order_key,
+    target_direction,
+)
+from hydra_jax.effects.sharding import ABLATIONS, PROMPTS, Layout, layout_for
+from hydra_jax.interventions.run import run
+from hydra_jax.interventions.sources import SourceActivations
+from hydra_jax.model import layers
+from hydra_jax.model.sites import Site, as_site
+from hydra_jax.model.transformer import Transformer, unembed
+
+KINDS = iv.KINDS
+POSITIONS = ("final", "all")
+TARGETS = ("argmax", "answer")
+
+
+@dataclasses.dataclass(frozen=True)
+class EffectSpec:
+    """The settings of an effect matrix, validated once; shared by the CLI, `analyze`,
+    `effect_matrix`, `compile_effect_matrix` and `naive_effect_matrix`.
+
+    Attributes:
+        ablate: what is ablated, each in turn: site names (every layer; every
+            head of "head_out", every neuron of "mlp_hidden") among resid_pre,
+            attn_out, head_out, mlp_hidden, mlp_out, or component labels:
+            "attn_out.3", "head_out.3.5", "mlp_hidden.3" (the layer's whole
+            hidden vector), "mlp_hidden.3.17" (one neuron),
+            "mlp_hidden.3.17+42+99" (neurons ablated together).
+        measure: components whose direct-effect change is measured, the same
+            forms, among attn_out, head_out, mlp_hidden (per neuron), mlp_out.
+            "attn_out" and "head_out" are alternatives (heads sum to the
+            layer), so are "mlp_out" and "mlp_hidden".
+        kind: "resample" (the paper's default: another prompt's activation:
+            of the batch, by a seeded fixed-point-free draw, or of a `source`
+            at `source_index`), "zero", "mean" (over the batch, or over
+            `source`) or "patch" (prompt b of `source`).
+        position: "final" (the last token only; the fast path) or "all".
+        target: "argmax" (the clean run's most likely final token) or
+            "answer" (the batch's answer tokens).
+        n_resamples: resample sources per prompt, averaged (kind="resample").
+        chunk_size: ablation rows processed at once (memory bound); None = all.
+            With a mesh: rows processed at once by each device along the
+            mesh's "ablations" axis (all of them at once when it has none).
+        seed: seeds the within-batch resampling draw (unused with `source_index`).
+        linearise: also return first-order predictions of every effect
+            (`linear_total`, `linear_delta_direct`): forward-mode derivatives
+            (`jax.jvp`) of the suffix along the edit ĉ − c, in the same call.
+        scan_segments: the most pieces the suffix's layer scan is cut into.
+            Each ablation row is recomputed from the piece holding its layer
+            on, so more pieces mean less work (the layer steps per row of a
+            layer sweep fall from L toward the minimal (L + 1) / 2: 7.5 of
+            12 with 4 pieces) and one more compiled scan body each; 1 runs
+            every row through every layer. Results do not depend on it. With a
+            mesh, and for position="all" with a chunk_size (whose memory bound
+            it would loosen), the scan is not cut.
+    """
+
+    ablate: tuple[str, ...] = ("attn_out",)
+    measure: tuple[str, ...] = ("attn_out", "mlp_out")
+    kind: str = "resample"
+    position: str = "final"
+    target: str = "argmax"
+    n_resamples: int = 1
+    chunk_size: int | None = None
+    seed: int = 0
+    linearise: bool = False
+    scan_segments: int = 4
+
+    def __post_init__(self) -> None:
+        set_ = _setter(self)
+        set_("ablate", _names(self.ablate, ABLATABLE, "ablate"))
+        set_("measure", _names(self.measure, MEASURABLE, "measure"))
+        sites = {_site_of(n) for n in self.measure}
+        for one, other, why in (
+            (Site.ATTN_OUT, Site.HEAD_OUT, "the heads sum to the layer"),
+            (Site.MLP_OUT, Site.MLP_HIDDEN, "the neurons sum to the MLP"),
+        ):
+            if one in sites and other in sites:
+                raise ValueError(
+                    f"measure either {one.value!r} or {other.value!r}, not both: {why}, so the "
+                    "compensation sums would count it twice."
+                )
+        if self.kind not in KINDS:
+            raise ValueError(f"Unknown ablation kind {self.kind!r}; choose one of {KINDS}.")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be 'final' or 'all', got {self.position!r}.")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be 'argmax' or 'answer', got {self.target!r}.")
+        if (
+            isinstance(self.n_resamples, bool)
+            or not isinstance(self.n_resamples, int)
+            or self.n_resamples < 1
+        ):
+            raise ValueError(f"n_resamples must be a positive int, got {self.n_resamples!r}.")
+        if self.kind != "resample" and self.n_resamples != 1:
+            raise ValueError(f"n_resamples only applies to kind='resample', not kind={self.kind!r}.")
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0
+        ):
+            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}.")
+        set_("seed", validate.seed(self.seed))
+        if (
+            isinstance(self.scan_segments, bool)
+            or not isinstance(self.scan_segments, int)
+            or self.scan_segments < 1
+        ):
+            raise ValueError(
+                f"scan_segments must be a positive int (1: one scan over every layer), got "
+                f"{self.scan_segments!r}."
+            )
+        set_("linearise", bool(self.linearise))
+
+    def replace(self, **changes: Any) -> EffectSpec:
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def components(self, config: Any) -> tuple[list[Component], list[Component]]:
+        """The (ablated, measured) components in a model with `config`, checked to exist there."""
+        return _expand(self.ablate, config), _expand(self.measure, config)
+
+
+def _setter(obj: Any) -> Any:  # a frozen dataclass normalising its own fields in __post_init__
+    return lambda name, value: object.__setattr__(obj, name, value)
+
+
+def _site_of(name: str) -> Site:
+    return as_site(name.split(".", 1)[0])
+
+
+def _names(names: Any, allowed: tuple[Site, ...], what: str) -> tuple[str, ...]:
+    """Site names and component labels, checked and deduplicated (in order)."""
+    if isinstance(names, (str, Site, Component)):
+        names = (names,)
+    if not isinstance(names, Iterable):
+        raise TypeError(
+            f"{what} must be a site name or component label, or a sequence of them, from "
+            f"{[s.value for s in allowed]}; got {names!r}."
+        )
+    out = []
+    for n in names:
+        if isinstance(n, Component):
+            n = n.label
+        elif isinstance(n, Site):
+            n = n.value
+        elif not isinstance(n, str):
+            raise TypeError(f"{what} entries must be site names or component labels, got {n!r}.")
+        label = n if "." not in n else Component.parse(n).label  # raises on a malformed label
+        if _site_of(label) not in allowed:
+            raise ValueError(
+                f"{what} takes {[s.value for s in allowed]}"
+                + (
+                    " (the residual stream is not a component: it is ablated, not measured)"
+                    if what == "measure"
+                    else ""
+                )
+                + f"; got {n!r}."
+            )
+        out.append(label)
+    out = tuple(dict.fromkeys(out))
+    if not out:
+        raise ValueError(f"{what} needs at least one site from {[s.value for s in allowed]}.")
+    return out
+
+
+def _expand(names: tuple[str, ...], config: Any) -> list[Component]:
+    """Components of site names (every layer, head, neuron) and labels, ordered, without repeats."""
+    out: list[Component] = []
+    for n in names:
+        if "." in n:
+            c = Component.parse(n)
+            c.check(config)
+            out.append(c)
+        else:
+            out += components((as_site(n),), config)
+    unique = list(dict.fromkeys(out))
+    return sorted(unique, key=order_key)
+
+
+def _spec(spec: EffectSpec | None, settings: dict[str, Any], what: str) -> EffectSpec:
+    if spec is not None and not isinstance(spec, EffectSpec):
+        raise TypeError(f"spec must be an EffectSpec, got {type(spec).__name__}.")
+    if spec is not None and settings:
+        raise TypeError(
+            f"{what} takes either spec= or its settings as keywords, not both; got spec= and "
+            f"{sorted(settings)} (use spec.replace(...))."
+        )
+    names = {f.name for f in dataclasses.fields(EffectSpec)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise TypeError(f"{what} got unexpected arguments {unknown}; its settings are {sorted(names)}.")
+    return spec if spec is not None else EffectSpec(**settings)
+
+
+def effect_matrix(
+    model: Transformer,
+    batch: Batch,
+    spec: EffectSpec | None = None,
+    *,
+    source: Batch | SourceActivations | None = None,
+    source_index: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    shard_params: bool = False,
+    **settings: Any,
+) -> EffectMatrix:
+    """Every ablation × every measured component × every prompt, in one compiled call.
+
+    Args:
+        model: a `Transformer`.
+        batch: left-padded prompts.
+        spec: the settings (see `EffectSpec`: ablate, measure, kind, position,
+            target, n_resamples, chunk_size, seed, linearise, scan_segments),
+            or pass them as keywords: `effect_matrix(model, batch,
+            ablate=("attn_out",), kind="resample")`.
+        source: where the values come from, instead of the batch itself:
+            a `Batch` (run clean inside the same call) or `SourceActivations`
+            (`hydra_jax.interventions.sources.source_activations`: its clean activations,
+            computed once, so that batches of one dataset share them).
+            "mean": the reference set whose mean is written (a
+            `SourceActivations` with mean=True holds that mean already);
+            "patch": one source prompt per prompt; "resample": the set
+            `source_index` draws from.
+        source_index: kind="resample" with a `source`: [n_resamples, B] ints,
+            the source row each prompt reads in each resample (e.g.
+            `resample_sources(N, k, seed)[:, idx]` for the prompts `idx` of
+            an N-prompt dataset, never the prompt itself). The same draw
+            gives the same numbers however the dataset is split into batches.
+        mesh: split the computation over the devices of a `jax.sharding.Mesh`
+            whose axes are named "prompts" (splits the prompts; must divide
+            the batch size), "ablations" (splits the ablation rows, padded
+            internally to a multiple of its size) and/or "model" (splits the
+            parameters; needs `shard_params`). Results equal the one-device
+            ones and come back as global arrays split the same way; see
+            docs/sharding.md. None: the default device.
+        shard_params: split the large parameter matrices (heads, d_mlp,
+            vocabulary) over the mesh's "model" axis, or its "ablations" axis
+            when it has none, for models that do not fit one device.
+            Otherwise parameters are replicated on every device.
+
+    Returns:
+        An `EffectMatrix` (shapes: total [A, B], delta_direct [A, M, B], ...).
+    """
+    spec = _spec(spec, settings, "effect_matrix")
+    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params)
+    return prepared.finish(effect_core(*prepared.args, plan=prepared.plan))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """effect_core's arguments and static plan, and how to turn its output into an EffectMatrix."""
+
+    args: tuple
+    plan: Plan
+    labels: Labels
+    n_ablations: int  # before padding the rows for a mesh
+
+    def finish(self, out: dict[str, jax.Array]) -> EffectMatrix:
+        if len(out["total"]) != self.n_ablations:  # drop the padding rows
+            out = {k: v[: self.n_ablations] if k in _PER_ABLATION else v for k, v in out.items()}
+        return EffectMatrix(**out, labels=self.labels)
+
+
+def _prepare(
+    model: Transformer,
+    batch: Batch,
+    spec: EffectSpec,
+    source: Batch | SourceActivations | None,
+    source_index: Any,
+    mesh: jax.sharding.Mesh | None,
+    shard_params: bool,
+) -> _Prepared:
+    """Check the inputs against the model, and build the plan and the rows on the host."""
+    ablated, measured = _check(model, batch, spec, source)
+    source_index = _check_source_index(spec.kind, batch, spec.n_resamples, source, source_index)
+    config = model.config
+    layout = layout_for(mesh, shard_params, batch.size)
+    segments = restore = None
+    order = np.arange(len(ablated))
+    if layout is None and not (spec.position == "all" and spec.chunk_size is not None):
+        order = np.argsort([c.layer for c in ablated], kind="stable")  # a segment's rows are a prefix
+        segments = segments_for([c.layer for c in ablated], config.n_layers, spec.scan_segments)
+        if segments == ((0, config.n_layers, len(ablated)),):
+            segments, order = None, np.arange(len(ablated))
+        else:
+            restore = np.argsort(order).astype(np.int32)
+    rows_in = [ablated[i] for i in order]
+    assert segments is None or describes(segments, [c.layer for c in rows_in]), (segments, rows_in)
+    plan = Plan(
+        config=config,
+        kind=spec.kind,
+        position=spec.position,
+        target=spec.target,
+        n_resamples=spec.n_resamples,
+        chunk_size=spec.chunk_size,
+        measured=tuple((c.site, c.layer, _unit(c)) for c in measured),
+        ablated=frozenset(c.site for c in ablated),
+        linearise=spec.linearise,
+        layout=layout,
+        segments=segments,
+    )
+    rows = {
+        "layer": np.array([c.layer for c in rows_in], np.int32),
+        "site": np.array([CODE[c.site] for c in rows_in], np.int32),
+        "head": np.array([c.head or 0 for c in rows_in], np.int32),
+    }
+    if Site.MLP_HIDDEN in plan.ablated:
+        neurons = np.zeros((len(rows_in), config.d_mlp), bool)
+        for i, c in enumerate(rows_in):
+            if c.site is Site.MLP_HIDDEN:
+                neurons[i, slice(None) if c.neurons is None else list(c.neurons)] = True
+        rows["neurons"] = neurons
+    if source_index is None:
+        perms = _perms(batch.size, spec.n_resamples, spec.seed, spec.kind)
+    else:
+        perms = source_index
+    answers = batch.answers if batch.answers is not None else np.zeros(batch.size, np.int32)
+    args = (model.params, batch.tokens, batch.valid, answers, rows, perms, _source_arrays(source), restore)
+    if layout is not None:
+        args = _place(layout, spec.kind, *args)
+    labels = Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured))
+    return _Prepared(args=args, plan=plan, labels=labels, n_ablations=len(ablated))
+
+
+def _unit(c: Component) -> int:
+    """The head or neuron a measured component picks out of its layer (0 for whole layers)."""
+    if c.site is Site.MLP_HIDDEN:
+        if c.neurons is None or len(c.neurons) != 1:
+            raise ValueError(
+                f"Measured neurons are measured one at a time: write mlp_hidden.{c.layer}.<neuron> "
+                f"(or 'mlp_hidden' for every neuron), not {c.label!r}."
+            )
+        return c.neurons[0]
+    return c.head or 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledEffectMatrix:
+    """An effect matrix compiled ahead of time for one model and batch; call it to compute.
+
+    Attributes:
+        compiled: the `jax.stages.Compiled` program (`cost_analysis()`,
+            `memory_analysis()`, `as_text()`).
+        compile_s: seconds spent lowering and compiling it.
+    """
+
+    compiled: jax.stages.Compiled
+    compile_s: float
+    prepared: _Prepared
+
+    def __call__(self) -> EffectMatrix:
+        """The effect matrix (the same numbers `effect_matrix` returns for the same arguments)."""
+        return self.prepared.finish(self.compiled(*self.prepared.args))
+
+
+def compile_effect_matrix(
+    model: Transformer,
+    batch: Batch,
+    spec: EffectSpec | None = None,
+    *,
+    fresh: bool = False,
+    source: Batch | SourceActivations | None = None,
+    source_index: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    shard_params: bool = False,
+    **settings: Any,
+) -> CompiledEffectMatrix:
+    """`effect_matrix(model, batch, spec, ...)` compiled ahead of time, without running it.
+
+    Separates compilation from execution: benchmarks time the call alone, and
+    `compiled.memory_analysis()` / `cost_analysis()` show what a sweep needs
+    before it runs. Takes exactly `effect_matrix`'s arguments, plus
+    `fresh=True` to clear JAX's in-process caches first, so that `compile_s`
+    measures a real compilation rather than a cache hit.
+    """
+    spec = _spec(spec, settings, "compile_effect_matrix")
+    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params)
+    if fresh:  # JAX reuses an identical program compiled earlier in this process
+        jax.clear_caches()
+    start = time.perf_counter()
+    compiled = effect_core.lower(*prepared.args, plan=prepared.plan).compile()
+    return CompiledEffectMatrix(compiled=compiled, compile_s=time.perf_counter() - start, prepared=prepared)
+
+
+def naive_effect_matrix(
+    model: Transformer,
+    batch: Batch,
+    spec: EffectSpec | None = None,
+    *,
+    source: Batch | None = None,
+    source_index: Any = None,
+    **settings: Any,
+) -> EffectMatrix:
+    """The reference: one ordinary `run` per ablation (and resample), same quantities.
+
+    Same arguments as `effect_matrix` (`chunk_size`, `linearise` and
+    `scan_segments` have no meaning here and are ignored; `source` a Batch
+    only). A resample is a patch from the batch (or `source`) reordered by the
+    same seeded permutations (or by `source_index`). Direct effects are read
+    from the captured activations (neurons: h_n W_out[n], through the MLP
+    post-norm's factor and gain when the model has post-norms) and total
+    effects from the logits before any final soft-cap.
+    """
+    spec = _spec(spec, settings, "naive_effect_matrix")
+    if spec.linearise:
+        raise ValueError(
+            "naive_effect_matrix has no linear predictions; use effect_matrix(..., linearise=True)."
+        )
+    if isinstance(source, SourceActivations):
+        raise TypeError("naive_effect_matrix recomputes from prompts: pass the source as a Batch.")
+    ablated, measured = _check(model, batch, spec, source)
+    source_index = _check_source_index(spec.kind, batch, spec.n_resamples, source, source_index)
+    config, params = model.config, model.params
+    sites = {c.site for c in measured}
+    capture = [
+        "attn_out",
+        "mlp_out",
+        "resid_pre",
+        "resid_final",
+        "final_scale",
+        *sorted(s.value for s in sites),
+    ]
+    logits, clean = run(model, batch, capture=capture)
+    raw = unembed(params, config, clean[Site.RESID_FINAL][:, -1], capped=False)[0]  # [B, V]
+    tgt = jnp.argmax(logits[:, -1], -1) if spec.target == "argmax" else jnp.asarray(batch.answers)
+    w, bias = target_direction(params, config, tgt)
+    scale = clean["final_scale"][:, -1]
+
+    def de(v: jnp.ndarray) -> jnp.ndarray:
+        return direct_effect(v, w, scale, config)
+
+    def measured_de(cache: dict) -> jnp.ndarray:  # [M, B] with the clean (frozen) scale
+        out, neuron_de = [], {}
+        for c in measured:
+            if c.site is Site.MLP_HIDDEN:
+                if c.layer not in neuron_de:  # [F, B]: every neuron of the layer at once
+                    neuron_de[c.layer] = de(_neuron_outputs(params, config, cache, c.layer))
+                out.append(neuron_de[c.layer][c.neurons[0]])
+            else:
+                v = cache[c.site][c.layer, :, -1]
+                out.append(de(v[:, c.head] if c.head is not None else v))
+        return jnp.stack(out)
+
+    def target_logit(z_final: jnp.ndarray) -> jnp.ndarray:  # the centred logit before any soft-cap
+        lg = unembed(params, config, z_final, capped=False)[0]
+        centred = lg - lg.mean(-1, keepdims=True)
+        return jnp.take_along_axis(centred, tgt[:, None], axis=1)[:, 0]
+
+    clean_target = target_logit(clean[Site.RESID_FINAL][:, -1])
+    clean_de = measured_de(clean)
+    perms = (
+        _perms(batch.size, spec.n_resamples, spec.seed, spec.kind) if source_index is None else source_index
+    )
+    pool = batch if source is None else source
+    total, delta, norm = [], [], []
+    for c in ablated:
+        runs = []
+        for k in range(spec.n_resamples):
+            units = dict(head=c.head, neuron=c.neurons)
+            if spec.kind == "resample":
+                edit = iv.ablate(
+                    c.site, c.layer, kind="patch", position=spec.position, source=pool[perms[k]], **units
+                )
+            else:
+                edit = iv.ablate(
+                    c.site, c.layer, kind=spec.kind, position=spec.position, source=source, **units
+                )
+            _, cache = run(model, batch, edit, capture=capture)
+            s_new, z_new = cache["final_scale"][:, -1], cache["resid_final"][:, -1]
+            dot = jnp.einsum("bd,bd->b", z_new, w, precision="highest")
+            runs.append(
+                (target_logit(z_new) - clean_target, measured_de(cache) - clean_de, (s_new - scale) * dot)
+            )
+        total.append(jnp.mean(jnp.stack([r[0] for r in runs]), 0))
+        delta.append(jnp.mean(jnp.stack([r[1] for r in runs]), 0))
+        norm.append(jnp.mean(jnp.stack([r[2] for r in runs]), 0))
+    centred = raw - raw.mean(-1, keepdims=True)
+    return EffectMatrix(
+        total=jnp.stack(total),
+        direct_clean=clean_de,
+        delta_direct=jnp.stack(delta),
+        norm_term=jnp.stack(norm),
+        target=tgt,
+        clean_logit=jnp.take_along_axis(centred, tgt[:, None], axis=1)[:, 0],
+        direct_embed=de(clean["resid_pre"][0, :, -1]),
+        direct_bias=bias,
+        labels=Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured)),
+    )
+
+
+def _neuron_outputs(params: dict, config: Any, cache: dict, layer: int) -> jnp.ndarray:
+    """[F, B, D] what each neuron of `layer` writes into the residual at the final position:
+    h_n W_out[n], times the MLP post-norm's factor (of the whole output) and gain with post-norms."""
+    hidden = cache[Site.MLP_HIDDEN][layer, :, -1].astype(jnp.float32)  # [B, F]
+    w_out = params["blocks"]["W_out"][layer].astype(jnp.float32)  # [F, D]
+    out = hidden.T[:, :, None] * w_out[:, None, :]
+    if config.post_norms:
+        m = hidden @ w_out
+        if config.use_bias:
+            m = m + params["blocks"]["b_out"][layer].astype(jnp.float32)[None]
+        gain = params["blocks"]["ln2_post_g"][layer].astype(jnp.float32)
+        out = out * layers.norm_scale(m, config)[None, :, None] * gain[None, None]
+    return out
+
+
+def _check(
+    model: Transformer, batch: Batch, spec: EffectSpec, source: Batch | SourceActivations | None
+) -> tuple[list[Component], list[Component]]:
+    """Check the inputs against the model (the spec is valid already); (ablated, measured)."""
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a hydra_jax.Transformer, got {type(model).__name__}.")
+    check_batch(model.config, batch)
+    kind = spec.kind
+    if spec.target == "answer" and batch.answers is None:
+        raise ValueError(
+            "target='answer' needs answer tokens: build the batch with "
+            "Batch.from_prompts(tokenizer, prompts, answers=...) or use target='argmax'."
+        )
+    if kind == "resample" and source is None:
+        iv.resample_sources(batch.size, spec.n_resamples, 0)  # raises if the batch is too small
+    if kind == "patch" and source is None:
+        raise ValueError("kind='patch' needs source=, a Batch with one prompt per prompt of the batch.")
+    ablated, measured = spec.components(model.config)
+    if source is not None:
+        if kind == "zero":
+            raise ValueError("source= is used by kind='mean', 'resample' or 'patch', not kind='zero'.")
+        if isinstance(source, SourceActivations):
+            _check_activations(model.config, source, tuple({c.site for c in ablated}), kind, spec.position)
+        else:
+            check_batch(model.config, source)
+        if kind == "patch" and source.size != batch.size:
+            raise ValueError(
+                f"A patch source needs {batch.size} prompts (one per prompt), got {source.size}."
+            )
+    for c in measured:
+        _unit(c)
+    return ablated, measured
+
+
+_PER_ABLATION = ("total", "norm_term", "delta_direct", "linear_total", "linear_delta_direct")
+
+
+def _place(
+    layout: Layout,
+    kind: str,
+    params: dict,
+    tokens: np.ndarray,
+    valid: np.ndarray,
+    answers: np.ndarray,
+    rows: dict[str, jnp.ndarray],
+    perms: np.ndarray,
+    src: dict[str, Any] | None,
+    restore: None = None,
+) -> tuple:
+    """The arguments of `effect_core` placed on the mesh.
+
+    The ablations are padded to a multiple of the "ablations" axis size (so
+    the N = ablations x resamples rows split evenly) by repeating the last
+    one; the caller drops the padding's results.
+    """
+    n = len(rows["layer"])
+    n_padded = -(-n // layout.size(ABLATIONS)) * layout.size(ABLATIONS)
+    rows = {k: np.asarray(v) for k, v in rows.items()}
+    rows = {k: np.concatenate([v, np.repeat(v[-1:], n_padded - n)]) for k, v in rows.items()}
+    if src is not None:  # patch prompts split like the batch's; other source sets are replicated
+        split = PROMPTS if kind == "patch" and "tokens" in src else None
+        src = jax.tree.map(lambda x: layout.put(x, split), src)
+    args = (
+        layout.put_params(params),
+        layout.put(tokens, PROMPTS),
+        layout.put(valid, PROMPTS),
+        layout.put(answers, PROMPTS),
+        {k: layout.put(v, ABLATIONS) for k, v in rows.items()},
+        layout.put(perms),
+        src,
+        None,
+    )
+    return args
+
+
+def _perms(b: int, k: int, seed: int, kind: str) -> np.ndarray:
+    if kind == "resample":
+        return iv.resample_sources(b, k, seed)
+    return np.zeros((k, b), np.int64)
+
+
+def _check_activations(
+    config: Any, source: SourceActivations, ablate: tuple[Site, ...], kind: str, position: str
+) -> None:
+    """A `SourceActivations` fits this model and serves these ablations."""
+    missing = [s.value for s in ablate if s not in source.sites]
+    if missing:
+        raise ValueError(
+            f"source holds activations of {[s.value for s in source.sites]} only, but the ablated sites "
+            f"include {missing}; compute them with "
+            f"source_activations(model, batch, sites={tuple(s.value for s in ablate)})."
+        )
+    if position == "all" and source.position == "final":
+        raise ValueError(
+            "source holds final-position activations only, but position='all' ablates every position; "
+            "compute them with source_activations(..., position='all')."
+        )
+    if source.mean and kind != "mean":
+        raise ValueError(
+            f"source holds only the mean over its prompts, but kind={kind!r} reads prompts one by one; "
+            "compute them with source_activations(..., mean=False)."
+        )
+    for site, x in source.acts.items():
+        want = site.feature_shape(config)
+        if x.shape[0] != config.n_layers or tuple(x.shape[3:]) != tuple(want):
+            raise ValueError(
+                f"source's {site.value!r} has shape {tuple(x.shape)}, not [L, S, T, ...] with L = "
+                f"{config.n_layers} and trailing {tuple(want)}: it was computed with another model."
+            )
+
+
+def _check_source_index(
+    kind: str, batch: Batch, n_resamples: int, source: Any, source_index: Any
+) -> np.ndarray | None:
+    """`source_index` as [n_resamples, B] int32 rows of `source`, or None (resample within the batch)."""
+    if source_index is None:
+        if kind == "resample" and source is not None:
+            raise ValueError(
+                "kind='resample' with source= needs source_index=, the [n_resamples, B] source rows each "
+                "prompt reads, e.g. resample_sources(n, n_resamples, seed)[:, idx] for the prompts idx of "
+                "an n-prompt source set; or drop source= to resample within the batch."
+            )
+        return None
+    if kind != "resample":
+        raise ValueError(f"source_index= is used by kind='resample' only, not kind={kind!r}.")
+    if source is None:
+        raise ValueError(
+            "source_index= indexes the rows of source=; pass the source set too (a Batch or "
+            "SourceActivations), or drop source_index= to resample within the batch."
+        )
+    index = np.asarray(source_index)
+    if index.dtype.kind not in "iu":
+        raise ValueError(f"source_index must hold integers, got dtype {index.dtype}.")
+    if index.shape != (n_resamples, batch.size):
+        raise ValueError(
+            f"source_index must have shape [n_resamples, B] = {(n_resamples, batch.size)}, got {index.shape}."
+        )
+    bad = index[(index < 0) | (index >= source.size)]
+    if bad.size:
+        raise ValueError(
+            f"source_index holds {int(bad[0])}, outside the source's {source.size} rows "
+            f"(0..{source.size - 1})."
+        )
+    return index.astype(np.int32)
+
+
+def _source_arrays(source: Batch | SourceActivations | None) -> dict[str, Any] | None:
+    """The source set as `effect_core` takes it (see its docstring)."""
+    if source is None:
+        return None
+    if isinstance(source, SourceActivations):
+        return {"acts": {s.value: x for s, x in source.acts.items()}, "valid": source.valid}
+    return {"tokens": source.tokens, "valid": source.valid}

@@ -1,0 +1,430 @@
+"""Direct effects, total effects, the effect matrix and its exact decomposition.
+
+Notation, per prompt b at its final position T-1 (SPEC section 4):
+
+    i_b        target token (clean argmax, or the dataset's answer)
+    s_b        the clean run's final-norm scale factor 1/rms (1/std for LayerNorm)
+    u_b        W_U[:, i_b] - mean_v W_U[:, v]         (logits are centred over the vocabulary)
+    w_b        centre_LN(g ⊙ u_b)                     (g the final norm's gain; centre_LN
+                                                       subtracts the mean over D for LayerNorm only)
+    DE(v)      s_b <v, w_b>                           direct effect of a component output v
+    bias_b     <b_final, u_b> + centred b_U[i_b]      the final norm's bias and the logit bias
+
+Because s_b is the clean run's scale, held fixed (frozen), the direct effect is
+linear in v and the centred clean target logit decomposes exactly:
+
+    logit_b = DE(z_0) + sum_l DE(a_l) + sum_l DE(m_l) + bias_b
+
+Freezing matters: with each component normalised by its own scale (the
+paper-literal `norm="own"`, offered for comparison) the parts do not add up.
+
+The total effect of ablating c is TE(c) = logit under do(c := ĉ) − clean logit.
+Writing s' and z'_L for the ablated run,
+
+    TE(c) = s' <z'_L, w> − s <z_L, w>
+          = sum_c' ΔDE(c' | c)  +  (s' − s) <z'_L, w>
+                                   └── norm term: the final-norm scale moving
+
+and the sum splits into the ablated component's own change ΔDE(c | c), the
+attention components after c (the Hydra effect) and the MLPs after c
+(anti-erasure); components before c do not move (causality).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hydra_jax.model import layers
+from hydra_jax.model.config import ModelConfig
+from hydra_jax.model.sites import Site, as_site
+from hydra_jax.model.transformer import Params, Transformer, unembed, unembedding
+
+Array = jax.Array
+Norm = Literal["frozen", "own"]
+ABLATABLE = (Site.RESID_PRE, Site.ATTN_OUT, Site.HEAD_OUT, Site.MLP_HIDDEN, Site.MLP_OUT)
+MEASURABLE = (Site.ATTN_OUT, Site.HEAD_OUT, Site.MLP_HIDDEN, Site.MLP_OUT)
+# Where a component sits within its layer: the residual entering it, attention, then the MLP.
+_STAGE = {Site.RESID_PRE: 0, Site.ATTN_OUT: 1, Site.HEAD_OUT: 1, Site.MLP_HIDDEN: 2, Site.MLP_OUT: 2}
+
+
+# --------------------------------------------------------------------------
+# Components and labels
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Component:
+    """One ablatable or measurable unit: a layer's residual, attention or MLP, a head, or neurons.
+
+    Attributes:
+        layer: the layer.
+        site: resid_pre, attn_out, head_out, mlp_hidden or mlp_out.
+        head: the head of a head_out component.
+        neurons: the neurons of an mlp_hidden component (one, or a set ablated
+            together); None: every neuron of the layer, as one unit.
+    """
+
+    layer: int
+    site: Site
+    head: int | None = None
+    neurons: tuple[int, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        """ "attn_out.3", "mlp_out.3", "head_out.3.5", "mlp_hidden.3" (every neuron),
+        "mlp_hidden.3.17" (one neuron) or "mlp_hidden.3.17+42" (a set)."""
+        parts = [self.site.value, str(self.layer)]
+        if self.head is not None:
+            parts.append(str(self.head))
+        if self.neurons is not None:
+            parts.append("+".join(map(str, self.neurons)))
+        return ".".join(parts)
+
+    @property
+    def is_attention(self) -> bool:
+        return self.site in (Site.ATTN_OUT, Site.HEAD_OUT)
+
+    @property
+    def is_mlp(self) -> bool:
+        return self.site in (Site.MLP_OUT, Site.MLP_HIDDEN)
+
+    @classmethod
+    def parse(cls, label: str) -> Component:
+        """The component of a label (see `label`), or a ValueError naming the accepted forms."""
+        site_name, *rest = str(label).split(".")
+        site = as_site(site_name)
+        units = 1 if site in (Site.HEAD_OUT, Site.MLP_HIDDEN) else 0
+        try:
+            if not 1 <= len(rest) <= 1 + units or (site is Site.HEAD_OUT and len(rest) != 2):
+                raise ValueError
+            layer = _index(rest[0])
+            if site is Site.HEAD_OUT:
+                return cls(layer, site, head=_index(rest[1]))
+            if site is Site.MLP_HIDDEN and len(rest) == 2:
+                neurons = tuple(sorted({_index(n) for n in rest[1].split("+")}))
+                return cls(layer, site, neurons=neurons)
+            return cls(layer, site)
+        except ValueError:
+            raise ValueError(
+                f"Cannot read component {label!r}; write <site>.<layer> (resid_pre, attn_out, mlp_out, "
+                "mlp_hidden: every neuron as one unit), head_out.<layer>.<head>, or "
+                "mlp_hidden.<layer>.<neuron>[+<neuron>...] for neurons."
+            ) from None
+
+    def is_after(self, other: Component) -> bool:
+        """Whether this component reads (directly or not) what `other` writes at the same position."""
+        if self.layer != other.layer:
+            return self.layer > other.layer
+        # Within a layer: the residual entering it, then attention, then the MLP (sequential
+        # residual; with a parallel residual the MLP's change is simply zero).
+        return _STAGE[self.site] > _STAGE[other.site]
+
+    def check(self, config: ModelConfig) -> None:
+        """Raise a ValueError if this component does not exist in a model with `config`."""
+        if not 0 <= self.layer < config.n_layers:
+            raise ValueError(
+                f"{self.label}: layer {self.layer} is out of range for a {config.n_layers}-layer model "
+                f"(valid: 0..{config.n_layers - 1})."
+            )
+        if self.head is not None and not 0 <= self.head < config.n_heads:
+            raise ValueError(
+                f"{self.label}: head {self.head} is out of range for a model with {config.n_heads} heads."
+            )
+        if self.neurons is not None and not all(0 <= n < config.d_mlp for n in self.neurons):
+            raise ValueError(
+                f"{self.label}: a neuron is out of range for a model with d_mlp={config.d_mlp} "
+                f"(valid: 0..{config.d_mlp - 1})."
+            )
+
+
+def _index(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+def components(sites: tuple[Site, ...], config: ModelConfig) -> list[Component]:
+    """Every component of `sites`: every layer, every head of head_out, every neuron of mlp_hidden;
+    ordered by layer, then residual, attention, MLP, then head or neuron."""
+    out = []
+    for site in sites:
+        for layer in range(config.n_layers):
+            if site is Site.HEAD_OUT:
+                out += [Component(layer, site, head=h) for h in range(config.n_heads)]
+            elif site is Site.MLP_HIDDEN:
+                out += [Component(layer, site, neurons=(n,)) for n in range(config.d_mlp)]
+            else:
+                out.append(Component(layer, site))
+    return sorted(out, key=order_key)
+
+
+def order_key(c: Component) -> tuple:
+    """Components' order: by layer, then residual, attention, MLP, then head or neuron."""
+    return (c.layer, _STAGE[c.site], c.site is Site.MLP_OUT, c.head or 0, c.neurons or ())
+
+
+@dataclasses.dataclass(frozen=True)
+class Labels:
+    """Names of the rows of an `EffectMatrix`: "attn_out.3", "mlp_out.3", "head_out.3.5"."""
+
+    ablated: tuple[str, ...]
+    measured: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------
+# The target direction and direct effects
+
+
+def target_direction(params: Params, config: ModelConfig, target: Array) -> tuple[Array, Array]:
+    """w [B, D] and bias [B] such that the centred target logit is s <z_L, w> + bias.
+
+    Args:
+        target: [B] target token ids.
+    """
+    w_u = unembedding(params, config).astype(jnp.float32)  # [D, V]
+    u = w_u[:, target].T - w_u.mean(axis=1)[None, :]  # [B, D]
+    bias = jnp.zeros(target.shape, jnp.float32)
+    if "ln_final_b" in params:
+        bias = bias + u @ params["ln_final_b"].astype(jnp.float32)
+    if config.unembed_bias:
+        b_u = params["b_U"].astype(jnp.float32)
+        bias = bias + b_u[target] - b_u.mean()
+    w = u * params["ln_final_g"].astype(jnp.float32)[None, :]
+    if config.norm == "layer":
+        w = w - w.mean(axis=-1, keepdims=True)
+    return w, bias
+
+
+def direct_effect(v: Array, w: Array, scale: Array, config: ModelConfig, norm: Norm = "frozen") -> Array:
+    """DE of component outputs `v` [..., B, D] on direction `w` [B, D].
+
+    `norm="frozen"` multiplies by the clean scale `scale` [B]; `norm="own"`
+    normalises each output by its own 1/rms (1/std) instead (paper-literal,
+    not additive).
+    """
+    v = v.astype(jnp.float32)
+    dot = jnp.einsum("...bd,bd->...b", v, w, precision="highest")
+    if norm == "frozen":
+        return dot * scale.reshape((1,) * (dot.ndim - scale.ndim) + scale.shape)
+    if norm == "own":
+        return dot * layers.norm_scale(v, config)
+    raise ValueError(f"norm must be 'frozen' or 'own', got {norm!r}.")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DirectEffects:
+    """Direct effects on the target at the final position, each [..., B].
+
+    Attributes:
+        embed: DE of the embeddings z_0.
+        attn: [L, B] DE of each attention layer.
+        mlp: [L, B] DE of each MLP layer.
+        heads: [L, H, B] DE of each head (when `head_out` was captured), else None.
+        bias: the final norm's bias and the logit bias (no component writes them).
+        logit: the centred target logit of the run.
+    """
+
+    embed: Array
+    attn: Array
+    mlp: Array
+    heads: Array | None
+    bias: Array
+    logit: Array
+
+    def total(self) -> Array:
+        """embed + Σ attn + Σ mlp + bias: equals `logit` exactly with the frozen scale."""
+        return self.embed + self.attn.sum(0) + self.mlp.sum(0) + self.bias
+
+
+def direct_effects(
+    model: Transformer,
+    cache: dict,
+    target: Array | Literal["argmax"] = "argmax",
+    *,
+    norm: Norm = "frozen",
+) -> DirectEffects:
+    """Direct effects of every component on the target, from a clean cache.
+
+    Args:
+        model: the `Transformer` the cache came from.
+        cache: from `hydra_jax.interventions.run(model, batch, capture=("resid_pre", "attn_out",
+            "mlp_out", "resid_final", "final_scale"))`, optionally with "head_out".
+        target: [B] token ids, or "argmax" for the run's most likely final token.
+        norm: "frozen" (the clean final-norm scale; additive) or "own".
+    """
+    needed = (Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT, Site.RESID_FINAL, Site.FINAL_SCALE)
+    missing = [s.value for s in needed if s not in cache]
+    if missing:
+        raise ValueError(
+            f"direct_effects needs the sites {[s.value for s in needed]} in the cache; missing "
+            f"{missing}. Capture them with run(model, batch, capture=...)."
+        )
+    config, params = model.config, model.params
+    z_final = cache[Site.RESID_FINAL][:, -1]  # [B, D]
+    scale = cache[Site.FINAL_SCALE][:, -1]  # [B]
+    logits, _ = unembed(params, config, z_final)  # [B, V]
+    if isinstance(target, str):
+        if target != "argmax":
+            raise ValueError(f"target must be token ids or 'argmax', got {target!r}.")
+        target = jnp.argmax(logits, axis=-1)
+    target = jnp.asarray(target)
+    if target.shape != scale.shape:
+        raise ValueError(f"target must be [B] = {scale.shape}, got shape {target.shape}.")
+    w, bias = target_direction(params, config, target)
+    centred = logits - logits.mean(-1, keepdims=True)
+
+    def de(v: Array) -> Array:
+        return direct_effect(v, w, scale, config, norm)
+
+    heads = None
+    if Site.HEAD_OUT in cache:
+        heads = de(jnp.swapaxes(cache[Site.HEAD_OUT][:, :, -1], 1, 2))  # [L, H, B, D] -> [L, H, B]
+    return DirectEffects(
+        embed=de(cache[Site.RESID_PRE][0, :, -1]),
+        attn=de(cache[Site.ATTN_OUT][:, :, -1]),
+        mlp=de(cache[Site.MLP_OUT][:, :, -1]),
+        heads=heads,
+        bias=bias,
+        logit=jnp.take_along_axis(centred, target[:, None], axis=1)[:, 0],
+    )
+
+
+# --------------------------------------------------------------------------
+# The effect matrix
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EffectMatrix:
+    """Every ablation's effect on every measured component, for every prompt.
+
+    Attributes:
+        total: [A, B] total effect TE of each ablation on the centred target logit.
+        direct_clean: [M, B] clean direct effect of each measured component.
+        delta_direct: [A, M, B] ΔDE(c' | c): change of measured c' under ablation c
+            (frozen clean scale). Exactly 0 for c' before c.
+        norm_term: [A, B] the part of TE due to the final-norm scale moving.
+        target: [B] target token ids.
+        clean_logit: [B] centred clean target logit.
+        direct_embed: [B] clean DE of the embeddings.
+        direct_bias: [B] the final norm's and the logit's bias terms.
+        labels: names of the A ablated and M measured components.
+        linear_total, linear_delta_direct: with `linearise=True`, the first-order
+            (forward-mode, `jax.jvp`) predictions of `total` and `delta_direct`
+            in the edit ĉ − c; None otherwise.
+    """
+
+    total: Array
+    direct_clean: Array
+    delta_direct: Array
+    norm_term: Array
+    target: Array
+    clean_logit: Array
+    direct_embed: Array
+    direct_bias: Array
+    labels: Labels = dataclasses.field(metadata=dict(static=True))
+    linear_total: Array | None = None
+    linear_delta_direct: Array | None = None
+
+    @property
+    def ablated(self) -> list[Component]:
+        return [Component.parse(s) for s in self.labels.ablated]
+
+    @property
+    def measured(self) -> list[Component]:
+        return [Component.parse(s) for s in self.labels.measured]
+
+    def linear_error(self) -> dict[str, Array]:
+        """How far the first-order predictions miss, per ablation ([A]).
+
+        "total": |linear TE − TE| / (|TE| + eps), mean over prompts;
+        "delta_direct": ‖linear ΔDE − ΔDE‖ / (‖ΔDE‖ + eps) over measured
+        components and prompts. Small where the network is locally linear in
+        the edit, large where it is not.
+        """
+        if self.linear_total is None or self.linear_delta_direct is None:
+            raise ValueError("This EffectMatrix has no linear predictions; pass linearise=True.")
+        eps = 1e-12
+        te_err = jnp.abs(self.linear_total - self.total) / (jnp.abs(self.total) + eps)
+        dd = self.linear_delta_direct - self.delta_direct
+        dd_err = jnp.sqrt((dd**2).sum((1, 2))) / (jnp.sqrt((self.delta_direct**2).sum((1, 2))) + eps)
+        return {"total": te_err.mean(axis=1), "delta_direct": dd_err}
+
+    def decompose(self) -> Decomposition:
+        """Split every total effect into own change, attention and MLP compensation, norm term."""
+        measured = self.measured
+        if not any(c.is_attention for c in measured) or not any(c.is_mlp for c in measured):
+            raise ValueError(
+                "decompose() needs attention (attn_out or head_out) and an MLP (mlp_out or mlp_hidden) "
+                f"among the measured sites; measured: {sorted({c.site.value for c in measured})}."
+            )
+        resid = [c.label for c in self.ablated if c.site is Site.RESID_PRE]
+        if resid:
+            raise ValueError(
+                f"decompose() splits the change of a component's own direct effect from the others', but "
+                f"{resid[:3]} are residual streams, not components; decompose the effect matrix of "
+                "attn_out, head_out, mlp_hidden or mlp_out ablations."
+            )
+        a, m = len(self.labels.ablated), len(measured)
+        own = np.zeros((a, m), np.float32)
+        attn = np.zeros((a, m), np.float32)
+        mlp = np.zeros((a, m), np.float32)
+        for i, c in enumerate(self.ablated):
+            for j, d in enumerate(measured):
+                if _contains(d, c):
+                    own[i, j] = 1
+                elif d.is_after(c):
+                    (attn if d.is_attention else mlp)[i, j] = 1
+        if not own.any(axis=1).all():
+            missing = [self.labels.ablated[i] for i in np.nonzero(~own.any(axis=1))[0]]
+            raise ValueError(f"The measured components do not include the ablated {missing}.")
+        dd = self.delta_direct
+
+        def part(sel: np.ndarray) -> Array:
+            return jnp.einsum("am,amb->ab", sel, dd, precision="highest")
+
+        return Decomposition(own=part(own), attention=part(attn), mlp=part(mlp), norm=self.norm_term)
+
+
+def _contains(measured: Component, ablated: Component) -> bool:
+    """Whether `measured` is part of the ablated component's own change.
+
+    That is the component itself, the layer's attn_out for a head, its mlp_out
+    for neurons, and the other heads (neurons) of the ablated head's (neuron's)
+    layer: with post-norms they move with it, through the norm's factor of the
+    sum; without, they do not move at all.
+    """
+    if measured.layer != ablated.layer or _STAGE[measured.site] != _STAGE[ablated.site]:
+        return False
+    if measured.site == ablated.site:
+        return True
+    # A head (neuron) of an ablated attn_out (mlp_out) does not carry the layer's own change.
+    return measured.site in (Site.ATTN_OUT, Site.MLP_OUT)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Decomposition:
+    """TE = own + attention + mlp + norm, each [A, B].
+
+    Attributes:
+        own: ΔDE(c | c), the ablated component's own change DE(ĉ) − DE(c).
+        attention: Σ ΔDE over attention components after c (the Hydra effect).
+        mlp: Σ ΔDE over MLPs after c (anti-erasure).
+        norm: the final-norm scale term.
+    """
+
+    own: Array
+    attention: Array
+    mlp: Array
+    norm: Array
+
+    @property
+    def compensation(self) -> Array:
+        """CE(c) = attention + mlp."""
+        return self.attention + self.mlp
