@@ -410,7 +410,7 @@ def test_analyze_overwrite_replaces_its_own_report_whole(tmp_path, capsys):
     code, _ = cli(capsys, "analyze", *TINY_RUN, "--out", out, "--overwrite", "--quiet")
     assert code == 0
     doc = json.loads((out / "summary.json").read_text())
-    hj.report.validate_summary(doc)
+    hj.report.document.validate_summary(doc)
     assert doc["data"]["prompts"] == 8
     assert not (out / "compare.png").exists()  # nothing of the old report is left
     assert (out / "report.md").read_text() != "old report.md"

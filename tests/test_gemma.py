@@ -142,7 +142,7 @@ def test_logits_and_every_residual_match_the_reference(loaded):
     print(f"\n{case}: max |logit diff| {logit_err:.2e}, resid_pre {resid_err}, final norm {final_err:.2e}")
     assert logit_err <= 1e-4 and final_err <= 1e-4, (case, logit_err, final_err)
     # The final soft-cap bites: it moves the largest logits by more than 10%.
-    raw = (np.asarray(final) @ np.asarray(hj.model.unembedding(p, c)))[valid]
+    raw = (np.asarray(final) @ np.asarray(hj.model.transformer.unembedding(p, c)))[valid]
     assert np.abs(raw - ref_logits[valid]).max() > 0.1 * np.abs(raw).max()
 
 
