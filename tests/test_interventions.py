@@ -225,6 +225,7 @@ def test_bad_edits_against_the_model_and_batch(model, batch):
     cases = [
         (ablate("attn_out", 3), r"layer 3 is out of range for a 3-layer model \(valid: 0\.\.2\)"),
         (ablate("head_out", 0, head=4), r"head 4 is out of range for a model with 4 heads"),
+        (ablate("mlp_hidden", 0, neuron=(3, 64)), r"neuron 64 is out of range for a model with d_mlp=64"),
         (ablate("attn_out", 0, position=2), r"position 2 is beyond prompt 3, which has 2 tokens"),
         (ablate("attn_out", 0, position=-3), r"position -3 is beyond prompt 3, which has 2 tokens"),
         (ablate("attn_out", 0, kind="patch", value=np.ones(5)), r"cannot be broadcast to attn_out's"),
