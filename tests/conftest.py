@@ -22,6 +22,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 FAMILIES = sorted(hj.presets.TINY)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Every executable XLA's CPU backend keeps alive holds a few memory mappings of JIT code, and
+    jit caches keep every program the suite compiles: thousands of them pass the kernel's limit
+    of 65,530 mappings per process (vm.max_map_count), where the next compile segfaults inside
+    LLVM. Few programs are shared between modules, so this costs almost no recompiles.
+    """
+    yield
+    jax.clear_caches()
+
+
 def random_model(config: hj.ModelConfig, seed: int = 0) -> hj.Transformer:
     """A model whose norms and biases are random too (init leaves them at 1 and 0,
     which would hide bugs in how they are applied)."""
