@@ -510,7 +510,7 @@ def analyze(
     written beside `out` and moved into place whole (`hydra_jax.outdir.atomic_dir`).
     `overwrite` replaces only a report directory hydra_jax wrote.
     """
-    from hydra_jax.report import document as report
+    from hydra_jax.report.document import write_report
 
     model = settings.model if settings.model is not None else str(checkpoints_dir() / DEFAULT_MODEL)
     inputs = {"--model": model, "--compare": settings.compare}
@@ -528,7 +528,7 @@ def analyze(
             c_meta |= {"settings": meta["settings"], "versions": meta["versions"]}
             compare = (c_em, c_summary, c_meta)
         meta["timings"]["total_s"] = time.time() - t0
-        report.write_report(tmp, em=em, summary=summary, meta=meta, compare=compare)
+        write_report(tmp, em=em, summary=summary, meta=meta, compare=compare)
     return em, summary, meta
 
 

@@ -107,7 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from hydra_jax.analyze import Settings, analyze
-    from hydra_jax.report import document as report
+    from hydra_jax.report.text import terminal_table
 
     settings = Settings(
         model=args.model,
@@ -126,7 +126,7 @@ def _analyze(args: argparse.Namespace) -> int:
         n_bootstrap=args.n_bootstrap,
     )
     _, summary, meta = analyze(settings, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(report.terminal_table(summary))
+    print(terminal_table(summary))
     skipped = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in meta["skipped"].items())
     multi = meta["data"].get("multi_token_answers")
     multi = f"{multi} with multi-token answers (first token used); " if multi else ""

@@ -37,6 +37,8 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Literal
 
+from hydra_jax.report.schema import COMPARE_FIGURE, FIGURES, SCHEMA_ID
+
 Kind = Literal["report", "checkpoint", "bench"]
 MANIFEST = (
     "MANIFEST.json"  # a checkpoint's list of its files and their sha256 (`hydra_jax.loaders.checkpoint`)
@@ -232,9 +234,7 @@ def _not_ours(path: str, kind: Kind) -> str | None:
 
 
 def _not_a_report(path: str) -> str | None:
-    from hydra_jax.report import document as report
-
-    names = {"summary.json", "effects.npz", "report.md", report.COMPARE_FIGURE, *report.FIGURES.values()}
+    names = {"summary.json", "effects.npz", "report.md", COMPARE_FIGURE, *FIGURES.values()}
     try:
         with open(os.path.join(path, "summary.json")) as f:
             doc = json.load(f)
@@ -243,9 +243,9 @@ def _not_a_report(path: str) -> str | None:
     except (OSError, ValueError):
         return "its summary.json is not readable JSON"
     # Any version of the schema: reports of older releases are recognised too.
-    family = report.SCHEMA_ID.split("/")[0] + "/"
+    family = SCHEMA_ID.split("/")[0] + "/"
     if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith(family):
-        return f"its summary.json has no schema {report.SCHEMA_ID!r}"
+        return f"its summary.json has no schema {SCHEMA_ID!r}"
     foreign = [
         n for n in sorted(os.listdir(path)) if n not in names or not _plain_file(os.path.join(path, n))
     ]

@@ -46,7 +46,7 @@ def report(tiny_checkpoint, tmp_path_factory):
 
 
 def test_report_files_and_schema(report):
-    from hydra_jax.report.document import validate_summary
+    from hydra_jax.report.schema import validate_summary
 
     names = set(os.listdir(report))
     figures = {"direct_vs_total.png", "decomposition.png", "coupling.png", "erasure.png", "repair.png"}

@@ -31,7 +31,7 @@ import hydra_jax as hj
 from hydra_jax import outdir
 from hydra_jax.cli import main
 from hydra_jax.loaders.checkpoint import CheckpointError
-from hydra_jax.report.document import SCHEMA_ID
+from hydra_jax.report.schema import SCHEMA_ID
 
 TINY_RUN = ["--model", "tiny_chinchilla", "--n-prompts", "8", "--n-bootstrap", "10", "--batch-size", "8"]
 
@@ -410,7 +410,7 @@ def test_analyze_overwrite_replaces_its_own_report_whole(tmp_path, capsys):
     code, _ = cli(capsys, "analyze", *TINY_RUN, "--out", out, "--overwrite", "--quiet")
     assert code == 0
     doc = json.loads((out / "summary.json").read_text())
-    hj.report.document.validate_summary(doc)
+    hj.report.schema.validate_summary(doc)
     assert doc["data"]["prompts"] == 8
     assert not (out / "compare.png").exists()  # nothing of the old report is left
     assert (out / "report.md").read_text() != "old report.md"

@@ -539,7 +539,7 @@ def test_filter_correct_keeps_the_prompts_the_model_completes(planted, tmp_path)
 
 def test_filter_correct_end_to_end(planted, tmp_path):
     from hydra_jax.cli import main
-    from hydra_jax.report.document import validate_summary
+    from hydra_jax.report.schema import validate_summary
 
     model, tok = planted
     ckpt = hj.save(model, tok, tmp_path / "planted")

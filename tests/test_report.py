@@ -13,7 +13,7 @@ import pytest
 from conftest import ragged_batch, random_model
 
 import hydra_jax as hj
-from hydra_jax.report import document as report
+from hydra_jax.report import document, figures, schema, text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LENGTHS = (7, 4, 6, 2, 5, 3)
@@ -52,7 +52,7 @@ def head_run(model_and_batch):
 def layer_report(layer_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("layer")
     em, s, meta = layer_run
-    return out, report.write_report(str(out), em=em, summary=s, meta=meta)
+    return out, document.write_report(str(out), em=em, summary=s, meta=meta)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,11 @@ def head_report(head_run, layer_run, tmp_path_factory):
     """Heads, compared with the layer run: a report takes seconds, so compare mode shares this one."""
     out = tmp_path_factory.mktemp("head")
     em, s, meta = head_run
-    return out, report.write_report(out, em=em, summary=s, meta=meta, compare=layer_run)
+    return out, document.write_report(out, em=em, summary=s, meta=meta, compare=layer_run)
 
 
-EXPECTED = ["effects.npz", "summary.json", *report.FIGURES.values(), "report.md"]
-EXPECTED_COMPARE = [*EXPECTED[:-1], report.COMPARE_FIGURE, "report.md"]
+EXPECTED = ["effects.npz", "summary.json", *schema.FIGURES.values(), "report.md"]
+EXPECTED_COMPARE = [*EXPECTED[:-1], schema.COMPARE_FIGURE, "report.md"]
 
 
 @pytest.mark.parametrize("which", ["layer_report", "head_report"])
@@ -76,7 +76,7 @@ def test_files_and_pngs(which, request):
     for f in files:
         assert os.path.dirname(f) == str(out)
         assert os.path.getsize(f) > 0
-    for png in report.FIGURES.values():
+    for png in schema.FIGURES.values():
         with open(out / png, "rb") as f:
             assert f.read(8) == PNG_SIGNATURE, png
 
@@ -103,7 +103,7 @@ def test_npz_shapes(which, request):
     }
     with np.load(out / "effects.npz", allow_pickle=False) as z:
         assert {k for k in z.files if not k.startswith("compare_")} == set(shapes)
-        assert {k.removeprefix("compare_") for k in z.files} <= set(report.NPZ_SCHEMA)
+        assert {k.removeprefix("compare_") for k in z.files} <= set(schema.NPZ_SCHEMA)
         for name, shape in shapes.items():
             assert z[name].shape == shape, name
         assert z["labels_ablated"].dtype.kind == "U"
@@ -122,8 +122,8 @@ def test_summary_json(which, request):
     out, _ = request.getfixturevalue(f"{which}_report")
     text = (out / "summary.json").read_text()
     doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
-    report.validate_summary(doc)
-    assert doc["schema"] == report.SCHEMA_ID
+    schema.validate_summary(doc)
+    assert doc["schema"] == schema.SCHEMA_ID
     assert doc["model"]["name"] == meta["model"]["name"]
     assert doc["model"]["parameters"] == 12345
     assert doc["timings"]["odd_s"] is None  # NaN in meta becomes null
@@ -142,13 +142,13 @@ def test_summary_json(which, request):
 def test_validate_summary_rejects(layer_report):
     out, _ = layer_report
     doc = json.loads((out / "summary.json").read_text())
-    report.validate_summary(copy.deepcopy(doc))
+    schema.validate_summary(copy.deepcopy(doc))
 
     def broken(edit) -> str:
         d = copy.deepcopy(doc)
         edit(d)
         with pytest.raises(ValueError) as err:
-            report.validate_summary(d)
+            schema.validate_summary(d)
         return str(err.value)
 
     assert "'headline'" in broken(lambda d: d.pop("headline"))
@@ -160,13 +160,13 @@ def test_validate_summary_rejects(layer_report):
     assert "nan" in broken(lambda d: d["per_ablation"][0].__setitem__("total", float("nan")))
     assert "compare.headline" in broken(lambda d: d.__setitem__("compare", {**doc, "headline": {}}))
     with pytest.raises(ValueError):
-        report.validate_summary([doc])
+        schema.validate_summary([doc])
     # Every key of every record and of the headline is documented in the schema.
-    assert set(doc["per_ablation"][0]) == set(report.ABLATION_RECORD_SCHEMA)
-    assert set(doc["erasure"][0]) == set(report.ERASURE_RECORD_SCHEMA)
-    assert set(doc["headline"]) == set(report.HEADLINE_SCHEMA)
-    assert set(doc) == set(report.SUMMARY_SCHEMA)
-    assert all(spec["doc"] for spec in report.SUMMARY_SCHEMA.values())
+    assert set(doc["per_ablation"][0]) == set(schema.ABLATION_RECORD_SCHEMA)
+    assert set(doc["erasure"][0]) == set(schema.ERASURE_RECORD_SCHEMA)
+    assert set(doc["headline"]) == set(schema.HEADLINE_SCHEMA)
+    assert set(doc) == set(schema.SUMMARY_SCHEMA)
+    assert all(spec["doc"] for spec in schema.SUMMARY_SCHEMA.values())
 
 
 @pytest.mark.parametrize("which", ["layer", "head"])
@@ -175,7 +175,7 @@ def test_report_md(which, request):
     out, _ = request.getfixturevalue(f"{which}_report")
     md = (out / "report.md").read_text()
     assert md.startswith(f"# Hydra effect report: {meta['model']['name']}\n")
-    for png in report.FIGURES.values():
+    for png in schema.FIGURES.values():
         assert f"]({png})" in md, png
     for label in em.labels.ablated:
         assert f"`{label}`" in md
@@ -183,7 +183,7 @@ def test_report_md(which, request):
     i = list(s.labels).index(
         json.loads((out / "summary.json").read_text())["headline"]["largest_direct_label"]
     )
-    assert report.fmt(s["direct"].value[i]) in md
+    assert text.fmt(s["direct"].value[i]) in md
     assert ("](compare.png)" in md) == (which == "head")
 
 
@@ -191,7 +191,7 @@ def test_compare(layer_run, head_run, head_report):
     em = head_run[0]
     c_em, _, c_meta = layer_run
     out, _ = head_report
-    assert (out / report.COMPARE_FIGURE).read_bytes()[:8] == PNG_SIGNATURE
+    assert (out / schema.COMPARE_FIGURE).read_bytes()[:8] == PNG_SIGNATURE
     with np.load(out / "effects.npz", allow_pickle=False) as z:
         assert z["compare_delta_direct"].shape == np.asarray(c_em.delta_direct).shape
         assert tuple(z["compare_labels_ablated"]) == c_em.labels.ablated
@@ -200,7 +200,7 @@ def test_compare(layer_run, head_run, head_report):
             f"compare_{k}" for k in z.files if not k.startswith("compare_")
         }
     doc = json.loads((out / "summary.json").read_text())
-    report.validate_summary(doc)
+    schema.validate_summary(doc)
     assert doc["compare"]["model"]["name"] == c_meta["model"]["name"] == "tiny"
     assert doc["compare"]["headline"]["granularity"] == "layer"
     assert [r["label"] for r in doc["compare"]["per_ablation"]] == list(c_em.labels.ablated)
@@ -213,13 +213,13 @@ def test_same_labels_compare(layer_run):
     """Two runs over the same components share a categorical axis (the other path of compare.png)."""
     _, s, _ = layer_run
     buf = io.BytesIO()
-    report._plot_compare(s, s, "a", "b").savefig(buf, format="png", dpi=report.DPI)
+    figures.plot_compare(s, s, "a", "b").savefig(buf, format="png", dpi=figures.DPI)
     assert buf.getvalue()[:8] == PNG_SIGNATURE
 
 
 def test_terminal_table(layer_run, head_run):
     for em, s, _ in (layer_run, head_run):
-        table = report.terminal_table(s)
+        table = text.terminal_table(s)
         lines = table.splitlines()
         assert lines[0].split()[:5] == ["label", "direct", "total", "CE", "slope"]
         for label in em.labels.ablated:
@@ -227,31 +227,33 @@ def test_terminal_table(layer_run, head_run):
         # Plain aligned columns: every data row as wide as the header (after rstrip, at most).
         assert all(len(line) <= len(lines[1]) for line in lines[: 2 + len(em.labels.ablated)])
     _, s, _ = head_run
-    short = report.terminal_table(s, max_rows=5)
+    short = text.terminal_table(s, max_rows=5)
     assert "showing 5 of 12" in short
     assert sum(line.split()[0].startswith("head_out.") for line in short.splitlines()) == 5
 
 
 def test_fmt():
-    assert report.fmt(0.0123456) == "0.0123"
-    assert report.fmt(-1234.5) == "-1.23e+03"
-    assert report.fmt(None) == "n/a" and report.fmt(float("nan")) == "n/a"
+    assert text.fmt(0.0123456) == "0.0123"
+    assert text.fmt(-1234.5) == "-1.23e+03"
+    assert text.fmt(None) == "n/a" and text.fmt(float("nan")) == "n/a"
 
 
 def test_bad_meta(layer_run, tmp_path):
     em, s, meta = layer_run
     with pytest.raises(ValueError, match="model"):
-        report.write_report(tmp_path, em=em, summary=s, meta={k: v for k, v in meta.items() if k != "model"})
+        document.write_report(
+            tmp_path, em=em, summary=s, meta={k: v for k, v in meta.items() if k != "model"}
+        )
     with pytest.raises(ValueError, match=r"data\.when"):
-        report.write_report(tmp_path, em=em, summary=s, meta={**meta, "data": {"when": object()}})
+        document.write_report(tmp_path, em=em, summary=s, meta={**meta, "data": {"when": object()}})
     with pytest.raises(FileNotFoundError):
-        report.write_report(tmp_path / "missing", em=em, summary=s, meta=meta)
+        document.write_report(tmp_path / "missing", em=em, summary=s, meta=meta)
 
 
 def test_report_format_page_is_current():
     import pathlib
 
-    from hydra_jax.report.document import schema_markdown
+    from hydra_jax.report.schema import schema_markdown
 
     page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "report-format.md"
     assert page.read_text() == schema_markdown(), "regenerate docs/report-format.md with schema_markdown()"

@@ -1,0 +1,317 @@
+"""The report's formats: summary.json's schema (and its check), effects.npz's arrays, the file names.
+
+`validate_summary(doc)` checks a document against `SUMMARY_SCHEMA` (every key, its type, its
+nesting); `schema_markdown()` renders docs/report-format.md from the same tables, so the page
+cannot drift from what `write_report` writes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+SCHEMA_ID = "hydra_jax.summary/1"
+UNIT = "centred logit"
+FIGURES = {
+    "direct_vs_total": "direct_vs_total.png",
+    "decomposition": "decomposition.png",
+    "coupling": "coupling.png",
+    "erasure": "erasure.png",
+    "repair": "repair.png",
+    "depth": "depth.png",
+}
+COMPARE_FIGURE = "compare.png"
+
+
+NPZ_SCHEMA: dict[str, str] = {
+    "total": "[A, B] float: TE(c), change of the centred target logit under each ablation.",
+    "direct_clean": "[M, B] float: clean direct effect DE(c') of each measured component.",
+    "delta_direct": "[A, M, B] float: ΔDE(c' | c), change of measured c' under ablation c (frozen scale).",
+    "norm_term": "[A, B] float: the part of TE due to the final-norm scale moving.",
+    "target": "[B] int: target token id of each prompt.",
+    "clean_logit": "[B] float: centred clean target logit.",
+    "direct_embed": "[B] float: clean direct effect of the embeddings.",
+    "direct_bias": "[B] float: final-norm and unembedding bias terms.",
+    "own": "[A, B] float: ΔDE(c | c), the ablation's direct effect (decomposition).",
+    "attention": "[A, B] float: Σ ΔDE over attention components after c (decomposition).",
+    "mlp": "[A, B] float: Σ ΔDE over MLPs after c (decomposition).",
+    "labels_ablated": "[A] str: ablated component labels, e.g. 'attn_out.3', 'head_out.3.5'.",
+    "labels_measured": "[M] str: measured component labels, e.g. 'attn_out.3', 'mlp_out.3'.",
+    "linear_total": "[A, B] float, only if the matrix was linearised: first-order prediction of total.",
+    "linear_delta_direct": "[A, M, B] float, only if linearised: first-order prediction of delta_direct.",
+}
+"""Arrays of effects.npz (A ablated, M measured components, B prompts). With `compare`
+the compared model's arrays follow with the prefix "compare_". TE = own + attention + mlp + norm_term."""
+
+
+def _spec(type_: str, doc: str, **extra: Any) -> dict[str, Any]:
+    return {"type": type_, "doc": doc, **extra}
+
+
+_STAT_DOCS = {
+    "direct": "mean ΔDE(c | c): the ablation's direct effect (paper's Δ_unembed), centred logit",
+    "total": "mean TE(c): total effect of the ablation (paper's Δ_ablate), centred logit",
+    "attention": "mean Σ ΔDE over attention components after c (Hydra effect), centred logit",
+    "mlp": "mean Σ ΔDE over MLPs after c (anti-erasure), centred logit",
+    "norm": "mean final-norm scale term, centred logit",
+    "compensation": "mean CE = attention + mlp, centred logit",
+    "slope": "OLS slope of CE on −direct across prompts; 1 = full repair, 0 = none",
+    "r2_slope": "R² of that fit",
+    "r2_total": "R² of TE explained by direct",
+    "frac_direct_exceeds_total": "fraction of prompts with |direct| > |total|",
+}
+
+_COMPONENT_SPEC = {
+    "kind": _spec("string", "'ablation' or 'erasure'"),
+    "label": _spec("string", "component label, e.g. 'attn_out.3', 'mlp_out.3', 'head_out.3.5'"),
+    "site": _spec("string", "'attn_out', 'mlp_out' or 'head_out'"),
+    "layer": _spec("integer", "layer index"),
+    "head": _spec("integer|null", "head index for head_out, else null"),
+}
+
+ABLATION_RECORD_SCHEMA: dict[str, dict[str, Any]] = {
+    **_COMPONENT_SPEC,
+    **{
+        f"{name}{suffix}": _spec("number|null", doc + what)
+        for name, doc in _STAT_DOCS.items()
+        for suffix, what in (("", ""), ("_lo", " (lower CI end)"), ("_hi", " (upper CI end)"))
+    },
+    "top_compensator": _spec("string|null", "measured component after c with the largest mean ΔDE"),
+    "top_compensation": _spec("number|null", "its mean ΔDE, centred logit"),
+}
+
+ERASURE_RECORD_SCHEMA: dict[str, dict[str, Any]] = {
+    **_COMPONENT_SPEC,
+    "direct_clean": _spec(
+        "number|null", "the MLP's clean direct effect, mean over prompts (negative = erasure)"
+    ),
+    "direct_clean_lo": _spec("number|null", "lower CI end"),
+    "direct_clean_hi": _spec("number|null", "upper CI end"),
+    "delta_direct": _spec(
+        "object", "ablated attention label -> the MLP's mean ΔDE under it", values="number|null"
+    ),
+    "delta_direct_lo": _spec("object", "lower CI ends, same keys", values="number|null"),
+    "delta_direct_hi": _spec("object", "upper CI ends, same keys", values="number|null"),
+}
+
+HEADLINE_SCHEMA: dict[str, dict[str, Any]] = {
+    "granularity": _spec("string", "'layer' (attn_out/mlp_out ablations) or 'head' (head_out ablations)"),
+    "n_ablated": _spec("integer", "number of ablated components A"),
+    "n_prompts": _spec("integer", "number of prompts B"),
+    "n_bootstrap": _spec("integer", "bootstrap draws behind the intervals"),
+    "ci": _spec("number", "coverage of the intervals, e.g. 0.95"),
+    "mean_clean_logit": _spec("number|null", "mean centred clean target logit (scale of the effects)"),
+    "mean_slope_attention": _spec("number|null", "mean slope over ablated attention components"),
+    "mean_slope_mlp": _spec("number|null", "mean slope over ablated MLPs"),
+    "mean_r2_slope_attention": _spec("number|null", "mean r2_slope over ablated attention components"),
+    "mean_frac_direct_exceeds_total": _spec(
+        "number|null", "mean over ablations of frac_direct_exceeds_total"
+    ),
+    "largest_direct_label": _spec("string", "the ablation with the largest |mean direct|"),
+    "largest_direct": _spec("number|null", "its mean direct effect, centred logit"),
+    "largest_direct_total": _spec("number|null", "its mean total effect, centred logit"),
+    "largest_direct_compensation": _spec("number|null", "its mean compensation CE, centred logit"),
+    "max_compensation_label": _spec("string", "the ablation with the largest |mean compensation|"),
+    "max_compensation": _spec("number|null", "that mean compensation CE (signed), centred logit"),
+    "max_compensation_lo": _spec("number|null", "lower CI end"),
+    "max_compensation_hi": _spec("number|null", "upper CI end"),
+    "max_compensation_slope": _spec("number|null", "that ablation's slope"),
+    "most_negative_mlp_label": _spec("string|null", "the MLP with the most negative clean direct effect"),
+    "most_negative_mlp_direct": _spec("number|null", "its clean direct effect (negative = erasure)"),
+}
+
+CLAIM_RECORD_SCHEMA: dict[str, dict[str, Any]] = {
+    "label": _spec("string", "ablated component label"),
+    "top_attention": _spec("string|null", "the attention component after it that compensates most"),
+    **{
+        f"{name}{suffix}": _spec("number|null", doc + what)
+        for name, doc in {
+            "restored": "1 − mean total / mean direct: fraction of the direct loss repaired",
+            "top_attention_change": "mean ΔDE of top_attention under this ablation, centred logit",
+            "coupling_top": "share of Σ mean |ΔDE| over downstream components held by the k largest",
+            "share_attention": "mean |attention| / mean (|attention| + |mlp| + |norm|)",
+            "share_mlp": "mean |mlp| / mean (|attention| + |mlp| + |norm|)",
+            "share_norm": "mean |norm| / mean (|attention| + |mlp| + |norm|)",
+            "release": "Σ over erasing MLPs after it of mean ΔDE (erasure released if > 0 for a loss)",
+            "share_erasers": "mean |Σ erasers' ΔDE| / mean (|attention| + |mlp| + |norm|)",
+        }.items()
+        for suffix, what in (("", ""), ("_lo", " (lower CI end)"), ("_hi", " (upper CI end)"))
+    },
+    "coupling_uniform": _spec("number|null", "k / number of downstream components (no concentration)"),
+}
+
+STATEMENT_SCHEMA: dict[str, dict[str, Any]] = {
+    "id": _spec("string", "'hydra', 'erasure', 'loose_coupling' or 'direct_exceeds_total'"),
+    "paper": _spec("string", "what the paper states"),
+    "measured": _spec("string", "the measured numbers, as a sentence"),
+    "holds": _spec("integer", "components at which the criterion is met"),
+    "of": _spec("integer", "components the criterion applies to"),
+    "criterion": _spec("string", "the criterion, in words"),
+}
+
+CLAIMS_SCHEMA: dict[str, dict[str, Any]] = {
+    "k": _spec("integer", "most-affected downstream components counted by coupling_top"),
+    "erasers": _spec("array", "measured MLPs whose clean direct-effect interval is below 0"),
+    "statements": _spec("array", "one per claim of the paper", items=STATEMENT_SCHEMA),
+    "per_ablation": _spec(
+        "array",
+        "hydra_jax.report.claims.PaperClaims.records(), one per ablated component",
+        items=CLAIM_RECORD_SCHEMA,
+    ),
+}
+
+_BLOCK_SCHEMA: dict[str, dict[str, Any]] = {
+    "model": _spec(
+        "object",
+        "meta['model']: at least 'name'; analyze adds path, config, parameters",
+        keys={"name": _spec("string", "model name shown in the report and figures")},
+    ),
+    "data": _spec(
+        "object",
+        "meta['data']: the prompts' source and count; analyze adds format, available, examined and "
+        "multi_token_answers (kept prompts whose answer is several tokens; docs/data.md)",
+    ),
+    "settings": _spec("object", "meta['settings']: how the effects were measured"),
+    "versions": _spec("object", "meta['versions']: package versions and machine"),
+    "timings": _spec("object", "meta['timings']: wall times in seconds"),
+    "skipped": _spec(
+        "object",
+        "meta.get('skipped', {}): prompts left out, counted by reason (analyze: longer_than_context, "
+        "no_answer, answer_not_continuation, answer_unknown_token, not_correct; docs/data.md)",
+        values="integer",
+    ),
+    "per_ablation": _spec(
+        "array",
+        "summary.records() of kind 'ablation', one per ablated component",
+        items=ABLATION_RECORD_SCHEMA,
+    ),
+    "erasure": _spec(
+        "array", "summary.records() of kind 'erasure', one per measured MLP", items=ERASURE_RECORD_SCHEMA
+    ),
+    "headline": _spec("object", "a few headline numbers", keys=HEADLINE_SCHEMA),
+    "claims": _spec(
+        "object", "the paper's claims as measured (hydra_jax/report/claims.py)", keys=CLAIMS_SCHEMA
+    ),
+}
+
+SUMMARY_SCHEMA: dict[str, dict[str, Any]] = {
+    "schema": _spec("string", f"format identifier, always {SCHEMA_ID!r}", const=SCHEMA_ID),
+    **_BLOCK_SCHEMA,
+    "compare": _spec(
+        "object|null",
+        "the same blocks (model ... headline) for the compared model, or null",
+        keys=_BLOCK_SCHEMA,
+    ),
+}
+"""Every key of summary.json. Each entry: "type" (JSON types, "|"-separated alternatives),
+"doc", and optionally "keys" (an object's required keys), "items" (required keys of each
+element of an array of objects), "values" (type of every value of an object), "const".
+Numbers are finite (strict JSON: NaN is written as null). Extra keys are allowed."""
+
+
+def validate_summary(doc: Any) -> None:
+    """Check a parsed summary.json against `SUMMARY_SCHEMA`.
+
+    Args:
+        doc: the parsed document (e.g. `json.load(f)`).
+
+    Raises:
+        ValueError: naming the first missing or mistyped key, as a path such as
+            "per_ablation[2].slope_lo" or "compare.headline.n_prompts".
+    """
+    if not isinstance(doc, dict):
+        raise ValueError(f"summary must be a JSON object, got {type(doc).__name__}.")
+    _check_keys(doc, SUMMARY_SCHEMA, "")
+
+
+def _check_keys(obj: dict, schema: Mapping[str, dict[str, Any]], prefix: str) -> None:
+    for key, spec in schema.items():
+        path = f"{prefix}{key}"
+        if key not in obj:
+            raise ValueError(f"summary: missing key {path!r} ({spec['doc']}).")
+        _check_value(obj[key], spec, path)
+
+
+def _check_value(value: Any, spec: dict[str, Any], path: str) -> None:
+    if not _is_type(value, spec["type"]):
+        raise ValueError(f"summary: key {path!r} must be {spec['type']}, got {_json_type(value)}.")
+    if "const" in spec and value != spec["const"]:
+        raise ValueError(f"summary: key {path!r} must be {spec['const']!r}, got {value!r}.")
+    if value is None:
+        return
+    if "keys" in spec:
+        _check_keys(value, spec["keys"], f"{path}.")
+    if "values" in spec:
+        for k, v in value.items():
+            if not _is_type(v, spec["values"]):
+                raise ValueError(f"summary: key {path}.{k!r} must be {spec['values']}, got {_json_type(v)}.")
+    if "items" in spec:
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise ValueError(f"summary: {path}[{i}] must be object, got {_json_type(item)}.")
+            _check_keys(item, spec["items"], f"{path}[{i}].")
+
+
+def _json_type(x: Any) -> str:
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return "boolean"
+    if isinstance(x, int):
+        return "integer"
+    if isinstance(x, float):
+        return "number" if math.isfinite(x) else f"non-finite number {x}"
+    if isinstance(x, str):
+        return "string"
+    if isinstance(x, list):
+        return "array"
+    if isinstance(x, dict):
+        return "object"
+    return type(x).__name__
+
+
+def _is_type(x: Any, types: str) -> bool:
+    actual = _json_type(x)
+    allowed = set(types.split("|"))
+    # An integer is a number too; booleans are neither (bool subclasses int in Python).
+    return actual in allowed or (actual == "integer" and "number" in allowed)
+
+
+def schema_markdown() -> str:
+    """docs/report-format.md: the output files and every key of summary.json, from the schemas."""
+    lines = [
+        "# The report directory",
+        "",
+        "`hydra-jax analyze` writes these files (generated from `hydra_jax.report.schema`;",
+        "`tests/test_report.py` checks this page is current).",
+        "",
+        "| file | contents |",
+        "|---|---|",
+        "| `report.md` | the numbers and the figures, each with what to look for |",
+        "| `summary.json` | the keys below (`validate_summary` checks a document) |",
+        "| `effects.npz` | the arrays below (`np.load(path, allow_pickle=False)`) |",
+        *(f"| `{file}` | see report.md |" for file in (*FIGURES.values(), COMPARE_FIGURE)),
+        "",
+        "## effects.npz",
+        "",
+        "| array | shape and meaning |",
+        "|---|---|",
+        *(f"| `{k}` | {v.replace('|', '∣')} |" for k, v in NPZ_SCHEMA.items()),
+        "",
+        "## summary.json",
+        "",
+        "| key | type | meaning |",
+        "|---|---|---|",
+    ]
+
+    def walk(schema: Mapping[str, Any], prefix: str) -> None:
+        for key, spec in schema.items():
+            doc = spec["doc"].replace("|", "∣")
+            lines.append(f"| `{prefix}{key}` | {spec['type'].replace('|', ' or ')} | {doc} |")
+            for sub in ("keys", "items"):
+                if isinstance(spec.get(sub), Mapping):
+                    walk(spec[sub], f"{prefix}{key}{'[]' if sub == 'items' else ''}.")
+
+    walk(SUMMARY_SCHEMA, "")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,383 @@
+"""The report's text: numbers to three digits, the terminal table and report.md.
+
+Everything here reads the summary document (or a `HydraSummary`) and formats it; nothing
+is computed that summary.json does not hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from hydra_jax.effects.results import Component
+from hydra_jax.effects.summary import HydraSummary
+from hydra_jax.report.schema import COMPARE_FIGURE, FIGURES, UNIT
+
+# depth.png draws, and report.md describes, the restored fraction 1 − total / direct only where
+# |direct| is at least this fraction of the largest |direct| (and its interval excludes 0):
+# elsewhere the ratio is noise.
+RESTORED_MIN_DIRECT = 0.1
+
+
+def fmt(x: Any) -> str:
+    """A number to 3 significant digits; "n/a" for None or NaN."""
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if not math.isfinite(x):
+        return "n/a"
+    return f"{x:.3g}"
+
+
+def _ci(lo: Any, hi: Any) -> str:
+    return f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+def select_rows(summary: HydraSummary, max_rows: int) -> np.ndarray:
+    """Indices of at most `max_rows` ablations, the largest |direct| first chosen, in original order."""
+    a = len(summary.labels)
+    if a <= max_rows:
+        return np.arange(a)
+    key = np.nan_to_num(np.abs(np.asarray(summary["direct"].value, np.float64)), nan=-1.0)
+    return np.sort(np.argsort(-key, kind="stable")[:max_rows])
+
+
+def terminal_table(summary: HydraSummary, max_rows: int = 40) -> str:
+    """A plain, aligned text table of the key per-ablation numbers.
+
+    Columns: label, direct, total, CE (compensation), slope with its interval, r2
+    (of the slope fit). With more than `max_rows` ablations only the `max_rows`
+    with the largest |direct| are shown, in their original order, and a last
+    line says so.
+
+    Args:
+        summary: a `HydraSummary`.
+        max_rows: the most rows to print.
+
+    Returns:
+        The table as one string (no trailing newline).
+    """
+    rows = select_rows(summary, max(int(max_rows), 1))
+    header = ("label", "direct", "total", "CE", "slope", f"slope {summary.ci:.0%} CI", "r2")
+    s = summary
+    body = [
+        (
+            s.labels[i],
+            fmt(s["direct"].value[i]),
+            fmt(s["total"].value[i]),
+            fmt(s["compensation"].value[i]),
+            fmt(s["slope"].value[i]),
+            _ci(s["slope"].lo[i], s["slope"].hi[i]),
+            fmt(s["r2_slope"].value[i]),
+        )
+        for i in rows
+    ]
+    widths = [max(len(r[k]) for r in [header, *body]) for k in range(len(header))]
+
+    def line(r: Sequence[str]) -> str:
+        # Labels left-aligned, numbers right-aligned so that signs and decimals line up.
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        return "  ".join(cells).rstrip()
+
+    lines = [line(header), "  ".join("-" * w for w in widths), *map(line, body)]
+    if len(rows) < len(s.labels):
+        lines.append(f"(showing {len(rows)} of {len(s.labels)} ablations: those with the largest |direct|)")
+    lines.append(f"effects in {UNIT}s; {s.n_prompts} prompts, {s.n_bootstrap} bootstrap draws")
+    return "\n".join(lines)
+
+
+def report_markdown(doc: dict[str, Any]) -> str:
+    """report.md from a summary.json document (`summary_doc`)."""
+    name = doc["model"]["name"]
+    out = [f"# Hydra effect report: {name}", ""]
+    out += _meta_lines(doc)
+    out += ["## Headline", "", _headline_text(doc), ""]
+    out += ["## The paper's claims, as measured", "", *_claims_lines(doc["claims"]), ""]
+    out += ["## Per ablated component", "", *_ablation_table(doc["per_ablation"], doc["headline"]["ci"]), ""]
+    out += ["## Erasure", "", *_erasure_table(doc["erasure"]), ""]
+    out += ["## Repair, coupling and the response by ablated component", ""]
+    out += [*_claims_table(doc["claims"], doc["headline"]["ci"]), ""]
+    out += ["## Figures", ""]
+    for key, file in FIGURES.items():
+        out += [f"![{_FIGURE_TITLES[key]}]({file})", "", _FIGURE_TEXT[key](doc), ""]
+    if doc["compare"] is not None:
+        c = doc["compare"]
+        out += [f"## Comparison: {name} vs {c['model']['name']}", ""]
+        out += _meta_lines(c, level="###")
+        out += [_headline_text(c), ""]
+        out += ["### Per ablated component", "", *_ablation_table(c["per_ablation"], c["headline"]["ci"]), ""]
+        out += [f"![{name} vs {c['model']['name']}]({COMPARE_FIGURE})", "", _compare_text(doc), ""]
+    out += [
+        "Definitions: docs/effects.md. Effects are in centred logits (target logit minus the mean "
+        "logit); intervals are percentile bootstrap intervals over prompts; n/a marks a degenerate fit.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _meta_lines(doc: dict[str, Any], level: str = "##") -> list[str]:
+    out = [f"{level} Setup", ""]
+    for key in ("model", "data", "settings", "skipped", "timings", "versions"):
+        value = doc[key]
+        if key == "skipped" and not value:
+            continue
+        items = ", ".join(f"{k}: {_md_value(k, v)}" for k, v in value.items())
+        out.append(f"- **{key}**: {items or '—'}")
+    return [*out, ""]
+
+
+def _md_value(key: str, v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return fmt(v) + (" s" if key.endswith("_s") else "")
+    if isinstance(v, (dict, list)):
+        # Nested values (a model config) stay compact: one line of JSON.
+        return "`" + json.dumps(v, separators=(",", ":")) + "`"
+    return str(v)
+
+
+def _headline_text(doc: dict[str, Any]) -> str:
+    h = doc["headline"]
+    granularity = "heads" if h["granularity"] == "head" else "layers (attention and MLP)"
+    # Head granularity ablates no MLP: leave out the MLP slope rather than print "n/a".
+    mlp_slope = "" if h["granularity"] == "head" else f", {fmt(h['mean_slope_mlp'])} over MLP ablations"
+    parts = [
+        f"{h['n_ablated']} ablated {granularity}, {h['n_prompts']} prompts, {h['n_bootstrap']} bootstrap "
+        f"draws ({h['ci']:.0%} intervals); mean centred clean target logit {fmt(h['mean_clean_logit'])}.",
+        f"Largest direct effect: {h['largest_direct_label']} (direct {fmt(h['largest_direct'])}, "
+        f"total {fmt(h['largest_direct_total'])}, compensation {fmt(h['largest_direct_compensation'])}).",
+        f"Largest |mean compensation|: {h['max_compensation_label']} ({fmt(h['max_compensation'])} "
+        f"{_ci(h['max_compensation_lo'], h['max_compensation_hi'])}, "
+        f"slope {fmt(h['max_compensation_slope'])}).",
+        f"Mean slope of compensation on the direct loss: {fmt(h['mean_slope_attention'])} over attention "
+        f"ablations{mlp_slope}; mean R² over attention ablations {fmt(h['mean_r2_slope_attention'])}.",
+        f"Fraction of prompts with |direct| > |total|, mean over ablations: "
+        f"{fmt(h['mean_frac_direct_exceeds_total'])}.",
+    ]
+    if h["most_negative_mlp_label"] is not None:
+        parts.append(
+            f"Most negative MLP clean direct effect: {h['most_negative_mlp_label']} "
+            f"({fmt(h['most_negative_mlp_direct'])})."
+        )
+    return " ".join(parts)
+
+
+def _ablation_table(records: list[dict[str, Any]], ci: float) -> list[str]:
+    head = f"| component | direct | total | attention | MLP | norm | slope [{ci:.0%} CI] | R² |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        cells = [
+            f"`{r['label']}`",
+            *(fmt(r[k]) for k in ("direct", "total", "attention", "mlp", "norm")),
+            f"{fmt(r['slope'])} {_ci(r['slope_lo'], r['slope_hi'])}",
+            fmt(r["r2_slope"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _erasure_table(records: list[dict[str, Any]]) -> list[str]:
+    """One row per MLP: clean direct effect and its change under attention ablations.
+
+    With few attention ablations (layers) every one gets a column; with many
+    (heads) the table keeps the mean and the largest-magnitude change instead,
+    which stays readable.
+    """
+    if not records:
+        return ["No MLP was measured."]
+    columns = list(records[0]["delta_direct"])
+    full = 0 < len(columns) <= 8
+    head = ["MLP", "clean direct [CI]"]
+    head += (
+        [f"ΔDE \\| `{c}`" for c in columns]
+        if full
+        else ["mean ΔDE (upstream ablations)", "largest \\|ΔDE\\| (under)"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in records:
+        cells = [
+            f"`{r['label']}`",
+            f"{fmt(r['direct_clean'])} {_ci(r['direct_clean_lo'], r['direct_clean_hi'])}",
+        ]
+        deltas = r["delta_direct"]
+        if full:
+            cells += [fmt(deltas[c]) for c in columns]
+        else:
+            # Only ablations the MLP is downstream of: elsewhere the change is exactly 0 by causality.
+            mlp = Component.parse(r["label"])
+            finite = {k: v for k, v in deltas.items() if v is not None and mlp.is_after(Component.parse(k))}
+            if finite:
+                k = max(finite, key=lambda k: abs(finite[k]))
+                cells += [fmt(np.mean(list(finite.values()))), f"{fmt(finite[k])} (`{k}`)"]
+            else:
+                cells += ["n/a", "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "ΔDE: mean change of the MLP's direct effect when the attention component is ablated "
+        "(exactly 0 where the MLP is not downstream of it). Negative clean direct effect = erasure.",
+    ]
+    return lines
+
+
+def _claims_lines(claims: dict[str, Any]) -> list[str]:
+    lines = []
+    for st in claims["statements"]:
+        lines.append(f"- **{st['paper']}** {st['measured']}")
+    return lines
+
+
+def _claims_table(claims: dict[str, Any], ci: float) -> list[str]:
+    k = claims["k"]
+    head = (
+        f"| component | restored [{ci:.0%} CI] | most compensating attention (ΔDE) | top-{k} share of "
+        "\\|ΔDE\\| (uniform) | response: attention / MLP / norm | erasers' release |"
+    )
+    lines = [head, "|---|---:|---|---:|---:|---:|"]
+    for r in claims["per_ablation"]:
+        top = (
+            "—"
+            if r["top_attention"] is None
+            else f"`{r['top_attention']}` ({fmt(r['top_attention_change'])})"
+        )
+        cells = [
+            f"`{r['label']}`",
+            f"{fmt(r['restored'])} {_ci(r['restored_lo'], r['restored_hi'])}",
+            top,
+            f"{fmt(r['coupling_top'])} ({fmt(r['coupling_uniform'])})",
+            " / ".join(fmt(r[f"share_{p}"]) for p in ("attention", "mlp", "norm")),
+            f"{fmt(r['release'])} {_ci(r['release_lo'], r['release_hi'])}"
+            if r["release"] is not None
+            else "—",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "restored: 1 − mean total / mean direct (1 = fully repaired; meaningless where the direct effect "
+        "is near 0). Most compensating attention: the attention component after the ablated one whose "
+        f"mean ΔDE most opposes the direct effect. Top-{k} share: of the summed mean |ΔDE| over "
+        "downstream components, the part in the most affected ones (uniform: if all changed alike). "
+        "Response: how |attention|, |MLP| and |norm| terms split the downstream response. Erasers' "
+        "release: summed ΔDE of the MLPs that erase the target"
+        + (f" ({', '.join(f'`{e}`' for e in claims['erasers'])})" if claims["erasers"] else " (none found)")
+        + ". Definitions: hydra_jax/report/claims.py.",
+    ]
+    return lines
+
+
+_FIGURE_TITLES = {
+    "direct_vs_total": "Direct vs total effect per prompt",
+    "decomposition": "Decomposition of the total effect",
+    "coupling": "Coupling: mean ΔDE of every measured component under every ablation",
+    "erasure": "Erasure: MLP direct effects and their change under attention ablations",
+    "repair": "Repair: slope and R² of compensation",
+    "depth": "The per-layer statistics against depth",
+}
+
+
+def _text_direct_vs_total(doc: dict[str, Any]) -> str:
+    h = doc["headline"]
+    return (
+        "Each point is one prompt: the ablation's direct effect (what the logit would lose if nothing "
+        "downstream reacted) against its total effect. Points on the dashed y = x line mean no "
+        "compensation; points between the line and y = 0 (total smaller in magnitude than direct) mean "
+        "downstream layers restored part of the loss, the paper's Hydra effect; points beyond the line "
+        "mean downstream layers amplified it. Measured: on average "
+        f"{fmt(h['mean_frac_direct_exceeds_total'])} of prompts have |direct| > |total|; for "
+        f"{h['largest_direct_label']} mean direct {fmt(h['largest_direct'])}, mean total "
+        f"{fmt(h['largest_direct_total'])}."
+    )
+
+
+def _text_decomposition(doc: dict[str, Any]) -> str:
+    h = doc["headline"]
+    return (
+        "Per ablated component, the mean direct and total effects and the three terms that make up their "
+        "difference (total = direct + attention + MLP + norm), with bootstrap intervals. Attention "
+        "compensation of the opposite sign to the direct effect is the Hydra effect, MLP compensation "
+        "of the opposite sign is anti-erasure; the norm term is the final-norm scale moving. Measured: "
+        f"the largest mean compensation in magnitude is {fmt(h['max_compensation'])} "
+        f"{_ci(h['max_compensation_lo'], h['max_compensation_hi'])} after ablating "
+        f"{h['max_compensation_label']}."
+    )
+
+
+def _text_coupling(doc: dict[str, Any]) -> str:
+    return (
+        "Mean change of each measured component's direct effect (columns) under each ablation (rows), "
+        "averaged over prompts, on a colour scale centred at 0. The ablated component's own change (the "
+        "direct effect, in the decomposition figure) is shaded dark grey, and components that cannot "
+        "react (not downstream) light grey, so that the colours show only downstream reactions. Look for "
+        "loose coupling: most downstream cells near 0 with a few layers that change much, and whether "
+        "those changes oppose the direct effect (red vs blue)."
+    )
+
+
+def _text_erasure(doc: dict[str, Any]) -> str:
+    h = doc["headline"]
+    text = (
+        "Left: each MLP's clean direct effect on the target, mean over prompts with its interval; a "
+        "negative bar means the MLP pushes the target logit down (erasure). Right: the MLP's mean change "
+        "under each attention ablation (grey: not downstream, exactly 0). An erasing MLP whose change "
+        "under an attention ablation has the opposite sign of that ablation's direct effect erases less "
+        "when upstream evidence is removed (anti-erasure)."
+    )
+    if h["most_negative_mlp_label"] is not None:
+        text += (
+            f" Measured: the most negative clean direct effect is {h['most_negative_mlp_label']} "
+            f"({fmt(h['most_negative_mlp_direct'])})."
+        )
+    return text
+
+
+def _text_repair(doc: dict[str, Any]) -> str:
+    h = doc["headline"]
+    return (
+        "Top: the OLS slope of compensation on the direct loss (−direct) across prompts, per ablated "
+        "component, with its interval: 1 (upper dotted line) is full repair, 0 none, negative means "
+        "downstream layers amplify the loss. Bottom: R² of that fit, how consistently the repair tracks "
+        "the direct loss across prompts. A slope is only meaningful where R² and the direct effect are "
+        f"not small. Measured: mean slope {fmt(h['mean_slope_attention'])} over attention ablations"
+        + ("." if h["granularity"] == "head" else f", {fmt(h['mean_slope_mlp'])} over MLP ablations.")
+    )
+
+
+def _compare_text(doc: dict[str, Any]) -> str:
+    a, b = doc["headline"], doc["compare"]["headline"]
+    na, nb = doc["model"]["name"], doc["compare"]["model"]["name"]
+    return (
+        f"Left: slope of compensation per ablated component for {na} and {nb} (with intervals); "
+        "right: mean direct (x) against mean total (y) per ablated component, with y = x. A model whose "
+        "points lie further inside the line (toward y = 0) and whose slopes are higher repairs more. "
+        f"Measured mean slope over attention ablations: {fmt(a['mean_slope_attention'])} ({na}), "
+        f"{fmt(b['mean_slope_attention'])} ({nb}); mean fraction |direct| > |total|: "
+        f"{fmt(a['mean_frac_direct_exceeds_total'])} ({na}), "
+        f"{fmt(b['mean_frac_direct_exceeds_total'])} ({nb})."
+    )
+
+
+def _text_depth(doc: dict[str, Any]) -> str:
+    return (
+        "The per-ablation statistics as curves against the ablated layer, attention ablations "
+        "(orange) and MLP ablations (green), shaded bands the bootstrap intervals: the mean direct "
+        "(solid) and total (dashed) effects; the slope of compensation on the direct loss and its R²; "
+        f"the restored fraction 1 − total / direct (shown where the direct effect's interval excludes 0 "
+        f"and it is at least {RESTORED_MIN_DIRECT:.0%} of the largest); "
+        "and how the downstream response splits between attention, MLP and norm terms. Where total "
+        "lies between direct and 0, later layers repaired part of the loss."
+    )
+
+
+_FIGURE_TEXT = {
+    "direct_vs_total": _text_direct_vs_total,
+    "decomposition": _text_decomposition,
+    "coupling": _text_coupling,
+    "erasure": _text_erasure,
+    "repair": _text_repair,
+    "depth": _text_depth,
+}
