@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny shapes (checks the suite runs)")
     p.add_argument("--out", default="bench_results", help="output directory (default bench_results/)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
-    p.set_defaults(func=_bench)
+    # A bench measures compile times: programs loaded from the on-disk cache would pass for compiles.
+    p.set_defaults(func=_bench, compile_cache=False)
 
     p = sub.add_parser(
         "presets",
@@ -364,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread: signals stay as they are
         previous, installed = None, False
     try:
-        with compile_cache.use(disabled=args.no_compile_cache):  # before anything is compiled
+        disabled = args.no_compile_cache or not getattr(args, "compile_cache", True)
+        with compile_cache.use(disabled=disabled):  # before anything is compiled
             return args.func(args)
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)

@@ -22,6 +22,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 FAMILIES = sorted(hj.presets.TINY)
 
 
+def _memory_mappings() -> int:
+    """How many memory mappings this process holds (0 where /proc does not say)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop JAX's compiled programs after each test module.
@@ -33,6 +42,15 @@ def _release_compiled_programs():
     """
     yield
     jax.clear_caches()
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs_when_many():
+    """Within a module too, once half the kernel's mapping limit is in use (the largest module,
+    test_effects.py, peaks near 25,000 mappings)."""
+    yield
+    if _memory_mappings() > 32_768:
+        jax.clear_caches()
 
 
 def random_model(config: hj.ModelConfig, seed: int = 0) -> hj.Transformer:

@@ -87,6 +87,18 @@ def test_cli_flag_and_variable(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.startswith(f"hydra-jax: error: {ENV}=")
 
 
+def test_bench_never_uses_the_cache(tmp_path, monkeypatch):
+    """A bench times compiles: a program loaded from the cache would be reported as one."""
+    from hydra_jax import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_bench", lambda args: seen.append(jax.config.jax_compilation_cache_dir) or 0)
+    monkeypatch.setenv(ENV, str(tmp_path / "jc"))
+    before = jax.config.jax_compilation_cache_dir
+    assert main(["bench", "--quick"]) == 0
+    assert seen == [before] and not (tmp_path / "jc").exists()
+
+
 # Runs the CLI in a fresh process and reports JAX's compilation-cache events as JSON.
 _RUN = """
 import collections, json, sys
