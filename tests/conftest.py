@@ -26,28 +26,20 @@ def _memory_mappings() -> int:
     """How many memory mappings this process holds (0 where /proc does not say)."""
     try:
         with open("/proc/self/maps") as f:
-            return sum(1 for _ in f)
+            return f.read().count("\n")
     except OSError:
         return 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """Drop JAX's compiled programs after each test module.
-
-    Every executable XLA's CPU backend keeps alive holds a few memory mappings of JIT code, and
-    jit caches keep every program the suite compiles: thousands of them pass the kernel's limit
-    of 65,530 mappings per process (vm.max_map_count), where the next compile segfaults inside
-    LLVM. Few programs are shared between modules, so this costs almost no recompiles.
-    """
-    yield
-    jax.clear_caches()
-
-
 @pytest.fixture(autouse=True)
-def _release_compiled_programs_when_many():
-    """Within a module too, once half the kernel's mapping limit is in use (the largest module,
-    test_effects.py, peaks near 25,000 mappings)."""
+def _release_compiled_programs():
+    """Drop JAX's compiled programs once half the kernel's limit on memory mappings is in use.
+
+    Every executable XLA's CPU backend keeps alive holds a few mappings of JIT code, and jit
+    caches keep every program the suite compiles: the whole suite would pass the limit of 65,530
+    mappings per process (vm.max_map_count), where the next compile segfaults inside LLVM.
+    Clearing only when needed (a few times per run) keeps the programs tests share.
+    """
     yield
     if _memory_mappings() > 32_768:
         jax.clear_caches()
