@@ -73,9 +73,21 @@ __all__ = [
     "interventions",
     "load",
     "naive_effect_matrix",
+    "open_store",
     "param_count",
     "presets",
     "run",
     "save",
     "sites",
+    "sweep",
 ]
+
+
+def __getattr__(name: str):
+    """`hj.sweep` and `hj.open_store` (hydra_jax.sweeps), imported on first use: a sweep brings
+    in zarr and the analysis job, which `import hydra_jax` does not need."""
+    if name in ("sweep", "open_store"):
+        from hydra_jax import sweeps
+
+        return getattr(sweeps, name)
+    raise AttributeError(f"module 'hydra_jax' has no attribute {name!r}")

@@ -37,6 +37,7 @@ from hydra_jax.interventions.sources import source_activations
 from hydra_jax.loaders.checkpoint import load
 from hydra_jax.loaders.hf import from_hf, hub, is_hf_dir
 from hydra_jax.model import presets
+from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.transformer import Transformer, param_count
 
 DEFAULT_MODEL = "hydra-8l"
@@ -72,6 +73,7 @@ class Settings:
     compare: str | None = None
     seed: int = 0
     batch_size: int = 128
+    chunk_size: int | None = None
     n_bootstrap: int = 1000
 
     def __post_init__(self) -> None:
@@ -108,6 +110,7 @@ class Settings:
             position=self.position,
             target=self.target,
             n_resamples=self.n_resamples,
+            chunk_size=self.chunk_size,
         )
 
 
@@ -168,6 +171,31 @@ def resolve_model(spec: str | None) -> tuple[Transformer, Tokenizer, dict[str, A
         f"--model {spec!r} is neither a checkpoint directory nor a preset (nor a Hub repo id, org/name); "
         f"presets: {sorted(presets.ALL)}."
     )
+
+
+def resolve_config(spec: str | None) -> tuple[ModelConfig, Tokenizer]:
+    """What `resolve_model(spec)` would load, without its weights: the config and the tokenizer
+    (for planning a sweep of a model too large to load here)."""
+    from hydra_jax.loaders.checkpoint import read_config
+    from hydra_jax.loaders.hf import hf_config
+
+    if spec is None:
+        spec = str(checkpoints_dir() / DEFAULT_MODEL)
+    _preflight_model(spec, "--model")
+    if spec in presets.ALL:
+        from hydra_jax.data import default_tokenizer
+
+        tokenizer = default_tokenizer(2048)
+        return presets.get(spec).replace(d_vocab=tokenizer.vocab_size), tokenizer
+    if spec.lower().endswith(".gguf") and os.path.isfile(spec):
+        from hydra_jax.loaders.gguf import GGUFFile, config_from_gguf, tokenizer_from_gguf
+
+        f = GGUFFile(spec)
+        return config_from_gguf(f, None), tokenizer_from_gguf(f.metadata, f.path)
+    root = spec if os.path.isdir(spec) else hub.resolve(spec)
+    hf_dir = not os.path.isfile(os.path.join(root, "MANIFEST.json")) and is_hf_dir(root)
+    config = hf_config(root) if hf_dir else read_config(root)
+    return config, Tokenizer.from_file(os.path.join(root, "tokenizer.json"))
 
 
 SKIP_REASONS = {
@@ -463,6 +491,24 @@ def concat(parts: list[EffectMatrix]) -> EffectMatrix:
 def analyze_one(
     spec: str | None, settings: Settings, progress: bool
 ) -> tuple[EffectMatrix, HydraSummary, dict]:
+    model, batch, model_info, data_info, t_load = load_inputs(spec, settings)
+    em, t_effects = measure(model, batch, settings, progress)
+    t1 = time.time()
+    summary = hydra_summary(em, n_bootstrap=settings.n_bootstrap, seed=settings.seed)
+    meta = {
+        "model": model_info,
+        "data": data_info,
+        "timings": {"load_s": t_load, "effect_matrix_s": t_effects, "summary_s": time.time() - t1},
+        "skipped": data_info.pop("skipped"),
+    }
+    return em, summary, meta
+
+
+def load_inputs(
+    spec: str | None, settings: Settings
+) -> tuple[Transformer, Batch, dict[str, Any], dict[str, Any], float]:
+    """The model named by `spec` and the prompts of `settings` (tokenised, filtered), with their
+    descriptions for the report and the seconds spent loading."""
     t0 = time.time()
     # The data first: a bad file or option fails before a model is loaded.
     loaded = load_data(settings.data, settings.prompt_text)
@@ -487,17 +533,8 @@ def analyze_one(
             f"--n-resamples {settings.n_resamples} needs more than {settings.n_resamples} usable prompts "
             f"(each prompt resamples from {settings.n_resamples} others); got {batch.size}."
         )
-    em, t_effects = measure(model, batch, settings, progress)
-    t1 = time.time()
-    summary = hydra_summary(em, n_bootstrap=settings.n_bootstrap, seed=settings.seed)
     model_info |= {"config": model.config.to_dict(), "parameters": param_count(model.config)}
-    meta = {
-        "model": model_info,
-        "data": data_info,
-        "timings": {"load_s": t_load, "effect_matrix_s": t_effects, "summary_s": time.time() - t1},
-        "skipped": data_info.pop("skipped"),
-    }
-    return em, summary, meta
+    return model, batch, model_info, data_info, t_load
 
 
 def analyze(

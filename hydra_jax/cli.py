@@ -3,6 +3,7 @@
 hydra-jax analyze [--model M] [--data D] ...   the paper's analyses, written as a report
 hydra-jax train --config RECIPE --out DIR      train a model on the synthetic factual world
 hydra-jax convert HF_DIR OUT_DIR               a local Hugging Face checkpoint as a hydra_jax one
+hydra-jax sweep [--out STORE] ...              the effect matrix streamed to a resumable store
 hydra-jax bench [--preset P] [--out DIR]       what effect matrices cost, against TransformerLens
 hydra-jax presets                              list the model presets with parameter counts
 hydra-jax --version
@@ -16,6 +17,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 import hydra_jax
 from hydra_jax import compile_cache
@@ -105,11 +107,10 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analyze(args: argparse.Namespace) -> int:
-    from hydra_jax.analyze import Settings, analyze
-    from hydra_jax.report.text import terminal_table
+def _settings(args: argparse.Namespace, **extra: Any):
+    from hydra_jax.analyze import Settings
 
-    settings = Settings(
+    return Settings(
         model=args.model,
         data=args.data,
         prompt_text=args.prompt_text,
@@ -120,11 +121,52 @@ def _analyze(args: argparse.Namespace) -> int:
         position=args.position,
         granularity=args.granularity,
         target=args.target,
-        compare=args.compare,
         seed=args.seed,
         batch_size=args.batch_size,
-        n_bootstrap=args.n_bootstrap,
+        chunk_size=args.chunk_size,
+        **extra,
     )
+
+
+# The options of what is measured; with --from they come from the store instead.
+MEASURE_OPTIONS = (
+    "model",
+    "data",
+    "prompt_text",
+    "filter",
+    "n_prompts",
+    "kind",
+    "n_resamples",
+    "position",
+    "granularity",
+    "target",
+    "seed",
+    "batch_size",
+    "chunk_size",
+    "compare",
+)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from hydra_jax.analyze import analyze
+    from hydra_jax.report.text import terminal_table
+    from hydra_jax.sweeps.report import report_from_store
+
+    if args.from_store is not None:
+        given = [n for n in MEASURE_OPTIONS if getattr(args, n) != build_parser_defaults()[n]]
+        if given:
+            shown = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise ValueError(
+                f"analyze --from {args.from_store!r} reports the store's own measurement; {shown} cannot "
+                "change it. Drop them, or run `hydra-jax sweep` with them into a new store."
+            )
+        _, summary, meta = report_from_store(
+            args.from_store, args.out, n_bootstrap=args.n_bootstrap, overwrite=args.overwrite
+        )
+        print(terminal_table(summary))
+        print(f"Report of {args.from_store} written to {os.path.abspath(args.out)}/.")
+        return 0
+    settings = _settings(args, compare=args.compare, n_bootstrap=args.n_bootstrap)
     _, summary, meta = analyze(settings, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(terminal_table(summary))
     skipped = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in meta["skipped"].items())
@@ -136,6 +178,69 @@ def _analyze(args: argparse.Namespace) -> int:
     )
     print(f"Report written to {os.path.abspath(args.out)}/ (report.md, summary.json, effects.npz, figures).")
     return 0
+
+
+def build_parser_defaults() -> dict[str, Any]:
+    """The analyze subcommand's default option values."""
+    return vars(build_parser().parse_args(["analyze"]))
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from hydra_jax.sweeps import sweep
+
+    if args.dry_run:
+        return _dry_run(args)
+    if args.distributed:
+        import jax
+
+        # CPU processes synchronise through gloo; GPUs and TPUs use their own collectives.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()  # coordinator, process count and index from the cluster environment
+    settings = _settings(args)
+    store = sweep(
+        settings, args.out, overwrite=args.overwrite, progress=not args.quiet, max_batches=args.max_batches
+    )
+    if store.done:
+        print(f"Store written to {store.path}/; `hydra-jax analyze --from {args.out}` writes its report.")
+    else:
+        print(f"Store {store.path}/ is incomplete; run the same command again to continue.")
+    return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Plan the sweep without running it: batch and chunk sizes that fit, memory, FLOPs, time."""
+    from hydra_jax.analyze import load_data, resolve_config
+    from hydra_jax.sweeps.plan import plan_sweep
+
+    settings = _settings(args)
+    config, tokenizer = resolve_config(settings.model)  # no weights are read
+    facts, _ = load_data(settings.data, settings.prompt_text)
+    # The longest prompt bounds the padded length whichever prompts the sweep keeps.
+    lengths = [len(ids) for ids in tokenizer.encode_prompts(list(facts.prompts))]
+    seq_len = min(max(lengths), config.n_ctx)
+    n_prompts = min(settings.n_prompts, len(lengths))
+    budget = None if args.memory is None else int(args.memory * 10**9)
+    plan = plan_sweep(
+        config,
+        settings.spec,
+        n_prompts=n_prompts,
+        seq_len=seq_len,
+        budget_bytes=budget,
+        max_batch_size=settings.batch_size,
+    )
+    print(plan.describe())
+    chunk = "" if plan.chunk_size is None else f" --chunk-size {plan.chunk_size}"
+    print(f"\nTo run it: hydra-jax sweep ... --batch-size {plan.batch_size}{chunk}")
+    return 0
+
+
+SWEEP_EXAMPLES = """examples:
+  hydra-jax sweep --n-prompts 10000 --out runs/layers.zarr    # the default model, 10,000 prompts
+  hydra-jax sweep --n-prompts 10000 --out runs/layers.zarr    # again after a kill: resumes
+  hydra-jax analyze --from runs/layers.zarr --out runs/layers-report
+  hydra-jax sweep --model gpt2-hj --granularity head --out runs/heads.zarr --distributed  # on every host
+  hydra-jax sweep --model chinchilla_7b --granularity head --dry-run --memory 80   # plan for an 80 GB GPU
+"""
 
 
 ANALYZE_EXAMPLES = """examples:
@@ -150,29 +255,8 @@ ANALYZE_EXAMPLES = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hydra-jax",
-        description="Measure self-repair (the Hydra effect) in language models with JAX.",
-    )
-    parser.add_argument("--version", action="version", version=f"hydra-jax {hydra_jax.__version__}")
-    parser.add_argument(
-        "--no-compile-cache",
-        action="store_true",
-        help="do not use the persistent JAX compilation cache (default: on, in "
-        "$XDG_CACHE_HOME/hydra_jax/jax-cache or ~/.cache/hydra_jax/jax-cache; "
-        "HYDRA_JAX_COMPILE_CACHE=DIR moves it, =0 turns it off)",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser(
-        "analyze",
-        help="the paper's analyses on a model, written as a report",
-        description="Ablate every layer (or head) of a model on factual-recall prompts and measure direct "
-        "and total effects, the compensation by later layers (Hydra effect), erasure by MLPs and loose "
-        "coupling; write report.md, summary.json, effects.npz and figures to --out.",
-        epilog=ANALYZE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _measure_options(p: argparse.ArgumentParser) -> None:
+    """What analyze and sweep measure: the model, the prompts, the ablations."""
     p.add_argument(
         "--model",
         default=None,
@@ -228,14 +312,91 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("argmax", "answer"),
         help="the clean top token (default) or the answer's first token after the prompt",
     )
-    p.add_argument("--compare", default=None, help="a second model (same forms as --model), side by side")
     p.add_argument("--seed", type=int, default=0, help="prompt order, resampling and bootstrap seed")
     p.add_argument("--batch-size", type=int, default=128, help="prompts per compiled call (default 128)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="ablation rows computed at a time within a call (default: all at once); bounds memory",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hydra-jax",
+        description="Measure self-repair (the Hydra effect) in language models with JAX.",
+    )
+    parser.add_argument("--version", action="version", version=f"hydra-jax {hydra_jax.__version__}")
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not use the persistent JAX compilation cache (default: on, in "
+        "$XDG_CACHE_HOME/hydra_jax/jax-cache or ~/.cache/hydra_jax/jax-cache; "
+        "HYDRA_JAX_COMPILE_CACHE=DIR moves it, =0 turns it off)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser(
+        "analyze",
+        help="the paper's analyses on a model, written as a report",
+        description="Ablate every layer (or head) of a model on factual-recall prompts and measure direct "
+        "and total effects, the compensation by later layers (Hydra effect), erasure by MLPs and loose "
+        "coupling; write report.md, summary.json, effects.npz and figures to --out.",
+        epilog=ANALYZE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _measure_options(p)
+    p.add_argument("--compare", default=None, help="a second model (same forms as --model), side by side")
     p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for intervals")
+    p.add_argument(
+        "--from",
+        dest="from_store",
+        default=None,
+        metavar="STORE",
+        help="write the report from a complete `hydra-jax sweep` store instead of measuring (the "
+        "measurement options then come from the store and may not be given)",
+    )
     p.add_argument("--out", default="hydra_report", help="report directory (default hydra_report/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_analyze)
+
+    p = sub.add_parser(
+        "sweep",
+        help="an analysis's effect matrix streamed to an on-disk store, resumable, over many hosts",
+        description="Compute analyze's effect matrix batch by batch into a zarr store (--out), writing "
+        "each batch as it completes: memory does not grow with the prompts, the same command resumes a "
+        "killed sweep, and under jax.distributed every process computes its share of the batches. "
+        "`hydra-jax analyze --from STORE` writes the report. See docs/scale.md.",
+        epilog=SWEEP_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _measure_options(p)
+    p.add_argument("--out", default="hydra_sweep", help="the store's directory (default hydra_sweep/)")
+    p.add_argument("--overwrite", action="store_true", help="replace a store of other settings")
+    p.add_argument(
+        "--max-batches", type=int, default=None, help="stop after this many batches (the next run resumes)"
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (a multi-host job: each process takes its share)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan instead of running: the batch and chunk sizes whose compiled program fits the device "
+        "(XLA's memory analysis, no weights loaded), its memory, FLOPs and rows",
+    )
+    p.add_argument(
+        "--memory",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="--dry-run: the device memory to plan for, in GB (10^9 bytes; default: this device's)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser(
         "convert",

@@ -39,14 +39,19 @@ from typing import Literal
 
 from hydra_jax.report.schema import COMPARE_FIGURE, FIGURES, SCHEMA_ID
 
-Kind = Literal["report", "checkpoint", "bench"]
+Kind = Literal["report", "checkpoint", "bench", "sweep"]
 MANIFEST = (
     "MANIFEST.json"  # a checkpoint's list of its files and their sha256 (`hydra_jax.loaders.checkpoint`)
 )
 
 # What each kind is called in messages, and the prefix of its temporary directories.
-WHAT = {"report": "report", "checkpoint": "checkpoint", "bench": "benchmark results"}
-PREFIX = {"report": ".hydra-report-", "checkpoint": ".saving-", "bench": ".hydra-bench-"}
+WHAT = {"report": "report", "checkpoint": "checkpoint", "bench": "benchmark results", "sweep": "sweep store"}
+PREFIX = {
+    "report": ".hydra-report-",
+    "checkpoint": ".saving-",
+    "bench": ".hydra-bench-",
+    "sweep": ".hydra-sweep-",
+}
 BENCH_FILES = ("results.json", "results.md")
 
 
@@ -66,8 +71,8 @@ def check_out(
 
     Args:
         out: the directory to write.
-        kind: what is written there: "report", "checkpoint" or "bench" (results
-            files written into a directory that may hold other files).
+        kind: what is written there: "report", "checkpoint", "sweep" (a store) or
+            "bench" (results files written into a directory that may hold other files).
         inputs: name (e.g. "--model") -> path of what the command reads; `out`
             may be neither one of them nor contain one. None values are skipped.
         overwrite: whether an existing `out` that hydra_jax wrote may be replaced.
@@ -230,7 +235,20 @@ def _not_ours(path: str, kind: Kind) -> str | None:
         return "it is a file"
     if kind == "report":
         return _not_a_report(path)
+    if kind == "sweep":
+        return _not_a_store(path)
     return _not_a_checkpoint(path)
+
+
+def _not_a_store(path: str) -> str | None:
+    from hydra_jax.sweeps import store
+
+    if not store.is_store(path):
+        return f"it has no zarr.json with schema {store.SCHEMA_ID!r}; it holds {listing(path)}"
+    foreign = [n for n in sorted(os.listdir(path)) if n not in store.ENTRIES]
+    if foreign:
+        return f"it also holds {_names(foreign)}, which hydra_jax did not write"
+    return None
 
 
 def _not_a_report(path: str) -> str | None:

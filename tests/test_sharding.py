@@ -61,7 +61,7 @@ def test_sharded_equals_single_device():
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok ") == sum(len(meshes) for *_, meshes in CASES) + 1, done.stdout
+    assert done.stdout.count("ok ") == sum(len(meshes) for *_, meshes in CASES) + 2, done.stdout
 
 
 def test_unknown_axis_name_is_refused(model, batch):
@@ -82,6 +82,21 @@ def test_shard_params_needs_an_axis(model, batch, names, shard_params, match):
     mesh = None if names is None else jax.make_mesh((1,) * len(names), names)
     with pytest.raises(ValueError, match=match):
         hj.effect_matrix(model, batch, mesh=mesh, shard_params=shard_params)
+
+
+@pytest.mark.parametrize(
+    ("names", "axes", "match"),
+    [
+        (("data",), {"batch": "data"}, r"keys are the roles"),
+        (("data",), {"prompts": "rows"}, r"\['rows'\], which the mesh does not have"),
+        (("data", "rows"), {"prompts": "data", "ablations": "data"}, "two roles"),
+        (None, {"prompts": "data"}, "pass mesh="),
+    ],
+)
+def test_bad_axis_names_are_refused(model, batch, names, axes, match):
+    mesh = None if names is None else jax.make_mesh((1,) * len(names), names)
+    with pytest.raises(ValueError, match=match):
+        hj.effect_matrix(model, batch, mesh=mesh, axes=axes)
 
 
 def test_mesh_must_be_a_mesh(model, batch):
@@ -125,6 +140,15 @@ def _main() -> None:
                 f"{time.perf_counter() - start:.1f}s",
                 flush=True,
             )
+    # A mesh with the user's own axis names, mapped with axes=: the same numbers and split.
+    model = random_model(hj.presets.TINY["tiny_gpt2"])
+    batch = ragged_batch(model.config)
+    kw = dict(ablate=("attn_out", "mlp_out"), kind="resample", n_resamples=2, seed=3)
+    mesh = jax.make_mesh((2, 2), ("data", "rows"))
+    em = hj.effect_matrix(model, batch, mesh=mesh, axes={"prompts": "data", "ablations": "rows"}, **kw)
+    assert_same(em, hj.effect_matrix(model, batch, **kw))
+    _check_split(em, {"prompts": 2, "ablations": 2}, padded=False)
+    print("ok user axis names", flush=True)
     # A batch the "prompts" axis does not divide is refused before anything is compiled.
     odd = ragged_batch(model.config, lengths=(5, 3, 4))
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -229,6 +229,7 @@ def effect_matrix(
     source_index: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     shard_params: bool = False,
+    axes: Mapping[str, str] | None = None,
     **settings: Any,
 ) -> EffectMatrix:
     """Every ablation × every measured component × every prompt, in one compiled call.
@@ -264,12 +265,14 @@ def effect_matrix(
             vocabulary) over the mesh's "model" axis, or its "ablations" axis
             when it has none, for models that do not fit one device.
             Otherwise parameters are replicated on every device.
+        axes: the mesh's own names for those axes, for a mesh built for something else:
+            `axes={"prompts": "data", "ablations": "fsdp"}`.
 
     Returns:
         An `EffectMatrix` (shapes: total [A, B], delta_direct [A, M, B], ...).
     """
     spec = _spec(spec, settings, "effect_matrix")
-    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params)
+    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params, axes)
     return prepared.finish(effect_core(*prepared.args, plan=prepared.plan))
 
 
@@ -288,20 +291,29 @@ class _Prepared:
         return EffectMatrix(**out, labels=self.labels)
 
 
-def _prepare(
-    model: Transformer,
-    batch: Batch,
+def plan_rows(
+    config: Any,
     spec: EffectSpec,
-    source: Batch | SourceActivations | None,
-    source_index: Any,
-    mesh: jax.sharding.Mesh | None,
-    shard_params: bool,
-) -> _Prepared:
-    """Check the inputs against the model, and build the plan and the rows on the host."""
-    ablated, measured = _check(model, batch, spec, source)
-    source_index = _check_source_index(spec.kind, batch, spec.n_resamples, source, source_index)
-    config = model.config
-    layout = layout_for(mesh, shard_params, batch.size)
+    ablated: list[Component],
+    measured: list[Component],
+    layout: Layout | None = None,
+) -> tuple[Plan, dict[str, np.ndarray], np.ndarray | None]:
+    """`effect_core`'s static plan, ablation rows and row order for `spec` on a model with `config`.
+
+    Reads the config and the components only, no parameter or prompt values, so a planner can
+    compile `effect_core` on abstract inputs (`hydra_jax.sweeps.plan`).
+
+    Args:
+        config: the model's `ModelConfig`.
+        spec: the settings.
+        ablated, measured: `spec.components(config)`.
+        layout: the mesh layout (`hydra_jax.effects.sharding.layout_for`), None for one device.
+
+    Returns:
+        (plan, rows, restore): rows {"layer", "site", "head"[, "neurons"]} as host arrays, in
+        the order the plan's scan segments need; restore the rows' places in `ablated`'s order
+        (None when they are in that order).
+    """
     segments = restore = None
     order = np.arange(len(ablated))
     if layout is None and not (spec.position == "all" and spec.chunk_size is not None):
@@ -337,6 +349,24 @@ def _prepare(
             if c.site is Site.MLP_HIDDEN:
                 neurons[i, slice(None) if c.neurons is None else list(c.neurons)] = True
         rows["neurons"] = neurons
+    return plan, rows, restore
+
+
+def _prepare(
+    model: Transformer,
+    batch: Batch,
+    spec: EffectSpec,
+    source: Batch | SourceActivations | None,
+    source_index: Any,
+    mesh: jax.sharding.Mesh | None,
+    shard_params: bool,
+    axes: Mapping[str, str] | None = None,
+) -> _Prepared:
+    """Check the inputs against the model, and build the plan and the rows on the host."""
+    ablated, measured = _check(model, batch, spec, source)
+    source_index = _check_source_index(spec.kind, batch, spec.n_resamples, source, source_index)
+    layout = layout_for(mesh, shard_params, batch.size, axes)
+    plan, rows, restore = plan_rows(model.config, spec, ablated, measured, layout)
     if source_index is None:
         perms = _perms(batch.size, spec.n_resamples, spec.seed, spec.kind)
     else:
@@ -390,6 +420,7 @@ def compile_effect_matrix(
     source_index: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     shard_params: bool = False,
+    axes: Mapping[str, str] | None = None,
     **settings: Any,
 ) -> CompiledEffectMatrix:
     """`effect_matrix(model, batch, spec, ...)` compiled ahead of time, without running it.
@@ -401,7 +432,7 @@ def compile_effect_matrix(
     measures a real compilation rather than a cache hit.
     """
     spec = _spec(spec, settings, "compile_effect_matrix")
-    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params)
+    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params, axes)
     if fresh:  # JAX reuses an identical program compiled earlier in this process
         jax.clear_caches()
     start = time.perf_counter()

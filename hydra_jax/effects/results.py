@@ -33,7 +33,7 @@ attention components after c (the Hydra effect) and the MLPs after c
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -354,6 +354,31 @@ class EffectMatrix:
         dd = self.linear_delta_direct - self.delta_direct
         dd_err = jnp.sqrt((dd**2).sum((1, 2))) / (jnp.sqrt((self.delta_direct**2).sum((1, 2))) + eps)
         return {"total": te_err.mean(axis=1), "delta_direct": dd_err}
+
+    def to_xarray(self) -> Any:
+        """The matrix as an `xarray.Dataset` with labelled dimensions ablated, measured and prompt:
+        `em.to_xarray().delta_direct.sel(ablated="attn_out.3", measured="mlp_out.7")`."""
+        import xarray as xr
+
+        dims = {
+            "total": ("ablated", "prompt"),
+            "norm_term": ("ablated", "prompt"),
+            "linear_total": ("ablated", "prompt"),
+            "direct_clean": ("measured", "prompt"),
+            "delta_direct": ("ablated", "measured", "prompt"),
+            "linear_delta_direct": ("ablated", "measured", "prompt"),
+        }
+        data = {}
+        for f in dataclasses.fields(self):
+            x = getattr(self, f.name)
+            if f.name != "labels" and x is not None:
+                data[f.name] = (dims.get(f.name, ("prompt",)), np.asarray(x))
+        coords = {
+            "ablated": list(self.labels.ablated),
+            "measured": list(self.labels.measured),
+            "prompt": np.arange(np.shape(self.total)[-1]),
+        }
+        return xr.Dataset(data, coords=coords)
 
     def decompose(self) -> Decomposition:
         """Split every total effect into own change, attention and MLP compensation, norm term."""

@@ -26,7 +26,7 @@ is replicated.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -133,8 +133,15 @@ class Layout:
         return jax.tree_util.tree_map_with_path(place, params)
 
 
-def layout_for(mesh: Mesh | None, shard_params: bool, n_prompts: int) -> Layout | None:
+def layout_for(
+    mesh: Mesh | None, shard_params: bool, n_prompts: int, axes: Mapping[str, str] | None = None
+) -> Layout | None:
     """Check a user's mesh against the batch and return its `Layout` (None: no mesh).
+
+    Args:
+        axes: the mesh's own names for "prompts", "ablations" and "model", e.g.
+            {"prompts": "data"} for a mesh whose batch axis is called "data". Axes not
+            named here must carry the names themselves.
 
     Raises:
         TypeError: `mesh` is not a `jax.sharding.Mesh`.
@@ -142,11 +149,14 @@ def layout_for(mesh: Mesh | None, shard_params: bool, n_prompts: int) -> Layout 
             divide, or `shard_params` / a "model" axis without the other.
     """
     if mesh is None:
-        if shard_params:
-            raise ValueError("shard_params=True splits parameters over a mesh: pass mesh= as well.")
+        if shard_params or axes:
+            what = "shard_params=True splits parameters" if shard_params else "axes= names the axes of a mesh"
+            raise ValueError(f"{what} over a mesh: pass mesh= as well.")
         return None
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    if axes:
+        mesh = _renamed(mesh, axes)
     unknown = [name for name in mesh.axis_names if name not in AXES]
     if unknown:
         raise ValueError(
@@ -174,6 +184,30 @@ def layout_for(mesh: Mesh | None, shard_params: bool, n_prompts: int) -> Layout 
                 f"'ablations' axis when it has no 'model' axis); this mesh has neither: {mesh.axis_names}."
             )
     return Layout(_auto_axes(mesh), param_axis)
+
+
+def _renamed(mesh: Mesh, axes: Mapping[str, str]) -> Mesh:
+    """`mesh` with the user's axis names replaced by the roles `axes` gives them."""
+    if not isinstance(axes, Mapping):
+        raise TypeError(f"axes must be a mapping such as {{'prompts': 'data'}}, got {type(axes).__name__}.")
+    bad = [role for role in axes if role not in AXES]
+    if bad:
+        raise ValueError(f"axes maps {bad}; its keys are the roles {list(AXES)}, e.g. {{'prompts': 'data'}}.")
+    missing = [name for name in axes.values() if name not in mesh.axis_names]
+    if missing:
+        raise ValueError(
+            f"axes names {missing}, which the mesh does not have (its axes: {list(mesh.axis_names)})."
+        )
+    if len(set(axes.values())) != len(axes):
+        raise ValueError(f"axes gives one mesh axis two roles: {dict(axes)}.")
+    role = {name: r for r, name in axes.items()}
+    clash = [n for n in mesh.axis_names if n not in role and n in AXES and n in axes]
+    if clash:
+        raise ValueError(
+            f"The mesh's own axis {clash[0]!r} clashes with the axis axes= names so: {dict(axes)}."
+        )
+    names = tuple(role.get(n, n) for n in mesh.axis_names)
+    return Mesh(mesh.devices, names, axis_types=mesh.axis_types)
 
 
 def _auto_axes(mesh: Mesh) -> Mesh:

@@ -67,6 +67,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -221,6 +222,34 @@ def hydra_summary(
             `MAX_BOOTSTRAP_BYTES`.
     """
     seed = validate.seed(seed)
+    n_b = int(np.shape(em.total)[-1])
+    check_bootstrap(n_bootstrap, ci, len(em.labels.ablated), len(em.labels.measured), n_b)
+    d = em.decompose()  # raises for unusable measured sites; we want that error as is
+    ablated, measured = em.ablated, em.measured
+    mlp_cols, attn_rows = _erasure_axes(ablated, measured)
+    delta = np.asarray(em.delta_direct, np.float64)
+    pairs = delta[np.ix_(attn_rows, mlp_cols)]  # [n_attn, n_mlp, B]
+    per_prompt = {
+        "direct": d.own,
+        "total": em.total,
+        "attention": d.attention,
+        "mlp": d.mlp,
+        "norm": d.norm,
+        "clean_mlp": np.asarray(em.direct_clean)[mlp_cols],
+    }
+    return summarise(
+        {k: np.asarray(v, np.float64) for k, v in per_prompt.items()},
+        labels=em.labels,
+        mean_delta=delta.mean(axis=-1),
+        pair_means=lambda weights: _means(pairs.reshape(-1, pairs.shape[-1]), weights),
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        ci=ci,
+    )
+
+
+def check_bootstrap(n_bootstrap: Any, ci: Any, n_ablated: int, n_measured: int, n_prompts: int) -> None:
+    """Refuse bootstrap settings before anything is computed (see `hydra_summary`)."""
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 1:
         raise ValueError(f"n_bootstrap must be an int >= 1, got {n_bootstrap!r}.")
     if isinstance(ci, bool) or not isinstance(ci, (int, float, np.floating)) or not 0 < ci < 1:
@@ -230,8 +259,7 @@ def hydra_summary(
             f"n_bootstrap (--n-bootstrap) {n_bootstrap:,} is above the limit of {MAX_BOOTSTRAP:,} draws, "
             "which already give intervals far finer than their sampling error; pass fewer (default 1000)."
         )
-    d = em.decompose()  # raises for unusable measured sites; we want that error as is
-    n_a, n_m, n_b = len(em.ablated), len(em.measured), int(np.shape(em.total)[-1])
+    n_a, n_m, n_b = n_ablated, n_measured, n_prompts
     per_draw = 8 * (3 * n_b + 15 * n_a + n_m * (1 + n_a))  # bytes; see MAX_BOOTSTRAP
     if (n_bootstrap + 1) * per_draw > MAX_BOOTSTRAP_BYTES:
         fits = max(MAX_BOOTSTRAP_BYTES // per_draw - 1, 0)
@@ -241,16 +269,34 @@ def hydra_summary(
             f"{MAX_BOOTSTRAP_BYTES / 2**30:.0f} GiB); pass at most {fits:,}."
         )
 
-    def f64(x) -> np.ndarray:
-        return np.asarray(x, dtype=np.float64)
 
-    own, attention, mlp, norm, total = map(f64, (d.own, d.attention, d.mlp, d.norm, em.total))
-    delta, clean = f64(em.delta_direct), f64(em.direct_clean)
+def summarise(
+    per_prompt: dict[str, np.ndarray],
+    *,
+    labels: Any,
+    mean_delta: np.ndarray,
+    pair_means: Callable[[np.ndarray], np.ndarray],
+    n_bootstrap: int,
+    seed: int,
+    ci: float,
+) -> HydraSummary:
+    """`hydra_summary` from its reduced inputs, for callers that stream the [A, M, B] array.
+
+    Args:
+        per_prompt: float64 [A, B] "direct", "total", "attention", "mlp", "norm" (the
+            decomposition and TE) and [n_mlp, B] "clean_mlp" (the measured MLPs' clean DE).
+        labels: the matrix's `Labels`.
+        mean_delta: [A, M] the mean over prompts of ΔDE(c' | c).
+        pair_means: weights [B, 1 + K] -> [n_attn * n_mlp, 1 + K], the weighted means
+            (`_means`) of ΔDE(mlp | attention ablation) over prompts, rows in
+            (attention, mlp) order (see `_erasure_axes`).
+        n_bootstrap, seed, ci: as `hydra_summary`'s (already checked).
+    """
+    direct, total = per_prompt["direct"], per_prompt["total"]
+    compensation = per_prompt["attention"] + per_prompt["mlp"]
     a, b = total.shape
     if b < 1:
         raise ValueError("The effect matrix has no prompts (B = 0).")
-    direct = own
-    compensation = attention + mlp
 
     # One set of draws for everything: intervals of different statistics and
     # components then come from the same resampled prompt sets (paired).
@@ -264,42 +310,39 @@ def hydra_summary(
     weights = np.concatenate([np.ones((1, b)), counts]).T  # [B, 1 + K]
     q = ((1 - ci) / 2, (1 + ci) / 2)
 
-    arrays = dict(
-        direct=direct, total=total, attention=attention, mlp=mlp, norm=norm, compensation=compensation
-    )
+    arrays = {name: per_prompt[name] for name in ("direct", "total", "attention", "mlp", "norm")}
+    arrays["compensation"] = compensation
     draws = {name: _means(x, weights) for name, x in arrays.items()}
     draws["slope"], draws["r2_slope"] = _fit(-direct, compensation, weights)
     _, draws["r2_total"] = _fit(direct, total, weights)
     draws["frac_direct_exceeds_total"] = _means((np.abs(direct) > np.abs(total)).astype(np.float64), weights)
     stats = {name: _stat(draws[name], q) for name in STATS}
 
-    ablated, measured = em.ablated, em.measured
-    mean_delta = delta.mean(axis=-1)  # [A, M]
+    ablated = [Component.parse(c) for c in labels.ablated]
+    measured = [Component.parse(c) for c in labels.measured]
     after = np.array([[m.is_after(c) for m in measured] for c in ablated], bool).reshape(a, len(measured))
     # Only components after c can compensate for it; ties go to the first in measured order.
     scored = np.where(after, mean_delta, -np.inf)
     top_index, has_top = scored.argmax(axis=1), after.any(axis=1)
     top_value = np.take_along_axis(scored, top_index[:, None], axis=1)[:, 0]
     top_compensator = tuple(
-        em.labels.measured[j] if ok else None for j, ok in zip(top_index, has_top, strict=True)
+        labels.measured[j] if ok else None for j, ok in zip(top_index, has_top, strict=True)
     )
     top_compensation = np.where(has_top, top_value, np.nan)
 
-    mlp_cols = np.array([j for j, m in enumerate(measured) if m.site is Site.MLP_OUT], int)
-    attn_rows = np.array([i for i, c in enumerate(ablated) if c.is_attention], int)
-    erasure_direct = _stat(_means(clean[mlp_cols], weights), q)
-    pairs = delta[np.ix_(attn_rows, mlp_cols)]  # [n_attn, n_mlp, B]
-    flat = _stat(_means(pairs.reshape(-1, b), weights), q)
+    mlp_cols, attn_rows = _erasure_axes(ablated, measured)
+    erasure_direct = _stat(_means(per_prompt["clean_mlp"], weights), q)
+    flat = _stat(pair_means(weights), q)
     shape = (len(attn_rows), len(mlp_cols))
     erasure_delta = Stat(*(x.reshape(shape) for x in (flat.value, flat.lo, flat.hi)))
 
     return HydraSummary(
-        labels=tuple(em.labels.ablated),
+        labels=tuple(labels.ablated),
         stats=stats,
         top_compensator=top_compensator,
         top_compensation=_frozen(top_compensation),
-        mlp_labels=tuple(em.labels.measured[j] for j in mlp_cols),
-        attention_labels=tuple(em.labels.ablated[i] for i in attn_rows),
+        mlp_labels=tuple(labels.measured[j] for j in mlp_cols),
+        attention_labels=tuple(labels.ablated[i] for i in attn_rows),
         erasure_direct=erasure_direct,
         erasure_delta=erasure_delta,
         erasure_downstream=_frozen(after[np.ix_(attn_rows, mlp_cols)]),
@@ -308,6 +351,13 @@ def hydra_summary(
         ci=float(ci),
         seed=int(seed),
     )
+
+
+def _erasure_axes(ablated: list[Component], measured: list[Component]) -> tuple[np.ndarray, np.ndarray]:
+    """The erasure table's columns (measured MLPs) and rows (ablated attention components)."""
+    mlp_cols = np.array([j for j, m in enumerate(measured) if m.site is Site.MLP_OUT], int)
+    attn_rows = np.array([i for i, c in enumerate(ablated) if c.is_attention], int)
+    return mlp_cols, attn_rows
 
 
 # --------------------------------------------------------------------------

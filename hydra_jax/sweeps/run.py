@@ -1,0 +1,303 @@
+"""`hj.sweep`: an analysis's effect matrix streamed batch by batch into a store, resumable, split over hosts.
+
+    settings = hj.analyze.Settings(model=..., data=..., n_prompts=10_000, granularity="head")
+    store = hj.sweep(settings, "runs/heads.zarr")      # the same call again resumes a killed run
+    ds = store.to_xarray()                              # dims ablated, measured, prompt
+
+What is computed is exactly `hydra-jax analyze`'s effect matrix (`analyze.measure`): the
+same batches of prompts, the same dataset-wide ablation values (the mean over every prompt,
+or resample sources drawn once over the dataset), one compiled program for every batch.
+What differs is where it goes: each batch's arrays are written to the store as soon as
+they are computed and then dropped, so memory does not grow with the number of prompts.
+For resampling at the final position the clean activations every prompt is resampled from
+are written to the store first (one pass over the prompts), and each batch reads only the
+rows it resamples.
+
+Resuming: the store records the settings its numbers depend on (`identity`: the
+effect settings, the model's config and a fingerprint of its weights, a fingerprint of the
+tokenised prompts) and which batches are complete. Running the same sweep again skips the
+complete batches; batches are computed by the same program from the same inputs, so the
+finished store equals an uninterrupted run's bit for bit. Different settings on an
+existing store are refused, naming each difference.
+
+Many processes: under `jax.distributed` every process (`jax.process_index()` of
+`jax.process_count()`) takes batches i with i % count == index, on its own devices, and
+writes its own chunks; process 0 creates the store and the others wait for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from hydra_jax import outdir
+from hydra_jax.analyze import Settings, _first_prompts, _rows, load_inputs, preflight, versions
+from hydra_jax.batch import Batch
+from hydra_jax.effects.matrix import effect_matrix
+from hydra_jax.effects.results import EffectMatrix
+from hydra_jax.interventions.ablations import resample_sources
+from hydra_jax.interventions.sources import SourceActivations, source_activations
+from hydra_jax.model.sites import Site
+from hydra_jax.model.transformer import Transformer
+from hydra_jax.sweeps import store as stores
+
+# Settings that change no number in the store (the report's bootstrap, a comparison model).
+_NOT_STORED = ("n_bootstrap", "compare")
+
+
+def sweep(
+    settings: Settings,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    max_batches: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    axes: Mapping[str, str] | None = None,
+    shard_params: bool = False,
+) -> stores.SweepStore:
+    """Compute `settings`' effect matrix into the store `out`, resuming it if it exists.
+
+    Args:
+        settings: what to measure (`hydra_jax.analyze.Settings`; `compare` and `n_bootstrap`
+            belong to the report and are refused / ignored here).
+        out: the store's directory. A new one is created (atomically); an existing store
+            hydra_jax wrote with the same settings is resumed; one with other settings is
+            refused, naming the differences, unless `overwrite` (which replaces it).
+        overwrite: replace an existing store of other settings (only one hydra_jax wrote).
+        progress: show a progress bar (prompts/s and time left).
+        log: where the summary lines go (default: print).
+        max_batches: stop after computing this many batches in this call (to split a
+            sweep over several jobs; the next call resumes).
+        mesh, axes, shard_params: split each batch over this process's devices, as
+            `effect_matrix` does (docs/sharding.md); `axes` maps "prompts" / "ablations" /
+            "model" to the mesh's own axis names. The numbers do not depend on the mesh
+            (within float32 rounding), but a store is resumed with the mesh it was begun with.
+
+    Returns:
+        The store, open for reading.
+    """
+    log = log or print
+    if settings.compare is not None:
+        raise ValueError(
+            "--compare belongs to analyze's report: sweep each model into its own store, and report "
+            "each with `hydra-jax analyze --from STORE`."
+        )
+    bad = isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    if max_batches is not None and bad:
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}.")
+    rank, ranks = jax.process_index(), jax.process_count()
+    _barrier("hydra_jax.sweeps.start", ranks)  # every process looks at `out` before process 0 creates it
+    path = os.path.abspath(os.fspath(out))
+    resuming = stores.is_store(path) and not os.path.islink(path) and not overwrite
+    if not resuming:
+        inputs = {"--model": settings.model, "--data": None if settings.data == "default" else settings.data}
+        path = outdir.check_out(out, kind="sweep", inputs=inputs, overwrite=overwrite)
+    preflight(settings)
+    if resuming:  # different options are refused before the model is loaded; its weights after
+        _check_resume(path, _settings_identity(settings), None)
+    model, batch, model_info, data_info, _ = load_inputs(settings.model, settings)
+    spec = settings.spec
+    ablated, measured = spec.components(model.config)
+    size = min(settings.batch_size, batch.size)
+    layout = stores.Layout(len(ablated), len(measured), batch.size, size)
+    identity = _identity(settings, model, batch)
+    if mesh is not None:  # other meshes give the same numbers only within float32 rounding
+        identity["mesh"] = {"shape": dict(mesh.shape), "axes": dict(axes or {}), "shard_params": shard_params}
+    final_resample = settings.kind == "resample" and settings.position == "final"
+
+    if resuming:
+        _check_resume(path, identity, layout)
+    elif rank == 0:
+        labels = _labels(ablated, measured)
+        meta = {"model": model_info, "data": data_info, "versions": versions()}
+        with outdir.atomic_dir(path, kind="sweep") as tmp:  # the empty store appears whole, or not at all
+            stores.create_store(tmp, identity=identity, labels=labels, layout=layout, meta=meta)
+            if final_resample:
+                shapes = _source_shapes(model, batch, spec.ablate, layout)
+                stores.create_sources(tmp, shapes, layout)
+    _barrier("hydra_jax.sweeps.created", ranks)
+    store = stores.SweepStore(path, mode="r+")
+    mine = np.arange(rank, layout.n_batches, ranks)
+
+    if final_resample:
+        todo = mine[~store.complete("sources_complete")[mine]]
+        for i in tqdm(todo, disable=not progress or not todo.size, desc="sources", unit="batch"):
+            idx = _batch_rows(layout, i)
+            acts = source_activations(model, _rows(batch, idx), sites=spec.ablate, batch_size=size)
+            count = layout.batch(i).stop - layout.batch(i).start
+            store.write_sources(
+                i, {s.value: np.asarray(x[:, :count], np.float32) for s, x in acts.acts.items()}
+            )
+        _barrier("hydra_jax.sweeps.sources", ranks)
+
+    means = draw = None
+    if settings.kind == "mean":
+        means = source_activations(
+            model, batch, sites=spec.ablate, position=settings.position, mean=True, batch_size=size
+        )
+    elif settings.kind == "resample":
+        draw = resample_sources(batch.size, settings.n_resamples, settings.seed)  # [K, N]
+
+    todo = mine[~store.complete()[mine]]
+    if max_batches is not None:
+        todo = todo[:max_batches]
+    prompts = int(sum(layout.batch(i).stop - layout.batch(i).start for i in todo))
+    bar = tqdm(total=prompts, disable=not progress, desc="effects", unit="prompt", unit_scale=False)
+    t0, done = time.perf_counter(), 0
+    for i in todo:
+        idx = _batch_rows(layout, i)
+        extra: dict[str, Any] = {}
+        if means is not None:
+            extra["source"] = means
+        elif draw is not None and final_resample:
+            extra["source"], extra["source_index"] = _resample_sources(store, draw[:, idx], model)
+        elif draw is not None:  # every position: this batch's K x B source prompts, in the same call
+            k = settings.n_resamples
+            extra = {
+                "source": _rows(batch, draw[:, idx].reshape(-1)),
+                "source_index": np.arange(k * size).reshape(k, size),
+            }
+        em = effect_matrix(
+            model, _rows(batch, idx), spec, mesh=mesh, axes=axes, shard_params=shard_params, **extra
+        )
+        count = layout.batch(i).stop - layout.batch(i).start
+        store.write_batch(i, _arrays(_first_prompts(em, count)))
+        done += count
+        bar.update(count)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    _barrier("hydra_jax.sweeps.done", ranks)
+    if done:
+        rate = done / seconds
+        flop = _flops(model, settings, ablated, batch.tokens.shape[1], done)
+        rate_text = "" if flop is None else f", {_si(flop / seconds)}FLOP/s of minimal work"
+        log(f"hydra-jax: {done} prompts in {seconds:.1f} s ({rate:.1f} prompts/s{rate_text}) into {path}")
+    left = int((~store.complete()).sum())
+    state = "complete" if not left else f"{left} batch{'es' if left > 1 else ''} left"
+    log(f"hydra-jax: store {path}: {layout.n_prompts} prompts x {layout.n_ablated} ablations, {state}")
+    return stores.SweepStore(path, mode="r")
+
+
+def _identity(settings: Settings, model: Transformer, batch: Batch) -> dict[str, Any]:
+    """What the store's numbers depend on: the settings, the model and the prompts."""
+    return {
+        **_settings_identity(settings),
+        "model_config": model.config.to_dict(),
+        "weights": _fingerprint(jax.tree.leaves(model.params)),
+        "prompts": _fingerprint([batch.tokens, batch.valid, batch.answers]),
+    }
+
+
+def _settings_identity(settings: Settings) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in _NOT_STORED}
+
+
+def _fingerprint(arrays: list[Any]) -> str:
+    """sha256 over the bytes of every array (None skipped), on the host."""
+    h = hashlib.sha256()
+    for x in arrays:
+        if x is None:
+            continue
+        x = np.asarray(x)
+        h.update(f"{x.dtype}{x.shape}".encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()
+
+
+def _check_resume(path: str, identity: dict[str, Any], layout: stores.Layout | None) -> None:
+    """Refuse a store computed otherwise: the keys of `identity` (all, or the options only) and
+    the layout (None: not known yet)."""
+    existing = stores.SweepStore(path)
+    stored = existing.identity if layout is not None else {k: existing.identity.get(k) for k in identity}
+    diff = stores.differences(stored, identity)
+    if layout is not None and existing.layout != layout and not diff:
+        diff = [f"layout: {existing.layout} in the store, {layout} now"]
+    if diff:
+        raise stores.StoreError(
+            f"The sweep store {path!r} was computed with other settings: " + "; ".join(diff) + ". "
+            "Run with the store's settings to resume it, choose another --out, or pass --overwrite to "
+            "replace it."
+        )
+
+
+def _labels(ablated, measured):
+    from hydra_jax.effects.results import Labels
+
+    return Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured))
+
+
+def _batch_rows(layout: stores.Layout, i: int) -> np.ndarray:
+    """Batch i's prompt indices, the last batch filled up with its last prompt (one shape, one compile)."""
+    start = layout.batch(i).start
+    return np.minimum(np.arange(start, start + layout.batch_size), layout.n_prompts - 1)
+
+
+def _source_shapes(model: Transformer, batch: Batch, sites, layout: stores.Layout) -> dict[str, tuple]:
+    """site -> [L, N, 1, ...] shapes of the source activations (from one prompt's)."""
+    one = source_activations(model, _rows(batch, np.zeros(1, int)), sites=sites, batch_size=1)
+    return {s.value: (x.shape[0], layout.n_prompts, *x.shape[2:]) for s, x in one.acts.items()}
+
+
+def _resample_sources(
+    store: stores.SweepStore, index: np.ndarray, model: Transformer
+) -> tuple[SourceActivations, np.ndarray]:
+    """The stored source activations of the prompts `index` [K, B] reads, and `index` into them."""
+    rows, local = np.unique(index, return_inverse=True)
+    acts = store.read_sources(rows)
+    # Padded to K x B rows (repeating the last, never read) whatever the number of distinct
+    # sources: every batch keeps one shape, so one compiled program serves them all.
+    pad = index.size - rows.size
+    dtype = model.config.compute_dtype
+    source = SourceActivations(
+        acts={
+            Site(s): jnp.asarray(np.concatenate([x, np.repeat(x[:, -1:], pad, axis=1)], axis=1), dtype)
+            for s, x in acts.items()
+        },
+        valid=np.ones((index.size, 1), bool),
+        position="final",
+        mean=False,
+        n_prompts=store.layout.n_prompts,
+    )
+    return source, local.reshape(index.shape).astype(np.int32)
+
+
+def _arrays(em: EffectMatrix) -> dict[str, np.ndarray]:
+    return {name: np.asarray(getattr(em, name)) for name in stores.EFFECTS}
+
+
+def _flops(model: Transformer, settings: Settings, ablated, tokens: int, prompts: int) -> float | None:
+    """The minimal FLOPs of the final-position sweep (`hydra_jax.bench.flops`), None elsewhere."""
+    if settings.position != "final":
+        return None
+    from hydra_jax.bench import flops
+
+    rows = [(c.site.value, c.layer) for c in ablated]
+    account = flops.account(model.config, prompts, tokens, rows, settings.n_resamples)
+    return float(account.minimal)
+
+
+def _si(x: float) -> str:
+    """1.2e10 -> '12.0 G'."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.1f} "
+
+
+def _barrier(name: str, ranks: int) -> None:
+    """Wait for every process (a no-op in one process)."""
+    if ranks > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,332 @@
+"""The on-disk store of a sweep: per-prompt effect arrays in a chunked zarr group.
+
+A store is a zarr (v3) group written by `hydra_jax.sweeps.sweep`:
+
+    total         [A, N]     float32   TE of each ablation, per prompt
+    direct_clean  [M, N]     float32   clean DE of each measured component
+    delta_direct  [A, M, N]  float32   ΔDE(c' | c)
+    norm_term     [A, N]     float32   the final-norm scale's part of TE
+    target        [N]        int32     the target token
+    clean_logit, direct_embed, direct_bias   [N] float32
+    complete      [n_batches] bool     which batches are written
+    sources/<site> [L, N, 1, ...]      (resample at the final position) each prompt's clean
+                                       activation at the ablated site, the values resamples read
+    sources_complete [n_batches] bool  which batches' sources are written
+
+Prompts are the last axis of every effect array (as in `EffectMatrix`), chunked one batch
+of prompts per chunk: each batch writes whole chunks of its own, so batches can be written
+by different processes without locks, and a batch is either complete or not at all (its
+flag in `complete` is set after its arrays are written). The group's attributes hold the
+settings the arrays were computed with (`identity`), the labels of the ablated and measured
+components, and the versions that computed them.
+
+`open_store(path)` reads it; `SweepStore.effect_matrix(prompts)` gives an `EffectMatrix`
+of any range of prompts and `SweepStore.to_xarray()` an `xarray.Dataset` with labelled
+dimensions (ablated, measured, prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+
+from hydra_jax.effects.results import EffectMatrix, Labels
+from hydra_jax.effects.summary import HydraSummary
+
+SCHEMA_ID = "hydra_jax.sweeps/1"
+PER_PROMPT = ("target", "clean_logit", "direct_embed", "direct_bias")
+EFFECTS = ("total", "direct_clean", "delta_direct", "norm_term", *PER_PROMPT)
+SOURCES = "sources"
+COORDS = ("ablated", "measured", "prompt")
+ENTRIES = frozenset({"zarr.json", *EFFECTS, *COORDS, "complete", SOURCES, "sources_complete"})
+"""Every name a store holds at its top level."""
+DIMS = {
+    "total": ("ablated", "prompt"),
+    "norm_term": ("ablated", "prompt"),
+    "direct_clean": ("measured", "prompt"),
+    "delta_direct": ("ablated", "measured", "prompt"),
+    **{name: ("prompt",) for name in PER_PROMPT},
+}
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked (another sweep's, incomplete, not a store)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The shapes of a store: A ablations, M measured components, N prompts in batches of `batch_size`."""
+
+    n_ablated: int
+    n_measured: int
+    n_prompts: int
+    batch_size: int
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_prompts // self.batch_size)
+
+    def batch(self, i: int) -> slice:
+        """The prompts of batch i."""
+        return slice(i * self.batch_size, min((i + 1) * self.batch_size, self.n_prompts))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of effect array `name` (its dims `DIMS[name]`)."""
+        sizes = {"ablated": self.n_ablated, "measured": self.n_measured, "prompt": self.n_prompts}
+        return tuple(sizes[dim] for dim in DIMS[name])
+
+
+def create_store(
+    path: str, *, identity: Mapping[str, Any], labels: Labels, layout: Layout, meta: Mapping[str, Any]
+) -> None:
+    """Create an empty store at `path` (a new directory; the caller makes it atomic).
+
+    Args:
+        path: where the group is created; must not exist or be empty.
+        identity: the settings the store's numbers depend on (JSON types); a resumed
+            sweep must present the same.
+        labels: the ablated and measured components.
+        layout: the shapes and the batch size (the prompt-axis chunk).
+        meta: descriptive attributes (model and data descriptions, versions), not compared.
+    """
+    group = zarr.open_group(path, mode="w")  # a fresh (empty) directory
+    for name in EFFECTS:
+        shape = layout.shape(name)
+        dtype = "int32" if name == "target" else "float32"
+        fill = 0 if name == "target" else float("nan")
+        chunks = (*shape[:-1], layout.batch_size)
+        group.create_array(
+            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, dimension_names=DIMS[name]
+        )
+    for dim, values in (("ablated", labels.ablated), ("measured", labels.measured)):
+        group.create_array(dim, shape=(len(values),), dtype=str, dimension_names=(dim,))[:] = np.array(values)
+    prompt = group.create_array(
+        "prompt", shape=(layout.n_prompts,), dtype="int64", dimension_names=("prompt",)
+    )
+    prompt[:] = np.arange(layout.n_prompts)
+    _flags(group, "complete", layout)
+    group.attrs.update(
+        {
+            "schema": SCHEMA_ID,
+            "identity": json.loads(json.dumps(identity)),
+            "labels": {"ablated": list(labels.ablated), "measured": list(labels.measured)},
+            "layout": dataclasses.asdict(layout),
+            "meta": json.loads(json.dumps(meta, default=str)),
+        }
+    )
+
+
+def create_sources(path: str, shapes: Mapping[str, tuple[int, ...]], layout: Layout) -> None:
+    """Add the per-prompt source activations: site -> [L, N, 1, ...] float32 (exact for bfloat16
+    and float16 models too), in chunks of one prompt sharded one batch of prompts per file, so
+    a batch reads only the prompts it resamples."""
+    group = zarr.open_group(path, mode="r+")
+    sub = group.require_group(SOURCES)
+    for site, shape in shapes.items():
+        chunks = (shape[0], 1, *shape[2:])
+        shards = (shape[0], layout.batch_size, *shape[2:])
+        sub.create_array(
+            site, shape=shape, chunks=chunks, shards=shards, dtype="float32", fill_value=float("nan")
+        )
+    _flags(group, "sources_complete", layout)
+
+
+def _flags(group: Any, name: str, layout: Layout) -> None:
+    """A [n_batches] bool array, one chunk (one file, written atomically) per batch."""
+    group.create_array(
+        name,
+        shape=(layout.n_batches,),
+        chunks=(1,),
+        dtype="bool",
+        fill_value=False,
+        dimension_names=("batch",),
+    )
+
+
+def is_store(path: str) -> bool:
+    """Whether `path` holds a store hydra_jax wrote (its root zarr.json names the schema)."""
+    try:
+        with open(os.path.join(path, "zarr.json")) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return False
+    schema = doc.get("attributes", {}).get("schema", "") if isinstance(doc, dict) else ""
+    return isinstance(schema, str) and schema.startswith(SCHEMA_ID.split("/")[0] + "/")
+
+
+class SweepStore:
+    """An open store (see the module docstring). `mode` "r" reads, "r+" writes batches."""
+
+    def __init__(self, path: str, mode: str = "r") -> None:
+        if not is_store(path):
+            raise StoreError(
+                f"{path!r} is not a sweep store hydra_jax wrote (no zarr.json with schema {SCHEMA_ID!r}); "
+                "pass the --out directory of a `hydra-jax sweep`."
+            )
+        self.path = path
+        self.group = zarr.open_group(path, mode=mode)
+        attrs = self.group.attrs
+        self.identity: dict[str, Any] = dict(attrs["identity"])
+        self.labels = Labels(tuple(attrs["labels"]["ablated"]), tuple(attrs["labels"]["measured"]))
+        self.layout = Layout(**attrs["layout"])
+        self.meta: dict[str, Any] = dict(attrs["meta"])
+
+    # -- progress ----------------------------------------------------------
+
+    def complete(self, what: str = "complete") -> np.ndarray:
+        """[n_batches] bool: which batches are written ("complete", or "sources_complete")."""
+        return np.asarray(self.group[what][:], bool)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.complete().all())
+
+    def has_sources(self) -> bool:
+        return "sources_complete" in self.group
+
+    # -- writing -----------------------------------------------------------
+
+    def write_batch(self, i: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write batch i's effect arrays, then mark it complete (a kill in between leaves it
+        incomplete, and it is recomputed on resume)."""
+        at = self.layout.batch(i)
+        for name in EFFECTS:
+            x = np.asarray(arrays[name])
+            want = (*self.layout.shape(name)[:-1], at.stop - at.start)
+            if x.shape != want:
+                raise ValueError(f"batch {i}: {name} has shape {x.shape}, expected {want}.")
+            self.group[name][..., at] = x
+        self.group["complete"][i] = True
+
+    def write_sources(self, i: int, acts: Mapping[str, np.ndarray]) -> None:
+        at = self.layout.batch(i)
+        for site, x in acts.items():
+            self.group[SOURCES][site][:, at] = np.asarray(x)
+        self.group["sources_complete"][i] = True
+
+    def read_sources(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """site -> [L, len(rows), 1, ...] the source activations of prompts `rows` (sorted, unique)."""
+        sub = self.group[SOURCES]
+        return {site: sub[site].get_orthogonal_selection((slice(None), rows)) for site in sub.array_keys()}
+
+    # -- reading -----------------------------------------------------------
+
+    def require_complete(self) -> None:
+        """Raise, naming the missing batches and how to finish them, unless every batch is written."""
+        missing = np.flatnonzero(~self.complete())
+        if missing.size:
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if missing.size > 5 else "")
+            raise StoreError(
+                f"The sweep store {self.path!r} is incomplete: {missing.size} of {self.layout.n_batches} "
+                f"batches are not written (batch {shown}). Run the same `hydra-jax sweep` command again "
+                "to resume it."
+            )
+
+    def effect_matrix(self, prompts: slice = slice(None)) -> EffectMatrix:
+        """The `EffectMatrix` of prompts `prompts` (all by default) as numpy arrays."""
+        self.require_complete()
+        arrays = {name: np.asarray(self.group[name][..., prompts]) for name in EFFECTS}
+        return EffectMatrix(**arrays, labels=self.labels)
+
+    def to_xarray(self) -> Any:
+        """The store as an `xarray.Dataset` (dims ablated, measured, prompt), read lazily:
+        `ds.delta_direct.sel(ablated="attn_out.3", measured="mlp_out.7")`."""
+        import xarray as xr
+
+        self.require_complete()
+        ds = xr.open_zarr(self.path, consolidated=False, chunks=None)
+        drop = [v for v in ("complete", "sources_complete") if v in ds]
+        return ds.drop_vars(drop).drop_dims("batch", errors="ignore")
+
+
+def differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The settings that differ between a store and a sweep, as 'key: stored -> wanted'."""
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key, "<absent>"), wanted.get(key, "<absent>")
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            out.append(f"{key}: {_short(a)} in the store, {_short(b)} now")
+    return out
+
+
+def _short(x: Any) -> str:
+    s = json.dumps(x, sort_keys=True)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def open_store(path: str | os.PathLike[str]) -> SweepStore:
+    """Open the store of a `hydra-jax sweep` for reading."""
+    return SweepStore(os.fspath(path))
+
+
+def store_summary(
+    store: SweepStore, *, n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95
+) -> HydraSummary:
+    """`hydra_summary` of a complete store, streaming its [ablated, measured, prompt] array.
+
+    Reads the store one batch of prompts at a time, twice: the first pass keeps the
+    [ablated, prompt] decomposition and the means over prompts, the second sums the
+    bootstrap draws of the erasure table's changes. Memory is the [A, N] arrays and the
+    [N, n_bootstrap] draw counts, never [A, M, N]. Equals `hydra_summary(store.effect_matrix())`
+    within float64 rounding of the sums (`tests/test_sweep.py`).
+    """
+    from hydra_jax import validate
+    from hydra_jax.effects.results import Component
+    from hydra_jax.effects.summary import _erasure_axes, _means, check_bootstrap, summarise
+
+    store.require_complete()
+    seed = validate.seed(seed)
+    layout, labels = store.layout, store.labels
+    n_a, n_m, n = layout.n_ablated, layout.n_measured, layout.n_prompts
+    check_bootstrap(n_bootstrap, ci, n_a, n_m, n)
+    ablated = [Component.parse(c) for c in labels.ablated]
+    measured = [Component.parse(c) for c in labels.measured]
+    mlp_cols, attn_rows = _erasure_axes(ablated, measured)
+    per_prompt = {k: np.zeros((n_a, n)) for k in ("direct", "total", "attention", "mlp", "norm")}
+    per_prompt["clean_mlp"] = np.zeros((len(mlp_cols), n))
+    sum_delta = np.zeros((n_a, n_m))
+    sum_pairs = np.zeros(len(attn_rows) * len(mlp_cols))
+
+    def chunks():
+        for i in range(layout.n_batches):
+            at = layout.batch(i)
+            arrays = {name: np.asarray(store.group[name][..., at]) for name in EFFECTS}
+            yield at, EffectMatrix(**arrays, labels=labels)
+
+    def pairs(em: EffectMatrix) -> np.ndarray:
+        delta = np.asarray(em.delta_direct, np.float64)
+        return delta[np.ix_(attn_rows, mlp_cols)].reshape(len(sum_pairs), -1)
+
+    for at, em in chunks():
+        d = em.decompose()
+        parts = {"direct": d.own, "total": em.total, "attention": d.attention, "mlp": d.mlp, "norm": d.norm}
+        for key, x in parts.items():
+            per_prompt[key][:, at] = np.asarray(x, np.float64)
+        per_prompt["clean_mlp"][:, at] = np.asarray(em.direct_clean, np.float64)[mlp_cols]
+        sum_delta += np.asarray(em.delta_direct, np.float64).sum(axis=-1)
+        sum_pairs += pairs(em).sum(axis=-1)
+    centre = (sum_pairs / n)[:, None]
+
+    def pair_means(weights: np.ndarray) -> np.ndarray:  # `_means`, a batch of prompts at a time
+        if not len(sum_pairs):
+            return _means(np.zeros((0, n)), weights)
+        acc = np.zeros((len(sum_pairs), weights.shape[1]))
+        for at, em in chunks():
+            acc += (pairs(em) - centre) @ weights[at]
+        return centre + acc / weights.sum(axis=0)
+
+    return summarise(
+        per_prompt,
+        labels=labels,
+        mean_delta=sum_delta / n,
+        pair_means=pair_means,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        ci=ci,
+    )
