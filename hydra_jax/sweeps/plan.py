@@ -20,9 +20,10 @@ temporary bytes. The program is compiled for the default backend. On a CPU-only 
 that is the CPU's buffer assignment, a proxy for a GPU's or TPU's: backends fuse, schedule
 and reuse buffers differently, which the headroom (10% by default) is there to absorb; plan
 on the target device for its own numbers. One difference is large and one-sided: XLA:CPU has
-no bfloat16 (or float16) matrix products, so it widens every weight to float32 and counts that
+no native bfloat16 matrix products, so it widens every weight to float32 and counts that
 copy (2 x the parameters' bytes: 27 GB of a 7B model's 41 GB at batch 1) as a temporary, which
-a GPU does not make; a CPU plan of a bfloat16 model is therefore conservative.
+XLA:GPU, with native bfloat16 matrix products, should not make (not checked on a GPU here); a
+CPU plan of a bfloat16 model is therefore conservative.
 
 Search. Memory is close to affine in the batch size b and in the chunk c (per-prompt buffers,
 per prompt and row in flight): M(b, c) = k + b (u + v c). The planner compiles at most three
@@ -193,10 +194,10 @@ class SweepPlan:
             "multiply-add, the engine's work)"
         )
         batches = f"{self.n_batches:,} batch" + ("es" if self.n_batches != 1 else "")
-        widened = self.backend == "cpu" and self.config.param_dtype in ("bfloat16", "float16")
+        widened = self.backend == "cpu" and self.config.param_dtype == "bfloat16"
         note = (
             f"XLA:CPU widens {self.config.param_dtype} weights to float32; that copy "
-            f"({_gb(2 * self.params_bytes)}) is counted above, and a GPU does not make it"
+            f"({_gb(2 * self.params_bytes)}) is counted above; a GPU should not need it"
         )
         lines = [
             ("rows", rows),
