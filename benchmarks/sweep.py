@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,47 +53,47 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default=os.path.join(HERE, "results", "sweep"))
     args = p.parse_args()
-    work = tempfile.mkdtemp(prefix="hydra-sweep-bench-")
-    store = os.path.join(work, "store.zarr")
-    cmd = [sys.executable, "-m", "hydra_jax.cli", "--no-compile-cache", "sweep", "--quiet"]
-    cmd += ["--n-prompts", str(args.n_prompts), "--batch-size", str(args.batch_size), "--out", store]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    samples = []  # (seconds, rss MiB, batches complete)
-    while proc.poll() is None:
-        rss = rss_mib(proc.pid)
-        if rss is not None:
-            samples.append((time.perf_counter() - t0, rss, completed(store)))
-        time.sleep(0.2)
-    output = proc.stdout.read()
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"the sweep failed ({proc.returncode}):\n{output}")
-    s = SweepStore(store)
-    n_batches = s.layout.n_batches
-    arr = np.array(samples)
-    effects = arr[arr[:, 2] > 0]  # from the first completed batch on
-    early = effects[effects[:, 2] <= max(1, n_batches // 10)]
-    late = effects[effects[:, 2] >= n_batches - max(1, n_batches // 10)]
-    first_done = float(effects[0, 0]) if len(effects) else float("nan")
-    result = {
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores",
-        "command": " ".join(["hydra-jax", *cmd[3:]]).replace(store, "STORE"),
-        "n_prompts": s.layout.n_prompts,
-        "n_ablated": s.layout.n_ablated,
-        "n_measured": s.layout.n_measured,
-        "batch_size": s.layout.batch_size,
-        "wall_s": wall,
-        "effects_s": wall - first_done,
-        "prompts_per_s": s.layout.n_prompts / (wall - first_done) if len(effects) else None,
-        "rss_mib_peak": float(arr[:, 1].max()),
-        "rss_mib_first_10pct_batches": float(early[:, 1].max()) if len(early) else None,
-        "rss_mib_last_10pct_batches": float(late[:, 1].max()) if len(late) else None,
-        "store_mib": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store) for f in fs)
-        / 2**20,
-        "sweep_output": [line.replace(store, "STORE") for line in output.strip().splitlines()[-3:]],
-    }
-    shutil.rmtree(work)
+    # A scratch directory of its own, removed on leaving whether the sweep succeeded or not.
+    with tempfile.TemporaryDirectory(prefix="hydra-sweep-bench-") as work:
+        store = os.path.join(work, "store.zarr")
+        cmd = [sys.executable, "-m", "hydra_jax.cli", "--no-compile-cache", "sweep", "--quiet"]
+        cmd += ["--n-prompts", str(args.n_prompts), "--batch-size", str(args.batch_size), "--out", store]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        samples = []  # (seconds, rss MiB, batches complete)
+        while proc.poll() is None:
+            rss = rss_mib(proc.pid)
+            if rss is not None:
+                samples.append((time.perf_counter() - t0, rss, completed(store)))
+            time.sleep(0.2)
+        output = proc.stdout.read()
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"the sweep failed ({proc.returncode}):\n{output}")
+        s = SweepStore(store)
+        n_batches = s.layout.n_batches
+        arr = np.array(samples)
+        effects = arr[arr[:, 2] > 0]  # from the first completed batch on
+        early = effects[effects[:, 2] <= max(1, n_batches // 10)]
+        late = effects[effects[:, 2] >= n_batches - max(1, n_batches // 10)]
+        first_done = float(effects[0, 0]) if len(effects) else float("nan")
+        result = {
+            "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores",
+            "command": " ".join(["hydra-jax", *cmd[3:]]).replace(store, "STORE"),
+            "n_prompts": s.layout.n_prompts,
+            "n_ablated": s.layout.n_ablated,
+            "n_measured": s.layout.n_measured,
+            "batch_size": s.layout.batch_size,
+            "wall_s": wall,
+            "effects_s": wall - first_done,
+            "prompts_per_s": s.layout.n_prompts / (wall - first_done) if len(effects) else None,
+            "rss_mib_peak": float(arr[:, 1].max()),
+            "rss_mib_first_10pct_batches": float(early[:, 1].max()) if len(early) else None,
+            "rss_mib_last_10pct_batches": float(late[:, 1].max()) if len(late) else None,
+            "store_mib": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store) for f in fs)
+            / 2**20,
+            "sweep_output": [line.replace(store, "STORE") for line in output.strip().splitlines()[-3:]],
+        }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
