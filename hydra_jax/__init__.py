@@ -17,6 +17,7 @@ Public names:
                                  the kind, position, target, ...), validated once
     EffectMatrix, Decomposition  its result, and TE = own + attention + mlp + norm
     hydra_summary                per-ablation Hydra statistics with bootstrap intervals
+    paper_statistics             the paper's quantities (Δ_unembed, Δ_ablate, CE) and statistics
     save, load                   checkpoint directories (orbax parameters, config, tokenizer)
     from_hf, convert             Hugging Face checkpoints (GPT-2, Llama, GPT-NeoX, Gemma 1-3)
     from_gguf                    llama.cpp GGUF files (Llama, Qwen2, Gemma 2/3), dequantised with gguf
@@ -26,6 +27,7 @@ Public names:
 from hydra_jax import data, interventions
 from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.effects.matrix import EffectSpec, compile_effect_matrix, effect_matrix, naive_effect_matrix
+from hydra_jax.effects.paper import PaperStatistics, paper_statistics
 from hydra_jax.effects.results import (
     Component,
     Decomposition,
@@ -57,6 +59,7 @@ __all__ = [
     "HydraSummary",
     "Labels",
     "ModelConfig",
+    "PaperStatistics",
     "Site",
     "Tokenizer",
     "Transformer",
@@ -74,6 +77,7 @@ __all__ = [
     "load",
     "naive_effect_matrix",
     "open_store",
+    "paper_statistics",
     "param_count",
     "presets",
     "run",

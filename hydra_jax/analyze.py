@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import os
 import pathlib
@@ -35,6 +36,7 @@ from hydra_jax.effects.summary import MAX_BOOTSTRAP, HydraSummary, hydra_summary
 from hydra_jax.interventions.ablations import resample_sources
 from hydra_jax.interventions.sources import source_activations
 from hydra_jax.loaders.checkpoint import load
+from hydra_jax.loaders.describe import display_name, shareable_path, shareable_settings
 from hydra_jax.loaders.hf import from_hf, hub, is_hf_dir
 from hydra_jax.model import presets
 from hydra_jax.model.config import ModelConfig
@@ -43,6 +45,22 @@ from hydra_jax.model.transformer import Transformer, param_count
 DEFAULT_MODEL = "hydra-8l"
 FILTERS = ("none", "correct")
 CHECKPOINTS_ENV = "HYDRA_JAX_CHECKPOINTS"
+
+PAPER_PROTOCOL: dict[str, Any] = {
+    "n_prompts": None,
+    "prompt_text": "prompt",
+    "filter": "none",
+    "target": "argmax",
+    "kind": "resample",
+    "n_resamples": 15,
+    "position": "final",
+    "granularity": "layer",
+}
+"""The paper's protocol (SPEC §1; McGrath et al. 2023 §2.4.1, §4.1, App. A): all prompts of the
+file (the 1,209 known facts), the record's prompt field ("Honus Wagner professionally plays the
+sport of"), no filter on correctness, the clean maximum-likelihood token as target, every attention
+and MLP layer resample-ablated at the final position from 15 other prompts of the dataset, effects
+averaged. Logits are always centred. `hydra-jax analyze --paper`, `Settings.paper()`."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,17 +72,23 @@ class Settings:
 
     Data (docs/data.md): `data` is "default" (the synthetic world's held-out
     prompts) or a .txt / .jsonl / .json file (`hydra_jax.data.load_prompts`);
-    `prompt_text` picks a known-facts record's prompt: "template" (subject +
-    relation, the paper's) or "prompt" (the record's longer prompt field);
-    `filter` "correct" keeps only prompts whose clean top token is the
-    answer's first token, "none" keeps every usable prompt.
+    `n_prompts` None means every usable prompt of the file; `prompt_text` picks
+    a known-facts record's prompt: "template" (the record's template with the
+    subject filled in, which drops a trailing "the" / "of" / "a" / "in" of 174
+    records) or "prompt" (the record's prompt field: the paper's worked example,
+    with several extra generated words for 304 records); `filter` "correct" keeps only prompts
+    whose clean top token is the answer's first token, "none" keeps every
+    usable prompt.
+
+    `Settings.paper(...)` is the paper's protocol (`PAPER_PROTOCOL`) with any
+    field overridden; `deviations()` lists how a run differs from it.
     """
 
     model: str | None = None
     data: str = "default"
     prompt_text: str = "template"
     filter: str = "none"
-    n_prompts: int = 256
+    n_prompts: int | None = 256
     kind: str = "resample"
     n_resamples: int | None = None
     position: str = "final"
@@ -87,7 +111,9 @@ class Settings:
             )
         for name in ("n_prompts", "batch_size", "n_bootstrap", "n_resamples"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if name == "n_prompts" and v is None:
+                continue  # every prompt of the file
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}.")
         if self.granularity not in ("layer", "head"):
             raise ValueError(f"--granularity must be 'layer' or 'head', got {self.granularity!r}.")
@@ -98,6 +124,47 @@ class Settings:
                 f"answer), got {self.filter!r}."
             )
         check_prompt_text(self.prompt_text)
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> Settings:
+        """The paper's protocol (`PAPER_PROTOCOL`); a field given in `overrides` replaces the
+        paper's value and is reported as a deviation (`deviations`)."""
+        protocol = dict(PAPER_PROTOCOL)
+        if overrides.get("kind", "resample") != "resample":
+            protocol["n_resamples"] = None  # nothing to resample: the kind's own default (1)
+        return cls(**(protocol | overrides))
+
+    def deviations(self, available: int | None = None) -> list[str]:
+        """How these settings differ from the paper's protocol (SPEC §1; McGrath et al. 2023
+        §2.4.1, §4.1, App. A), one sentence each; empty for `Settings.paper(data=...)` on the
+        known-facts file. `available`: the usable prompts of the data, so that a count that
+        takes them all is not called a deviation."""
+        out = []
+        if self.data == "default":
+            out.append("prompts: the synthetic world's held-out prompts, not the 1,209 known facts")
+        if self.n_prompts is not None and (available is None or self.n_prompts < available):
+            of = "" if available is None else f" of {available:,}"
+            out.append(f"prompts: the first {self.n_prompts}{of} in a seeded order, not all of them")
+        if self.prompt_text != "prompt" and self.data.lower().endswith(".json"):
+            out.append(
+                "prompt text (known-facts records): the template with the subject (which drops the "
+                "final 'the', 'of', 'a' or 'in' of 174 of the 1,209 records), not its prompt field"
+            )
+        if self.filter != "none":
+            out.append(
+                "--filter correct: only prompts whose clean top token is the answer; the paper keeps all"
+            )
+        if self.target != "argmax":
+            out.append("target: the answer's first token, not the clean maximum-likelihood token")
+        if self.kind != "resample":
+            out.append(f"ablation: {self.kind}, not resampling from other prompts")
+        elif self.n_resamples != PAPER_PROTOCOL["n_resamples"]:
+            out.append(f"resamples: {self.n_resamples} source prompts per prompt, not 15")
+        if self.position != "final":
+            out.append("ablated positions: every position, not the final one")
+        if self.granularity != "layer":
+            out.append("granularity: every attention head ablated, not every layer")
+        return out
 
     @property
     def spec(self) -> EffectSpec:
@@ -123,6 +190,10 @@ def checkpoints_dir() -> pathlib.Path:
 def resolve_model(spec: str | None) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
     """Load the model named by `spec`: None (the shipped default), a checkpoint dir, a preset, or a
     Hugging Face Hub repo id "org/name" (when no directory of that name exists)."""
+    # The model's description goes into reports, which are shared: no absolute path of this machine
+    # (hydra_jax.loaders.describe), but the name, the path as typed or its meaningful part, and a
+    # fingerprint where one is at hand (a hydra_jax checkpoint's MANIFEST.json) or the Hub commit.
+    typed = spec
     if spec is None:
         path = checkpoints_dir() / DEFAULT_MODEL
         if not path.is_dir():
@@ -130,21 +201,21 @@ def resolve_model(spec: str | None) -> tuple[Transformer, Tokenizer, dict[str, A
                 f"The default model is not at {str(path)!r}. Run from a source checkout (pip install -e .), "
                 f"set ${CHECKPOINTS_ENV}, or pass --model PATH."
             )
-        spec = str(path)
+        spec, typed = str(path), f"checkpoints/{DEFAULT_MODEL}"
     if os.path.isdir(spec):
-        hf_dir = not os.path.isfile(os.path.join(spec, "MANIFEST.json")) and is_hf_dir(spec)
+        manifest = os.path.join(spec, "MANIFEST.json")
+        hf_dir = not os.path.isfile(manifest) and is_hf_dir(spec)
         model, tokenizer = from_hf(spec) if hf_dir else load(spec)
         if tokenizer is None:
             raise ValueError(f"Checkpoint {spec!r} has no tokenizer.json; analyze needs one to read prompts.")
-        return (
-            model,
-            tokenizer,
-            {
-                "name": os.path.basename(os.path.normpath(spec)),
-                "path": os.path.abspath(spec),
-                "format": "huggingface" if hf_dir else "hydra_jax",
-            },
-        )
+        info = {
+            "name": display_name(spec),
+            "path": shareable_path(typed),
+            "format": "huggingface" if hf_dir else "hydra_jax",
+        }
+        if not hf_dir:
+            info["manifest_sha256"] = _sha256(manifest)  # the sha256 of every file of the checkpoint
+        return model, tokenizer, info
     if spec in presets.ALL:
         # Random weights of a preset's shape, reading prompts with the default world's tokenizer.
         from hydra_jax.data import default_tokenizer
@@ -156,13 +227,14 @@ def resolve_model(spec: str | None) -> tuple[Transformer, Tokenizer, dict[str, A
         from hydra_jax.loaders.gguf import from_gguf
 
         model, tokenizer = from_gguf(spec)
-        info = {"name": os.path.basename(spec), "path": os.path.abspath(spec), "format": "gguf"}
+        info = {"name": display_name(spec), "path": shareable_path(spec), "format": "gguf"}
         return model, tokenizer, info
     if not os.path.exists(spec) and hub.is_repo_id(spec):
         root = hub.resolve(spec)  # the snapshot directory in the hub cache, named by its commit
         model, tokenizer = from_hf(root)
-        info = {"name": spec, "path": root, "format": "huggingface", "commit": os.path.basename(root)}
-        return model, tokenizer, info
+        # The repo id and the commit, not the snapshot's place in this machine's hub cache.
+        info = {"name": spec, "path": None, "format": "huggingface", "repo": spec}
+        return model, tokenizer, info | {"commit": os.path.basename(root)}
     if os.path.exists(spec):
         raise ValueError(
             f"--model {spec!r} is a file; pass a checkpoint directory, a .gguf file or a preset name."
@@ -226,7 +298,22 @@ def load_data(spec: str, prompt_text: str = "template") -> tuple[FactDataset, di
         }
     facts = load_prompts(spec, prompt_text)
     ext = os.path.splitext(spec)[1].lower().lstrip(".")
-    return facts, {"name": os.path.basename(spec), "source": os.path.abspath(spec), "format": ext}
+    # As typed if relative, else the file name: a report holds no absolute path of this machine.
+    return facts, {
+        "name": os.path.basename(spec),
+        "source": shareable_path(spec),
+        "format": ext,
+        "sha256": _sha256(spec),
+    }
+
+
+def _sha256(path: str) -> str:
+    """The sha256 of a file's bytes (what a shared report identifies an input by)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_data(facts: FactDataset, spec: str, *, target: str = "argmax", filter: str = "none") -> None:
@@ -238,6 +325,50 @@ def check_data(facts: FactDataset, spec: str, *, target: str = "argmax", filter:
             'without "answer"); give answers (JSONL lines {"prompt": ..., "answer": ...}) or use '
             "--target argmax without --filter correct."
         )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prompts:
+    """The prompts `resolve_data` found: the pool, and which of them are analysed.
+
+    Attributes:
+        pool: every usable prompt examined, in the seeded order, padded to the
+            pool's length: the set ablation values come from (resample sources,
+            the mean). With `--filter correct` it also holds the usable prompts the
+            filter dropped; without it, it is exactly the analysed prompts.
+        index: [N] int64, the analysed prompts' rows of `pool`, increasing.
+    """
+
+    pool: Batch
+    index: np.ndarray
+
+    def __post_init__(self) -> None:
+        index = np.asarray(self.index, np.int64)
+        if index.ndim != 1 or index.size == 0 or np.any(np.diff(index) <= 0):
+            raise ValueError(f"Prompts.index must be [N] increasing rows of the pool, got {index!r}.")
+        if index[0] < 0 or index[-1] >= self.pool.size:
+            raise ValueError(f"Prompts.index must be rows of the pool of {self.pool.size}, got {index!r}.")
+        object.__setattr__(self, "index", index)
+
+    @classmethod
+    def of(cls, batch: Batch) -> Prompts:
+        """A batch analysed as its own pool (its prompts resample from one another)."""
+        return cls(pool=batch, index=np.arange(batch.size))
+
+    @property
+    def size(self) -> int:
+        """N, the number of analysed prompts."""
+        return int(self.index.size)
+
+    @property
+    def batch(self) -> Batch:
+        """The analysed prompts (padding trimmed to the longest of them)."""
+        return self.pool if self.size == self.pool.size else self.pool[self.index]
+
+    def resample_sources(self, k: int, seed: int) -> np.ndarray:
+        """[K, N] each analysed prompt's k resample sources, as rows of the pool: the draw over
+        the whole pool (`resample_sources(P, k, seed)`), at the analysed prompts' columns."""
+        return resample_sources(self.pool.size, k, seed)[:, self.index]
 
 
 def resolve_data(
@@ -253,8 +384,8 @@ def resolve_data(
     model: Transformer | None = None,
     batch_size: int = 128,
     loaded: tuple[FactDataset, dict] | None = None,
-) -> tuple[Batch, dict]:
-    """The prompts as a batch: the first `n_prompts` usable ones in a seeded order.
+) -> tuple[Prompts, dict]:
+    """The prompts: the first `n_prompts` usable ones in a seeded order, and the pool they belong to.
 
     Prompts are tokenised with the special tokens the tokenizer adds (BOS where
     it adds one); an answer's tokens are its continuation of the prompt
@@ -270,6 +401,16 @@ def resolve_data(
     to one shape, so it compiles once). Counts cover the records examined until
     `n_prompts` were kept.
 
+    The pool (`Prompts.pool`) is every usable prompt examined, in the seeded
+    order: those left out for no reason but `not_correct` stay in it. The
+    analysed prompts (`Prompts.index`, `Prompts.batch`) are the kept ones, a
+    subset of the pool in pool order. Ablation values come from the pool
+    (`measure`): resample sources are other prompts of the pool, possibly ones
+    the filter dropped, and the mean is over the pool, so `filter` "correct"
+    chooses which prompts are analysed, not what they are resampled from.
+    Without the filter the pool is exactly the analysed prompts. The
+    description records its size as "pool".
+
     Args:
         spec: --data: "default" or a prompt file.
         tokenizer: the model's tokenizer.
@@ -282,6 +423,11 @@ def resolve_data(
         model: the model, needed with filter "correct".
         batch_size: prompts per forward of the filter.
         loaded: `load_data(spec, prompt_text)` if already read.
+
+    Returns:
+        (prompts, description): the pool batch and the analysed prompts' rows of
+        it (`Prompts`), and the data's description for the report ("prompts",
+        "pool", "available", "examined", "multi_token_answers", "skipped", ...).
 
     Raises:
         ValueError: answers needed but absent; most tokens unknown to the tokenizer
@@ -332,7 +478,7 @@ def resolve_data(
             max((len(prompt_ids[i]) for i in candidates), default=1),
         )
         judge = functools.partial(_clean_top_tokens, model, prompt_ids, tokenizer.pad_id, shape)
-    kept, examined, pos = [], 0, 0
+    kept, pool, examined, pos = [], [], 0, 0
     while len(kept) < n_prompts and pos < len(facts):
         # The next chunk of records holding up to batch_size candidates, judged in one forward.
         stop, chunk = pos, []
@@ -346,6 +492,8 @@ def resolve_data(
                 break
             examined += 1
             why = reasons[i]
+            if why is None:
+                pool.append(i)  # usable: a source of ablation values whatever the model answers
             if why is None and judge and top[i] != encoded[i].answer[0]:
                 why = "not_correct"
             if why is None:
@@ -359,16 +507,22 @@ def resolve_data(
             "least 2." + (" The model completes few of them correctly; try --filter none." if judge else "")
         )
     usable = [encoded.get(i) for i in kept]
-    clean = all(e is not None and e.answer and not e.merged for e in usable)
-    answers = [e.answer[0] for e in usable] if clean else None
+    sources = [encoded.get(i) for i in pool]  # without the filter, the same: the pool is the kept prompts
+    clean = all(e is not None and e.answer and not e.merged for e in sources)
+    answers = [e.answer[0] for e in sources] if clean else None
     description |= {
         "prompts": len(kept),
+        "pool": len(pool),
         "available": len(facts),
         "examined": examined,
         "multi_token_answers": sum(1 for e in usable if e is not None and len(e.answer) > 1),
     }
-    batch = Batch.from_tokens([prompt_ids[i] for i in kept], answers, pad_id=tokenizer.pad_id)
-    return batch, {**description, "skipped": skipped}
+    row = {i: j for j, i in enumerate(pool)}
+    prompts = Prompts(
+        pool=Batch.from_tokens([prompt_ids[i] for i in pool], answers, pad_id=tokenizer.pad_id),
+        index=np.array([row[i] for i in kept], dtype=np.int64),
+    )
+    return prompts, {**description, "skipped": skipped}
 
 
 def _answers_needed_by(target: str, filter: str) -> str | None:
@@ -414,31 +568,38 @@ def _clean_top_tokens(
 
 
 def measure(
-    model: Transformer, batch: Batch, settings: Settings, progress: bool
+    model: Transformer, prompts: Prompts | Batch, settings: Settings, progress: bool
 ) -> tuple[EffectMatrix, float]:
-    """The effect matrix of every prompt, in batches of `batch_size` prompts.
+    """The effect matrix of every analysed prompt, in batches of `batch_size` prompts.
 
-    What an ablation writes belongs to the whole dataset, never to a batch:
-    the mean over every prompt (computed once), or for resampling sources
-    drawn once over the dataset (`resample_sources(N, k, seed)`: k other
-    prompts for each prompt). So the numbers do not depend on `batch_size`.
-    Every batch has the same shape (the dataset's padded length; the last
-    batch filled up with its last prompt, whose extra results are dropped), so
-    one compilation serves them all.
+    What an ablation writes belongs to the whole dataset, never to a batch: to
+    the pool of `prompts` (`resolve_data`: every usable prompt examined, also
+    those `--filter correct` dropped; a plain `Batch` is its own pool). The
+    mean over the pool (computed once), or for resampling sources drawn once
+    over the pool (`Prompts.resample_sources`: column i of
+    `resample_sources(P, k, seed)` for the prompt at pool row i, k other
+    prompts of the pool). So the numbers do not depend on `batch_size`, and
+    a filter chooses the prompts analysed, not their sources. Every batch has
+    the same shape (the pool's padded length; the last batch filled up with
+    its last prompt, whose extra results are dropped), so one compilation
+    serves them all.
     """
+    if isinstance(prompts, Batch):
+        prompts = Prompts.of(prompts)
+    pool, rows = prompts.pool, prompts.index  # the analysed prompts are pool rows `rows`
     spec = settings.spec
     ablate = spec.ablate
     parts, t0 = [], time.time()
-    k, n = settings.n_resamples, batch.size
+    k, n = settings.n_resamples, prompts.size
     acts = draw = None
     if settings.kind == "mean":
         acts = source_activations(
-            model, batch, sites=ablate, position=settings.position, mean=True, batch_size=settings.batch_size
+            model, pool, sites=ablate, position=settings.position, mean=True, batch_size=settings.batch_size
         )
     elif settings.kind == "resample":
-        draw = resample_sources(n, k, settings.seed)  # [K, N] indices into the dataset
+        draw = prompts.resample_sources(k, settings.seed)  # [K, N] rows of the pool
         if settings.position == "final":  # a few numbers per prompt and layer: keep them all
-            acts = source_activations(model, batch, sites=ablate, batch_size=settings.batch_size)
+            acts = source_activations(model, pool, sites=ablate, batch_size=settings.batch_size)
     size = min(settings.batch_size, n)
     for start in tqdm(range(0, n, size), disable=not progress, desc="effects"):
         # The last batch is filled up with its last prompt (results dropped): one shape, one compile.
@@ -446,11 +607,11 @@ def measure(
         extra: dict[str, Any] = {} if acts is None else {"source": acts}
         if draw is not None:
             if acts is None:  # every position: this batch's K x B source prompts, run in the same call
-                extra = {"source": _rows(batch, draw[:, idx].reshape(-1))}
+                extra = {"source": _rows(pool, draw[:, idx].reshape(-1))}
                 extra["source_index"] = np.arange(k * size).reshape(k, size)
             else:
                 extra["source_index"] = draw[:, idx]
-        em = effect_matrix(model, _rows(batch, idx), spec, **extra)
+        em = effect_matrix(model, _rows(pool, rows[idx]), spec, **extra)
         # Wait for the batch: otherwise the progress bar counts dispatches, not finished work.
         parts.append(jax.block_until_ready(_first_prompts(em, min(size, n - start))))
     em = concat(parts)
@@ -491,8 +652,8 @@ def concat(parts: list[EffectMatrix]) -> EffectMatrix:
 def analyze_one(
     spec: str | None, settings: Settings, progress: bool
 ) -> tuple[EffectMatrix, HydraSummary, dict]:
-    model, batch, model_info, data_info, t_load = load_inputs(spec, settings)
-    em, t_effects = measure(model, batch, settings, progress)
+    model, prompts, model_info, data_info, t_load = load_inputs(spec, settings)
+    em, t_effects = measure(model, prompts, settings, progress)
     t1 = time.time()
     summary = hydra_summary(em, n_bootstrap=settings.n_bootstrap, seed=settings.seed)
     meta = {
@@ -500,26 +661,28 @@ def analyze_one(
         "data": data_info,
         "timings": {"load_s": t_load, "effect_matrix_s": t_effects, "summary_s": time.time() - t1},
         "skipped": data_info.pop("skipped"),
+        "protocol": {"deviations": settings.deviations(data_info.get("available"))},
     }
     return em, summary, meta
 
 
 def load_inputs(
     spec: str | None, settings: Settings
-) -> tuple[Transformer, Batch, dict[str, Any], dict[str, Any], float]:
-    """The model named by `spec` and the prompts of `settings` (tokenised, filtered), with their
-    descriptions for the report and the seconds spent loading."""
+) -> tuple[Transformer, Prompts, dict[str, Any], dict[str, Any], float]:
+    """The model named by `spec` and the prompts of `settings` (tokenised, filtered: the analysed
+    prompts and the pool their ablation values come from, `resolve_data`), with their descriptions
+    for the report and the seconds spent loading."""
     t0 = time.time()
     # The data first: a bad file or option fails before a model is loaded.
     loaded = load_data(settings.data, settings.prompt_text)
     check_data(loaded[0], settings.data, target=settings.target, filter=settings.filter)
     model, tokenizer, model_info = resolve_model(spec)
     t_load = time.time() - t0
-    batch, data_info = resolve_data(
+    prompts, data_info = resolve_data(
         settings.data,
         tokenizer,
         model.config,
-        settings.n_prompts,
+        len(loaded[0]) if settings.n_prompts is None else settings.n_prompts,  # None: every prompt
         settings.seed,
         target=settings.target,
         filter=settings.filter,
@@ -528,13 +691,14 @@ def load_inputs(
         batch_size=settings.batch_size,
         loaded=loaded,
     )
-    if settings.kind == "resample" and batch.size <= settings.n_resamples:
+    # Sources come from the pool (every usable prompt examined), so its size bounds --n-resamples.
+    if settings.kind == "resample" and prompts.pool.size <= settings.n_resamples:
         raise ValueError(
             f"--n-resamples {settings.n_resamples} needs more than {settings.n_resamples} usable prompts "
-            f"(each prompt resamples from {settings.n_resamples} others); got {batch.size}."
+            f"(each prompt resamples from {settings.n_resamples} others); got {prompts.pool.size}."
         )
     model_info |= {"config": model.config.to_dict(), "parameters": param_count(model.config)}
-    return model, batch, model_info, data_info, t_load
+    return model, prompts, model_info, data_info, t_load
 
 
 def analyze(
@@ -558,7 +722,7 @@ def analyze(
     with outdir.atomic_dir(out, kind="report") as tmp:
         t0 = time.time()
         em, summary, meta = analyze_one(settings.model, settings, progress)
-        meta |= {"settings": dataclasses.asdict(settings), "versions": versions()}
+        meta |= {"settings": shareable_settings(dataclasses.asdict(settings)), "versions": versions()}
         compare = None
         if settings.compare is not None:
             c_em, c_summary, c_meta = analyze_one(settings.compare, settings, progress)
@@ -582,7 +746,11 @@ def preflight(settings: Settings) -> None:
             "(default 1000)."
         )
     # Resample sources come from the whole dataset, so only --n-prompts bounds --n-resamples.
-    if settings.kind == "resample" and settings.n_prompts <= settings.n_resamples:
+    if (
+        settings.kind == "resample"
+        and settings.n_prompts is not None
+        and settings.n_prompts <= settings.n_resamples
+    ):
         raise ValueError(
             f"--n-resamples {settings.n_resamples} needs more than {settings.n_resamples} prompts (each "
             f"prompt resamples from {settings.n_resamples} others); got --n-prompts {settings.n_prompts}."

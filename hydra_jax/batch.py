@@ -94,7 +94,13 @@ class Tokenizer:
         Special tokens are added as this tokenizer's post-processor adds them
         (a BOS for Llama-style tokenizers, none for GPT-2's), except any it
         appends after the text (an EOS): a prompt is to be continued, so its
-        last token must be its own last token.
+        last token must be its own last token. An empty prompt (or one of which
+        the tokenizer keeps no token) is the prepended tokens alone: [BOS].
+
+        Raises:
+            ValueError: a prompt has no token at all (the tokenizer prepends
+                nothing and keeps nothing of its text), naming its index: a
+                model cannot read an empty prompt.
         """
         texts = list(texts)
         full = self._encoder.encode_batch(texts, add_special_tokens=True)
@@ -102,10 +108,32 @@ class Tokenizer:
         out = []
         for f, p in zip(full, plain, strict=True):
             ids, core = f.ids, p.ids
+            if not core:  # nothing of the text: only what the post-processor puts before a text
+                out.append(ids[: self._n_prepended])
+                continue
             # The text's own ids sit after the prepended special tokens; drop what follows them.
             start = next((h for h in range(len(ids) - len(core) + 1) if ids[h : h + len(core)] == core), None)
             out.append(ids if start is None else ids[: start + len(core)])
+        empty = [i for i, ids in enumerate(out) if not ids]
+        if empty:
+            shown = ", ".join(repr(texts[i]) for i in empty[:3]) + (", ..." if len(empty) > 3 else "")
+            raise ValueError(
+                f"Prompts {empty[:10]}{' ...' if len(empty) > 10 else ''} are empty ({shown}): "
+                f"{self.describe()} adds no BOS and keeps no token of their text, so the model would "
+                "have nothing to read. Remove them, or give each some text."
+            )
         return out
+
+    @functools.cached_property
+    def _n_prepended(self) -> int:
+        """How many special tokens the post-processor puts before a text's own ids (a BOS: 1),
+        read off a probe text that the tokenizer keeps (0 if none is kept)."""
+        for probe in ("a", "The", "0", ".", "x", " "):
+            core = self._encoder.encode(probe, add_special_tokens=False).ids
+            if core:
+                ids = self._encoder.encode(probe, add_special_tokens=True).ids
+                return next((h for h in range(len(ids) - len(core) + 1) if ids[h : h + len(core)] == core), 0)
+        return 0
 
     def encode_prompt(self, text: str) -> list[int]:
         """One prompt's ids (see `encode_prompts`)."""

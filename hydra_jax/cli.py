@@ -107,31 +107,8 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace, **extra: Any):
-    from hydra_jax.analyze import Settings
-
-    return Settings(
-        model=args.model,
-        data=args.data,
-        prompt_text=args.prompt_text,
-        filter=args.filter,
-        n_prompts=args.n_prompts,
-        kind=args.kind,
-        n_resamples=args.n_resamples,
-        position=args.position,
-        granularity=args.granularity,
-        target=args.target,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        **extra,
-    )
-
-
-# The options of what is measured; with --from they come from the store instead.
-MEASURE_OPTIONS = (
-    "model",
-    "data",
+# The options the paper's protocol fixes (`--paper`); their parser default is None, "not given".
+PROTOCOL_OPTIONS = (
     "prompt_text",
     "filter",
     "n_prompts",
@@ -140,6 +117,44 @@ MEASURE_OPTIONS = (
     "position",
     "granularity",
     "target",
+)
+
+
+def _settings(args: argparse.Namespace, **extra: Any):
+    """Settings from the options: with --paper the paper's protocol, each option given replacing
+    the paper's value (and reported as a deviation); without, Settings' own defaults."""
+    from hydra_jax.analyze import Settings
+
+    given = {name: getattr(args, name) for name in PROTOCOL_OPTIONS if getattr(args, name) is not None}
+    if given.get("n_prompts") == "all":
+        given["n_prompts"] = None
+    common = dict(
+        model=args.model,
+        data=args.data,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        **extra,
+    )
+    return Settings.paper(**given, **common) if args.paper else Settings(**given, **common)
+
+
+def _n_prompts(text: str) -> int | str:
+    """--n-prompts: a count, or 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {text!r}") from None
+
+
+# The options of what is measured; with --from they come from the store instead.
+MEASURE_OPTIONS = (
+    "paper",
+    "model",
+    "data",
+    *PROTOCOL_OPTIONS,
     "seed",
     "batch_size",
     "chunk_size",
@@ -164,11 +179,13 @@ def _analyze(args: argparse.Namespace) -> int:
             args.from_store, args.out, n_bootstrap=args.n_bootstrap, overwrite=args.overwrite
         )
         print(terminal_table(summary))
+        print(_claims_digest(args.out))
         print(f"Report of {args.from_store} written to {os.path.abspath(args.out)}/.")
         return 0
     settings = _settings(args, compare=args.compare, n_bootstrap=args.n_bootstrap)
     _, summary, meta = analyze(settings, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(terminal_table(summary))
+    print(_claims_digest(args.out))
     skipped = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in meta["skipped"].items())
     multi = meta["data"].get("multi_token_answers")
     multi = f"{multi} with multi-token answers (first token used); " if multi else ""
@@ -178,6 +195,16 @@ def _analyze(args: argparse.Namespace) -> int:
     )
     print(f"Report written to {os.path.abspath(args.out)}/ (report.md, summary.json, effects.npz, figures).")
     return 0
+
+
+def _claims_digest(out: str) -> str:
+    """The paper's claims with their verdicts and the run's deviations, from the report just written."""
+    import json
+
+    from hydra_jax.report.text import claims_digest
+
+    with open(os.path.join(out, "summary.json")) as f:
+        return claims_digest(json.load(f)["paper"])
 
 
 def build_parser_defaults() -> dict[str, Any]:
@@ -218,7 +245,7 @@ def _dry_run(args: argparse.Namespace) -> int:
     # The longest prompt bounds the padded length whichever prompts the sweep keeps.
     lengths = [len(ids) for ids in tokenizer.encode_prompts(list(facts.prompts))]
     seq_len = min(max(lengths), config.n_ctx)
-    n_prompts = min(settings.n_prompts, len(lengths))
+    n_prompts = len(lengths) if settings.n_prompts is None else min(settings.n_prompts, len(lengths))
     budget = None if args.memory is None else int(args.memory * 10**9)
     plan = plan_sweep(
         config,
@@ -249,8 +276,9 @@ ANALYZE_EXAMPLES = """examples:
   hydra-jax analyze --compare checkpoints/hydra-8l-dropout   # with vs without dropout
   hydra-jax analyze --granularity head --kind zero    # every head, zero-ablated
   hydra-jax analyze --model runs/mine/model --data counterfact.json
-  hydra-jax analyze --model gpt2-hj --data known_1000.json --filter correct  # the paper's prompts
-                                                      # that the model completes correctly
+  hydra-jax analyze --paper --model smollm2.gguf --data known_1000.json   # the paper's protocol
+  hydra-jax analyze --paper --data known_1000.json --filter correct  # a labelled deviation: only
+                                                      # prompts the model completes correctly
   hydra-jax analyze --data prompts.txt                # one prompt per line, no answers (--target argmax)
 """
 
@@ -274,25 +302,41 @@ def _measure_options(p: argparse.ArgumentParser) -> None:
         "docs/data.md. Prompts without answers work only with --target argmax and --filter none",
     )
     p.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's protocol (McGrath et al. 2023; docs/real-models.md): every prompt of --data, "
+        "the known-facts record's prompt field, no filter, the clean top token as target, every "
+        "attention and MLP layer resampled at the final position from 15 other prompts. Any option "
+        "below given with it replaces the paper's value and is reported as a deviation",
+    )
+    p.add_argument(
         "--prompt-text",
-        default="template",
+        default=None,
         choices=("template", "prompt"),
-        help="known-facts records' prompt: 'template' (default: the record's template with the subject "
-        "filled in, subject + relation as in the paper) or 'prompt' (the record's prompt field, which "
-        "for 478 of known_1000.json's 1,209 records adds words after the relation)",
+        help="known-facts records' prompt: 'template' (default; --paper: 'prompt'): the record's "
+        "template with the subject filled in, which drops the final 'the', 'of', 'a' or 'in' of 174 of "
+        "known_1000.json's records; 'prompt': the record's prompt field, the paper's worked example "
+        "('Honus Wagner professionally plays the sport of'), with several extra generated words for 304 "
+        "records",
     )
     p.add_argument(
         "--filter",
-        default="none",
+        default=None,
         choices=("none", "correct"),
-        help="'none' (default): every usable prompt; 'correct': only prompts whose clean top token at "
-        "the final position is the answer's first token, as the paper studies (one clean forward per "
-        "--batch-size candidates; dropped prompts are counted as not_correct)",
+        help="'none' (default, as the paper): every usable prompt; 'correct': only prompts whose clean "
+        "top token at the final position is the answer's first token, a deviation from the paper (one "
+        "clean forward per --batch-size candidates; dropped prompts are counted as not_correct; "
+        "ablation sources still come from every usable prompt examined)",
     )
-    p.add_argument("--n-prompts", type=int, default=256, help="prompts to analyse (default 256)")
+    p.add_argument(
+        "--n-prompts",
+        type=_n_prompts,
+        default=None,
+        help="prompts to analyse, or 'all' (default 256; --paper: all)",
+    )
     p.add_argument(
         "--kind",
-        default="resample",
+        default=None,
         choices=("resample", "zero", "mean"),
         help="what an ablation writes (default resample: another prompt's activation, as in the paper)",
     )
@@ -300,17 +344,22 @@ def _measure_options(p: argparse.ArgumentParser) -> None:
         "--n-resamples",
         type=int,
         default=None,
-        help="resample sources per prompt, averaged (--kind resample only; default 5)",
+        help="resample sources per prompt, averaged (--kind resample only; default 5; --paper: 15)",
     )
-    p.add_argument("--position", default="final", choices=("final", "all"), help="ablated positions")
     p.add_argument(
-        "--granularity", default="layer", choices=("layer", "head"), help="ablate layers or every head"
+        "--position", default=None, choices=("final", "all"), help="ablated positions (default final)"
+    )
+    p.add_argument(
+        "--granularity",
+        default=None,
+        choices=("layer", "head"),
+        help="ablate layers (default) or every head",
     )
     p.add_argument(
         "--target",
-        default="argmax",
+        default=None,
         choices=("argmax", "answer"),
-        help="the clean top token (default) or the answer's first token after the prompt",
+        help="the clean top token (default, as the paper) or the answer's first token after the prompt",
     )
     p.add_argument("--seed", type=int, default=0, help="prompt order, resampling and bootstrap seed")
     p.add_argument("--batch-size", type=int, default=128, help="prompts per compiled call (default 128)")

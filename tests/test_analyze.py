@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -75,8 +76,13 @@ def test_report_agrees_with_effect_matrix(report, tiny_checkpoint):
 
     model, tokenizer = hj.load(tiny_checkpoint)
     settings = Settings(n_prompts=24, batch_size=12, n_resamples=2)
-    batch, _ = resolve_data("default", tokenizer, model.config, 24, 0)
-    em, _ = measure(model, batch, settings, progress=False)
+    prompts, info = resolve_data("default", tokenizer, model.config, 24, 0)
+    # Without a filter the pool is the analysed prompts: sources are drawn over these 24, as before.
+    assert info["pool"] == info["prompts"] == 24 and prompts.index.tolist() == list(range(24))
+    batch = prompts.batch
+    assert batch is prompts.pool
+    em, _ = measure(model, prompts, settings, progress=False)
+    np.testing.assert_array_equal(em.total, measure(model, batch, settings, progress=False)[0].total)
     sites = ("attn_out", "mlp_out")
     first = hj.effect_matrix(
         model,
@@ -90,6 +96,145 @@ def test_report_agrees_with_effect_matrix(report, tiny_checkpoint):
     with np.load(report / "effects.npz", allow_pickle=False) as npz:
         np.testing.assert_allclose(npz["total"], em.total, rtol=1e-6, atol=1e-8)
         np.testing.assert_allclose(npz["delta_direct"], em.delta_direct, rtol=1e-6, atol=1e-8)
+
+
+def write_filter_data(model, tokenizer, path, n_rows: int = 24) -> dict[str, bool]:
+    """A JSONL file of the default world's prompts whose correctness is planted: a row's answer is
+    the model's clean top token (every other row: correct) or the world's answer when that is
+    another token (wrong). Every row is usable (its answer a one-token continuation, never
+    unknown). Returns prompt -> whether the model completes it correctly."""
+    import jax.numpy as jnp
+
+    from hydra_jax.data import default_world
+
+    facts = default_world().facts("eval")
+    prompts, answers = list(facts.prompts[:512]), list(facts.answers[:512])
+    logits, _ = hj.run(model, hj.Batch.from_prompts(tokenizer, prompts), capture=())
+    tops = np.asarray(jnp.argmax(logits[:, -1], -1)).tolist()
+    rows, correct = [], {}
+    for prompt, world, top in zip(prompts, answers, tops, strict=True):
+        options = {}  # is it correct -> the answer, as the file's reader gives it (one leading space)
+        for answer in (" " + tokenizer.decode([top]).strip(), " " + world.strip()):
+            enc = tokenizer.answer_tokens([prompt], [answer])[0]
+            if enc.answer and not enc.merged and enc.answer[0] != tokenizer.unk_id:
+                options.setdefault(enc.answer[0] == top, answer)
+        want = len(rows) % 2 == 0  # correct and wrong alternate, skipping prompts that cannot be `want`
+        if prompt in correct or want not in options:
+            continue
+        rows.append({"prompt": prompt, "answer": options[want]})
+        correct[prompt] = want
+        if len(rows) == n_rows:
+            break
+    assert len(rows) == n_rows and 0 < sum(correct.values()) < n_rows
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return correct
+
+
+def pool_by_hand(path, correct: dict[str, bool], seed: int, n: int) -> tuple[list[str], list[str]]:
+    """Walk the seeded order until n correct prompts are kept: (kept, pool), pool = every prompt
+    examined (all are usable), kept = the correct ones."""
+    order = hj.data.load_prompts(path).sample(len(correct), seed).prompts
+    pool = []
+    for prompt in order:
+        if sum(correct[p] for p in pool) == n:
+            break
+        pool.append(prompt)
+    return [p for p in pool if correct[p]], pool
+
+
+@pytest.fixture(scope="module")
+def filtered(tiny_checkpoint, tmp_path_factory):
+    """The tiny model, its tokenizer, a data file of planted correctness and its ground truth."""
+    model, tokenizer = hj.load(tiny_checkpoint)
+    path = tmp_path_factory.mktemp("filtered") / "facts.jsonl"
+    correct = write_filter_data(model, tokenizer, path)
+    return model, tokenizer, str(path), correct
+
+
+def token_rows(batch) -> list[list[int]]:
+    """Each prompt's tokens, padding dropped."""
+    return [batch.tokens[i][batch.valid[i]].tolist() for i in range(batch.size)]
+
+
+def test_filter_correct_resamples_from_the_whole_pool(filtered, monkeypatch):
+    """--filter correct chooses the prompts analysed, not their sources: each analysed prompt
+    resamples k other prompts of the pool (every usable prompt examined), dropped ones included."""
+    from hydra_jax import analyze
+    from hydra_jax.interventions.ablations import resample_sources
+
+    model, tokenizer, path, correct = filtered
+    n, k, seed = 6, 2, 0
+    kept, pool = pool_by_hand(path, correct, seed, n)
+    dropped = [j for j, p in enumerate(pool) if not correct[p]]
+    assert len(kept) == n and dropped  # the filter drops prompts the analysed ones resample from
+    prompts, info = analyze.resolve_data(
+        path, tokenizer, model.config, n, seed, filter="correct", model=model, batch_size=8
+    )
+    assert token_rows(prompts.pool) == tokenizer.encode_prompts(pool)
+    assert token_rows(prompts.batch) == tokenizer.encode_prompts(kept)
+    assert prompts.index.tolist() == [pool.index(p) for p in kept]
+    assert info["pool"] == len(pool) and info["prompts"] == n
+    assert info["skipped"]["not_correct"] == len(dropped)
+
+    calls = []  # what measure hands effect_matrix, batch by batch
+
+    def spy(model, batch, spec, **extra):
+        calls.append((batch, extra))
+        return real(model, batch, spec, **extra)
+
+    real = analyze.effect_matrix
+    monkeypatch.setattr(analyze, "effect_matrix", spy)
+    settings = analyze.Settings(data=path, filter="correct", n_prompts=n, n_resamples=k, batch_size=4)
+    analyze.measure(model, prompts, settings, progress=False)
+    assert len(calls) == 2  # batches of 4: prompts 0-3, then 4-5 filled up with prompt 5
+    ablated = [p for batch, _ in calls for p in token_rows(batch)][:n]
+    assert ablated == tokenizer.encode_prompts(kept)
+    for _, extra in calls:  # the clean activations of the whole pool, at the final position
+        assert extra["source"].n_prompts == len(pool)
+        assert all(x.shape[1] == len(pool) for x in extra["source"].acts.values())
+    used = np.concatenate([extra["source_index"] for _, extra in calls], axis=1)[:, :n]
+    expected = resample_sources(len(pool), k, seed)[:, [pool.index(p) for p in kept]]
+    np.testing.assert_array_equal(used, expected)
+    assert np.isin(used, dropped).any()  # some analysed prompt resamples a prompt the filter dropped
+
+
+@pytest.mark.parametrize("kind", ["resample", "mean"])
+def test_filter_correct_effects_equal_the_pools_ground_truth(filtered, kind):
+    """The analysed prompts' effects are hj.effect_matrix's with ablation values from the pool
+    built by hand: the draw over the P pool prompts at the analysed prompts' columns, or the
+    pool's mean; whatever the batch size."""
+    from hydra_jax import analyze
+    from hydra_jax.interventions.ablations import resample_sources
+    from hydra_jax.interventions.sources import source_activations
+
+    model, tokenizer, path, correct = filtered
+    n, k, seed = 6, 2, 0
+    kept, pool = pool_by_hand(path, correct, seed, n)
+    assert len(pool) > n
+    prompts, _ = analyze.resolve_data(
+        path, tokenizer, model.config, n, seed, filter="correct", model=model, batch_size=8
+    )
+    settings = analyze.Settings(
+        data=path, filter="correct", n_prompts=n, kind=kind, batch_size=4, seed=seed,
+        n_resamples=k if kind == "resample" else None,
+    )  # fmt: skip
+    em, _ = analyze.measure(model, prompts, settings, progress=False)
+    whole, _ = analyze.measure(model, prompts, dataclasses.replace(settings, batch_size=n), progress=False)
+
+    sites = ("attn_out", "mlp_out")
+    source = hj.Batch.from_tokens(tokenizer.encode_prompts(pool), pad_id=tokenizer.pad_id)
+    rows = [pool.index(p) for p in kept]
+    batch = hj.Batch(source.tokens[rows], source.valid[rows])  # padded to the pool's length
+    if kind == "resample":
+        extra = {"n_resamples": k, "source": source_activations(model, source, sites=sites)}
+        extra["source_index"] = resample_sources(len(pool), k, seed)[:, rows]
+    else:
+        extra = {"source": source_activations(model, source, sites=sites, mean=True)}
+    ref = hj.effect_matrix(model, batch, ablate=sites, kind=kind, **extra)
+    for got in (em, whole):
+        for name in ("total", "delta_direct", "direct_clean", "norm_term"):
+            x, y = np.asarray(getattr(got, name)), np.asarray(getattr(ref, name))
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_same_seed_same_numbers(report, tiny_checkpoint, tmp_path):

@@ -520,7 +520,10 @@ def test_filter_correct_keeps_the_prompts_the_model_completes(planted, tmp_path)
     path, seed, n = write_rows(tmp_path / "facts.jsonl"), 3, 3
     kept, counts, examined, order = by_hand(path, seed, n)
     assert counts["not_correct"] > 0  # this seed makes the filter drop something
-    batch, info = resolve_data(path, tok, model.config, n, seed, filter="correct", model=model, batch_size=2)
+    prompts, info = resolve_data(
+        path, tok, model.config, n, seed, filter="correct", model=model, batch_size=2
+    )
+    batch = prompts.batch  # the analysed (kept) prompts
     assert [tok.decode(batch.tokens[i][batch.valid[i]].tolist()) for i in range(batch.size)] == kept
     np.testing.assert_array_equal(batch.answers, [tok.backend.token_to_id(dict(ROWS)[p]) for p in kept])
     assert info["skipped"] == {
@@ -532,7 +535,8 @@ def test_filter_correct_keeps_the_prompts_the_model_completes(planted, tmp_path)
     }
     assert info["examined"] == examined and info["prompts"] == n and info["available"] == len(ROWS)
     # Without the filter the same seed keeps the first n prompts, whatever the model says.
-    batch, info = resolve_data(path, tok, model.config, n, seed)
+    prompts, info = resolve_data(path, tok, model.config, n, seed)
+    batch = prompts.batch
     assert [tok.decode(batch.tokens[i][batch.valid[i]].tolist()) for i in range(batch.size)] == order[:n]
     assert info["skipped"] == {"longer_than_context": 0}
 

@@ -468,7 +468,8 @@ def test_convert_and_resolve(tiny_dir, tiny_llama, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"does not apply to a \.gguf file"):
         hj.convert(path, str(tmp_path / "other"), revision="main")
     _, _, info = resolve_model(path)
-    assert info == {"name": "llama.gguf", "path": os.path.abspath(path), "format": "gguf"}
+    # No general.name: named by the file; an absolute path is recorded as the file's name only.
+    assert info == {"name": "llama.gguf", "path": "llama.gguf", "format": "gguf"}
     _preflight_model(path, "--model")  # analyze checks the header before running
     bad = write_model(str(tmp_path / "falcon.gguf"), arch="falcon")
     with pytest.raises(CheckpointError, match=r"--model .*falcon\.gguf.*general\.architecture='falcon'"):

@@ -91,7 +91,14 @@ def test_repo_id_loads_the_cached_snapshot(source, offline_home):
 def test_repo_id_in_analyze_and_convert(source, offline_home, tmp_path):
     snapshot = cached_tiny(offline_home, source)
     model, _, info = resolve_model("org/tiny")
-    assert info == {"name": "org/tiny", "path": snapshot, "format": "huggingface", "commit": COMMIT}
+    # The repo id and commit, not the snapshot's place in this machine's hub cache.
+    assert info == {
+        "name": "org/tiny",
+        "path": None,
+        "format": "huggingface",
+        "repo": "org/tiny",
+        "commit": COMMIT,
+    }
     assert_same_model(model, hj.from_hf(snapshot)[0])
     out = hj.convert("org/tiny", tmp_path / "converted")
     assert_same_model(hj.load(out)[0], model)

@@ -59,6 +59,49 @@ def test_a_store_holds_analyzes_effect_matrix(store):
     np.testing.assert_array_equal(labelled.total.sel(ablated="mlp_out.1"), np.asarray(ref.total)[i + 3])
 
 
+def test_filter_correct_sweep_resamples_from_the_pool(tmp_path):
+    """With --filter correct a store holds analyze's numbers bit for bit (sources from the pool,
+    prompts the filter dropped included), they do not depend on the batch size, and a store is
+    resumed only with its pool: a different dropped prompt is refused, the analysed ones the same."""
+    import dataclasses
+
+    from test_analyze import pool_by_hand, write_filter_data
+
+    model, tokenizer, _ = analyze.resolve_model(MODEL)
+    path = tmp_path / "facts.jsonl"
+    correct = write_filter_data(model, tokenizer, path)
+    settings = dataclasses.replace(SETTINGS, data=str(path), filter="correct", n_prompts=6, batch_size=4)
+    out = tmp_path / "filtered.zarr"
+    store = sweep(settings, out, progress=False, log=lambda _: None)
+    model, prompts, _, info, _ = analyze.load_inputs(MODEL, settings)
+    kept, pool = pool_by_hand(str(path), correct, settings.seed, 6)
+    assert info["prompts"] == 6 and info["pool"] == len(pool) > 6
+    assert store.source_layout.n_prompts == prompts.pool.size == len(pool)
+    draw = prompts.resample_sources(2, settings.seed)  # [K, N] rows of the pool
+    assert np.isin(draw, [j for j, p in enumerate(pool) if not correct[p]]).any()
+    ref, _ = analyze.measure(model, prompts, settings, progress=False)
+    em = store.effect_matrix()
+    for name in EFFECTS:
+        np.testing.assert_array_equal(np.asarray(getattr(em, name)), np.asarray(getattr(ref, name)), name)
+    whole, _ = analyze.measure(model, prompts, dataclasses.replace(settings, batch_size=6), progress=False)
+    scale = float(np.abs(np.asarray(ref.clean_logit)).max())
+    for name in ("total", "delta_direct", "norm_term", "direct_clean"):
+        x, y = np.asarray(getattr(whole, name)), np.asarray(getattr(ref, name))
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+
+    # Swap a dropped prompt of the pool with a wrong one never examined: the same analysed prompts
+    # (at the same places of the seeded order), another pool.
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    where = {r["prompt"]: i for i, r in enumerate(rows)}
+    a = where[next(p for p in pool if not correct[p])]
+    b = next(i for i, r in enumerate(rows) if r["prompt"] not in pool and not correct[r["prompt"]])
+    rows[a], rows[b] = rows[b], rows[a]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert pool_by_hand(str(path), correct, settings.seed, 6)[0] == kept
+    with pytest.raises(StoreError, match=r"prompts: "):
+        sweep(settings, out, progress=False, log=lambda _: None)
+
+
 def test_every_batch_runs_one_compiled_program(tmp_path):
     """Batches resample from different numbers of distinct prompts; the bank keeps one shape."""
     import jax
@@ -90,7 +133,7 @@ def test_the_report_from_a_store(store, tmp_path):
     assert main(["analyze", "--from", store.path, "--out", str(out), "--n-bootstrap", "50"]) == 0
     doc = json.loads((out / "summary.json").read_text())
     validate_summary(doc)
-    assert doc["settings"]["n_resamples"] == 2 and doc["settings"]["from_store"] == store.path
+    assert doc["settings"]["n_resamples"] == 2 and doc["settings"]["from_store"] == "s.zarr"  # no abs path
     assert doc["headline"]["n_prompts"] == 24
 
 

@@ -165,11 +165,13 @@ def test_argmax_needs_no_answers(style, tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     config = hj.ModelConfig(d_model=8, n_layers=1, n_heads=1, d_head=8, d_mlp=8, d_vocab=64, n_ctx=16)
-    batch, info = resolve_data(str(path), tok, config, 10, 0)
+    prompts, info = resolve_data(str(path), tok, config, 10, 0)
+    batch = prompts.batch  # the analysed prompts
     assert batch.size == 4 and batch.answers is None
     assert info["skipped"] == {"longer_than_context": 0}
     assert info["multi_token_answers"] == 1
-    batch, info = resolve_data(str(path), tok, config, 10, 0, target="answer")
+    prompts, info = resolve_data(str(path), tok, config, 10, 0, target="answer")
+    batch = prompts.batch
     assert batch.size == 2 and info["skipped"]["no_answer"] == 2
     assert sorted(batch.answers.tolist()) == sorted(ids(tok, ANSWER_TOKEN[style]) * 2)
     assert info["multi_token_answers"] == 1

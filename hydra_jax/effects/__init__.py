@@ -8,4 +8,5 @@ engine    effect_core: the compiled body (clean pass, ablation values, the suffi
           of every row through the model's block, every measurement)
 sharding  the layout of prompts and ablations over a device mesh
 summary   hydra_summary: per-ablation Hydra statistics with bootstrap intervals
+paper     paper_statistics: the paper's quantities (Δ_unembed, Δ_ablate, CE, Figs. 2, 7, 8)
 """

@@ -304,8 +304,10 @@ class EffectMatrix:
     """Every ablation's effect on every measured component, for every prompt.
 
     Attributes:
-        total: [A, B] total effect TE of each ablation on the centred target logit.
-        direct_clean: [M, B] clean direct effect of each measured component.
+        total: [A, B] total effect TE of each ablation on the centred target logit (the
+            paper's Δ_ablate, eq. 12).
+        direct_clean: [M, B] clean direct effect of each measured component (the paper's
+            Δ_unembed, eq. 10, for an ablated component that is measured).
         delta_direct: [A, M, B] ΔDE(c' | c): change of measured c' under ablation c
             (frozen clean scale). Exactly 0 for c' before c.
         norm_term: [A, B] the part of TE due to the final-norm scale moving.

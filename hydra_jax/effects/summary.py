@@ -7,8 +7,10 @@ sums in JAX's float32, as the effect matrix itself is), per ablated component c
 (own, attention, mlp, norm, each [A, B]) and TE = `em.total`:
 
     direct(c)       = own = ΔDE(c | c) = DE(ĉ) − DE(c)
-                      the direct effect of the ablation (the paper's Δ_unembed):
-                      the signed change of the target logit if nothing
+                      the direct effect of the ablation, hydra_jax's measure and
+                      NOT the paper's Δ_unembed (the clean DE(c), eq. 10; see
+                      `hydra_jax.effects.paper`, which computes the paper's
+                      quantities): the signed change of the target logit if nothing
                       downstream reacted, on the same scale as the total effect
                       (so no compensation means total = direct, the y = x line).
                       It is the change of the ablated component's own direct
@@ -43,7 +45,10 @@ component the summary reports
 Degenerate fits give NaN instead of raising: slope, r2_slope and r2_total are
 NaN with fewer than 3 prompts (a line through two points fits exactly), when
 direct is constant across prompts (zero variance: no slope), and the R²s also
-when the response (CE or TE) is constant. A sample counts as constant when its
+when the response (CE or TE) is constant. slope and r2_slope are also NaN for an
+ablated component with no measured component after it (the last MLP, ablating
+layers): its CE is 0 by construction, so a slope of it is undefined, not 0.
+A sample counts as constant when its
 standard deviation is at most 1e-9 × its largest magnitude over all prompts, far
 below float32 rounding, so that float64 rounding in the sums is not read as signal.
 
@@ -202,8 +207,9 @@ def hydra_summary(
     """Summarise self-repair per ablated component, with bootstrap confidence intervals.
 
     `direct` is the direct effect of the ablation, ΔDE(c | c) = DE(ĉ) − DE(c)
-    (the paper's Δ_unembed: the change of the logit if nothing downstream
-    reacted), and `total` is TE; see the module docstring for every formula.
+    (the change of the logit if nothing downstream reacted; the paper's
+    Δ_unembed is the clean DE(c) instead: `hydra_jax.effects.paper`), and
+    `total` is TE; see the module docstring for every formula.
 
     Args:
         em: an `EffectMatrix`; its measured sites must include attention
@@ -226,7 +232,7 @@ def hydra_summary(
     check_bootstrap(n_bootstrap, ci, len(em.labels.ablated), len(em.labels.measured), n_b)
     d = em.decompose()  # raises for unusable measured sites; we want that error as is
     ablated, measured = em.ablated, em.measured
-    mlp_cols, attn_rows = _erasure_axes(ablated, measured)
+    mlp_cols, attn_rows = erasure_axes(ablated, measured)
     delta = np.asarray(em.delta_direct, np.float64)
     pairs = delta[np.ix_(attn_rows, mlp_cols)]  # [n_attn, n_mlp, B]
     per_prompt = {
@@ -241,7 +247,7 @@ def hydra_summary(
         {k: np.asarray(v, np.float64) for k, v in per_prompt.items()},
         labels=em.labels,
         mean_delta=delta.mean(axis=-1),
-        pair_means=lambda weights: _means(pairs.reshape(-1, pairs.shape[-1]), weights),
+        pair_means=lambda weights: weighted_means(pairs.reshape(-1, pairs.shape[-1]), weights),
         n_bootstrap=n_bootstrap,
         seed=seed,
         ci=ci,
@@ -288,8 +294,8 @@ def summarise(
         labels: the matrix's `Labels`.
         mean_delta: [A, M] the mean over prompts of ΔDE(c' | c).
         pair_means: weights [B, 1 + K] -> [n_attn * n_mlp, 1 + K], the weighted means
-            (`_means`) of ΔDE(mlp | attention ablation) over prompts, rows in
-            (attention, mlp) order (see `_erasure_axes`).
+            (`weighted_means`) of ΔDE(mlp | attention ablation) over prompts, rows in
+            (attention, mlp) order (see `erasure_axes`).
         n_bootstrap, seed, ci: as `hydra_summary`'s (already checked).
     """
     direct, total = per_prompt["direct"], per_prompt["total"]
@@ -300,39 +306,39 @@ def summarise(
 
     # One set of draws for everything: intervals of different statistics and
     # components then come from the same resampled prompt sets (paired).
-    # A draw is stored as counts per prompt, so every resampled sum is a matmul
-    # [rows, B] @ [B, K] instead of a [rows, K, B] gather.
-    idx = np.random.default_rng(seed).integers(0, b, size=(n_bootstrap, b))
-    counts = np.zeros((n_bootstrap, b))
-    np.add.at(counts, (np.arange(n_bootstrap)[:, None], idx), 1.0)
-    # Column 0 is the full sample (every prompt once), so point estimates and
-    # draws go through the same code.
-    weights = np.concatenate([np.ones((1, b)), counts]).T  # [B, 1 + K]
+    weights = bootstrap_weights(b, n_bootstrap, np.random.default_rng(seed))
     q = ((1 - ci) / 2, (1 + ci) / 2)
 
     arrays = {name: per_prompt[name] for name in ("direct", "total", "attention", "mlp", "norm")}
     arrays["compensation"] = compensation
-    draws = {name: _means(x, weights) for name, x in arrays.items()}
-    draws["slope"], draws["r2_slope"] = _fit(-direct, compensation, weights)
-    _, draws["r2_total"] = _fit(direct, total, weights)
-    draws["frac_direct_exceeds_total"] = _means((np.abs(direct) > np.abs(total)).astype(np.float64), weights)
-    stats = {name: _stat(draws[name], q) for name in STATS}
-
+    draws = {name: weighted_means(x, weights) for name, x in arrays.items()}
     ablated = [Component.parse(c) for c in labels.ablated]
     measured = [Component.parse(c) for c in labels.measured]
     after = np.array([[m.is_after(c) for m in measured] for c in ablated], bool).reshape(a, len(measured))
+    has_top = after.any(axis=1)  # some measured component can react to c
+
+    draws["slope"], draws["r2_slope"] = weighted_fit(-direct, compensation, weights)
+    # Nothing measured after c: its compensation is 0 by construction, not a measured 0, and a
+    # slope of it on the direct loss is undefined (NaN, printed n/a), not 0 [0, 0].
+    draws["slope"][~has_top] = draws["r2_slope"][~has_top] = np.nan
+    _, draws["r2_total"] = weighted_fit(direct, total, weights)
+    draws["frac_direct_exceeds_total"] = weighted_means(
+        (np.abs(direct) > np.abs(total)).astype(np.float64), weights
+    )
+    stats = {name: draws_stat(draws[name], q) for name in STATS}
+
     # Only components after c can compensate for it; ties go to the first in measured order.
     scored = np.where(after, mean_delta, -np.inf)
-    top_index, has_top = scored.argmax(axis=1), after.any(axis=1)
+    top_index = scored.argmax(axis=1)
     top_value = np.take_along_axis(scored, top_index[:, None], axis=1)[:, 0]
     top_compensator = tuple(
         labels.measured[j] if ok else None for j, ok in zip(top_index, has_top, strict=True)
     )
     top_compensation = np.where(has_top, top_value, np.nan)
 
-    mlp_cols, attn_rows = _erasure_axes(ablated, measured)
-    erasure_direct = _stat(_means(per_prompt["clean_mlp"], weights), q)
-    flat = _stat(pair_means(weights), q)
+    mlp_cols, attn_rows = erasure_axes(ablated, measured)
+    erasure_direct = draws_stat(weighted_means(per_prompt["clean_mlp"], weights), q)
+    flat = draws_stat(pair_means(weights), q)
     shape = (len(attn_rows), len(mlp_cols))
     erasure_delta = Stat(*(x.reshape(shape) for x in (flat.value, flat.lo, flat.hi)))
 
@@ -340,12 +346,12 @@ def summarise(
         labels=tuple(labels.ablated),
         stats=stats,
         top_compensator=top_compensator,
-        top_compensation=_frozen(top_compensation),
+        top_compensation=frozen(top_compensation),
         mlp_labels=tuple(labels.measured[j] for j in mlp_cols),
         attention_labels=tuple(labels.ablated[i] for i in attn_rows),
         erasure_direct=erasure_direct,
         erasure_delta=erasure_delta,
-        erasure_downstream=_frozen(after[np.ix_(attn_rows, mlp_cols)]),
+        erasure_downstream=frozen(after[np.ix_(attn_rows, mlp_cols)]),
         n_prompts=b,
         n_bootstrap=int(n_bootstrap),
         ci=float(ci),
@@ -353,7 +359,7 @@ def summarise(
     )
 
 
-def _erasure_axes(ablated: list[Component], measured: list[Component]) -> tuple[np.ndarray, np.ndarray]:
+def erasure_axes(ablated: list[Component], measured: list[Component]) -> tuple[np.ndarray, np.ndarray]:
     """The erasure table's columns (measured MLPs) and rows (ablated attention components)."""
     mlp_cols = np.array([j for j, m in enumerate(measured) if m.site is Site.MLP_OUT], int)
     attn_rows = np.array([i for i, c in enumerate(ablated) if c.is_attention], int)
@@ -364,14 +370,25 @@ def _erasure_axes(ablated: list[Component], measured: list[Component]) -> tuple[
 # Weighted statistics: x [R, B] per-prompt values, w [B, K] prompt counts per draw.
 
 
-def _means(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def bootstrap_weights(b: int, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
+    """[B, 1 + K] prompt counts: column 0 the full sample (every prompt once), so point estimates
+    and draws go through the same code, then K = n_bootstrap draws of B prompts with replacement
+    (`rng.integers(0, B, size=(K, B))`). Stored as counts, every resampled sum is a matmul
+    [rows, B] @ [B, 1 + K] instead of a [rows, K, B] gather."""
+    idx = rng.integers(0, b, size=(n_bootstrap, b))
+    counts = np.zeros((n_bootstrap, b))
+    np.add.at(counts, (np.arange(n_bootstrap)[:, None], idx), 1.0)
+    return np.concatenate([np.ones((1, b)), counts]).T
+
+
+def weighted_means(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """[R, K] weighted means. Centring on the full-sample mean first keeps a
     constant row exactly constant across draws (up to rounding of the offset)."""
     centre = x.mean(axis=-1, keepdims=True)
     return centre + (x - centre) @ w / w.sum(axis=0)
 
 
-def _fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def weighted_fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """OLS slope of y on x (with intercept) and its R² = corr(x, y)², each [R, K].
 
     NaN where B < 3, where x is constant (no slope, no R²) or y is constant (no R²).
@@ -403,13 +420,13 @@ def _scale(x: np.ndarray) -> np.ndarray:
     return np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.finfo(np.float64).tiny)
 
 
-def _stat(draws: np.ndarray, q: tuple[float, float]) -> Stat:
+def draws_stat(draws: np.ndarray, q: tuple[float, float]) -> Stat:
     """Point estimate (column 0) and percentile interval of the draws (columns 1:)."""
-    lo, hi = _nanquantile(draws[:, 1:], q)
-    return Stat(_frozen(draws[:, 0]), _frozen(lo), _frozen(hi))
+    lo, hi = nanquantile(draws[:, 1:], q)
+    return Stat(frozen(draws[:, 0]), frozen(lo), frozen(hi))
 
 
-def _nanquantile(x: np.ndarray, q: tuple[float, ...]) -> list[np.ndarray]:
+def nanquantile(x: np.ndarray, q: tuple[float, ...]) -> list[np.ndarray]:
     """Quantiles of each row ignoring NaN, as `np.nanquantile(..., method="linear")`;
     NaN for a row with no finite draw. Vectorised: np.nanquantile loops over rows
     in Python as soon as a NaN is possible, which costs more than everything else."""
@@ -430,7 +447,7 @@ def _nanquantile(x: np.ndarray, q: tuple[float, ...]) -> list[np.ndarray]:
     return out
 
 
-def _frozen(x: np.ndarray) -> np.ndarray:
+def frozen(x: np.ndarray) -> np.ndarray:
     """A read-only copy, so the frozen summary cannot be edited through its arrays."""
     x = np.array(x)
     x.setflags(write=False)

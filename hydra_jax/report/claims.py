@@ -1,363 +1,395 @@
-"""The paper's claims, measured on an `EffectMatrix`, with bootstrap intervals.
+"""The paper's claims, each measured by the paper's own quantity and judged by a stated rule.
 
-McGrath et al. (2023) state four things about a model's response to ablating
-one layer; `paper_claims` puts a number with a percentile bootstrap interval on
-each, per ablated component c, from the same per-prompt decomposition
-TE = direct + attention + mlp + norm that `hydra_summary` uses (all effects in
-centred logits, B prompts):
+McGrath et al. (2023, arXiv 2307.15771) report for Chinchilla 7B (32 layers, numbered
+1..32) the findings below. `paper_claims` turns `PaperStatistics` (hydra_jax.effects.paper,
+where every quantity is defined) into one row per claim: what the paper states and where,
+the quantity measured, the layers it is read at (the paper's layer l mapped to layer
+round((l − 1)(n − 1)/31) of an n-layer model, numbered from 0: `paper_layer`), the measured
+number with its bootstrap interval, and a verdict — "agrees", "partly", "does not hold" or
+"n/a" (nothing to measure it on) — decided by the rule the row states, never by prose:
 
-    restored(c)         1 − mean TE / mean direct: the fraction of the direct
-                        loss that does not reach the total effect (1 = fully
-                        repaired, 0 = no repair, < 0 = amplified). It counts
-                        the norm term with the downstream response, as a
-                        comparison of total and direct effects does.
-    top_attention(c)    (a, the Hydra effect) the measured attention component
-                        after c whose mean ΔDE(c' | c) most opposes the direct
-                        effect: argmax of −sign(mean direct) · mean ΔDE(c' | c)
-                        over attention c' after c (c itself and, for a head,
-                        its own layer excluded); `top_attention_change` is that
-                        mean ΔDE.
-    coupling_top(c)     (c, loose coupling) the share of Σ_{c' after c} mean |ΔDE(c' | c)|
-                        held by the `k` downstream components with the largest
-                        mean |ΔDE| (recomputed on every bootstrap draw), beside
-                        `coupling_uniform` = k / (number of downstream components),
-                        the share if every one changed alike. NaN with k or fewer
-                        downstream components.
-    share_attention(c), share_mlp(c), share_norm(c)
-                        how the response TE − direct splits by magnitude:
-                        mean |attention| / mean (|attention| + |mlp| + |norm|),
-                        and likewise; the three sum to 1.
-    erasers             (b, erasure) the measured MLPs whose clean direct effect
-                        on the target has an interval entirely below 0.
-    release(c)          Σ over erasers after c of mean ΔDE(e | c): how much the
-                        erasing MLPs change their writing when c is ablated
-                        (opposite in sign to the direct effect = erasure released,
-                        i.e. anti-erasure); NaN when no eraser is after c.
-    share_erasers(c)    mean |Σ_erasers ΔDE| / mean (|attention| + |mlp| + |norm|):
-                        the erasers' part of the response.
-    (d)                 the fraction of prompts with |direct| > |total| is
-                        `hydra_summary`'s `frac_direct_exceeds_total`.
+    r2_layer23        Fig. 7: CE regressed on Δ_unembed has R² 0.92 at attention layer 23.
+                      agrees: R² interval ≥ 0.5; partly: R² ≥ 0.25.
+    partial_repair    Fig. 7: past layer 13 the slope is below 1 (and above 0: partial repair).
+                      agrees: ≥ 75% of attention layers from paper layer 14 on have the slope
+                      interval inside (0, 1); partly: ≥ 50% have the slope inside (0, 1).
+    restored_70       Fig. 7: downstream layers restore about 70% at middle layers (the slope).
+                      The median slope over attention layers at paper layers 9–24 (the middle
+                      half; the paper gives no bounds). agrees: median in [0.5, 0.9] with its
+                      interval inside (0, 1); partly: median inside (0, 1).
+    layer18_by_20     The worked example: ablating attention layer 18, layer 20 compensates.
+                      On the prompts in the top decile of the mapped layer 18's Δ_unembed, the
+                      later attention layer that is most often the top compensator. agrees: its
+                      mean ΔDE interval is above 0 and it restores ≥ 25% of the decile's mean
+                      Δ_unembed; partly: interval above 0. Which layer it is (beside the mapped
+                      layer 20) is reported, not judged: depth maps across models only roughly.
+    mlp_predictive    Fig. 8: the late response of MLPs is the more predictable one. Attention
+                      layers from paper layer 22 on (the last third): R² of the MLP part of CE
+                      on Δ_unembed minus R² of the attention part. agrees: interval above 0 at
+                      ≥ 50% of them; partly: difference above 0 at ≥ 50%.
+    erasure           §5: late MLPs erase the target (negative clean direct effect) and erase less
+                      when upstream attention is ablated. Erasers: MLPs whose clean DE interval
+                      is below 0 and that remove ≥ 5% of the mean centred clean target logit.
+                      agrees: an eraser from paper layer 22 on, and after ≥ 50% of the attention
+                      ablations with Δ_unembed interval above 0 (and an eraser after them) the
+                      erasers' summed ΔDE interval is above 0; partly: a late eraser only.
+    direct_exceeds_total
+                      Fig. 2: Δ_unembed often exceeds −Δ_ablate. The mean over attention layers
+                      of the fraction of prompts with Δ_unembed > −Δ_ablate. agrees: interval
+                      above 0.5; partly: above 0.5.
+    loose_coupling    The paper states loose coupling without a statistic; the row uses
+                      hydra_jax's measure (hydra_jax.report.measures: the top-k share of the
+                      summed |ΔDE|). agrees: the share's interval above twice the uniform share
+                      for ≥ 75% of the ablations; partly: ≥ 25%.
 
-`statements(claims, summary)` turns these into one sentence per claim, each
-saying at how many of the ablated components it holds and by which criterion
-(an interval excluding 0, so that "holds" is a measured statement, not a
-reading of noise). Bootstrap draws are `np.random.default_rng(seed).integers(0,
-B, size=(n_bootstrap, B))`, as in `hydra_summary`, processed in chunks so memory
-stays bounded whatever n_bootstrap is.
+The dropout claim (self-repair without dropout) compares two models: `analyze --compare`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import numpy as np
 
-from hydra_jax.effects.results import Component, EffectMatrix
-from hydra_jax.effects.summary import HydraSummary, Stat, _frozen, _nanquantile
+from hydra_jax.effects.paper import ERASER_SHARE, PaperStatistics, paper_layer
+from hydra_jax.effects.results import Component
 from hydra_jax.model.sites import Site
+from hydra_jax.report.measures import RepairMeasures
 
-# Draws handled at once: [rows, chunk] float64 blocks stay in the tens of MB.
-_CHUNK = 128
-PER_ABLATION = (
-    "restored",
-    "top_attention_change",
-    "coupling_top",
-    "share_attention",
-    "share_mlp",
-    "share_norm",
-    "release",
-    "share_erasers",
-)
+VERDICTS = ("agrees", "partly", "does not hold", "n/a")
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class PaperClaims:
-    """The paper's claims per ablated component (see the module docstring).
-
-    Attributes:
-        labels: the A ablated components.
-        stats: name -> `Stat` of [A] arrays, for every name in `PER_ABLATION`.
-        top_attention: per ablated component, the label of the attention component
-            after it that compensates most, or None when none is after it.
-        coupling_uniform: [A] k / number of downstream components (NaN if <= k).
-        k: how many most-affected downstream components `coupling_top` counts.
-        erasers: labels of the measured MLPs whose clean direct effect interval is below 0.
-        n_layers: the model's depth (from the labels), for "late" and "middle" layers.
-    """
-
-    labels: tuple[str, ...]
-    stats: dict[str, Stat]
-    top_attention: tuple[str | None, ...]
-    coupling_uniform: np.ndarray
-    k: int
-    erasers: tuple[str, ...]
-    n_layers: int
-
-    def __getitem__(self, name: str) -> Stat:
-        return self.stats[name]
-
-    def records(self) -> list[dict[str, Any]]:
-        """One JSON-ready dict per ablated component: label, each statistic with _lo/_hi,
-        top_attention and coupling_uniform (NaN -> None)."""
-        out = []
-        for i, label in enumerate(self.labels):
-            r: dict[str, Any] = {"label": label, "top_attention": self.top_attention[i]}
-            for name in PER_ABLATION:
-                st = self.stats[name]
-                r |= {name: _num(st.value[i]), f"{name}_lo": _num(st.lo[i]), f"{name}_hi": _num(st.hi[i])}
-            r["coupling_uniform"] = _num(self.coupling_uniform[i])
-            out.append(r)
-        return out
+def paper_claims(ps: PaperStatistics, measures: RepairMeasures | None = None) -> list[dict[str, Any]]:
+    """One row per claim of the paper (see the module docstring): id, paper, source, quantity,
+    layers, measured, value, lo, hi, verdict and rule. `measures` (hydra_jax's repair
+    measures of the same matrix) gives the loose-coupling row; without it that row is n/a."""
+    comps = [Component.parse(c) for c in ps.labels]
+    n = ps.n_layers
+    attn = np.array([c.site is Site.ATTN_OUT for c in comps], bool)
+    layer = np.array([c.layer for c in comps])
+    rows = [
+        _r2_layer23(ps, attn, n),
+        _partial_repair(ps, attn & (layer >= paper_layer(14, n)), n),
+        _restored_70(ps, attn & (layer >= paper_layer(9, n)) & (layer <= paper_layer(24, n)), n),
+        _layer18_by_20(ps, n),
+        _mlp_predictive(ps, attn & (layer >= paper_layer(22, n)), n),
+        _erasure(ps, attn, n),
+        _direct_exceeds_total(ps, attn),
+        _loose_coupling(measures),
+    ]
+    return rows
 
 
-def paper_claims(em: EffectMatrix, summary: HydraSummary, *, k: int = 2) -> PaperClaims:
-    """Measure the paper's claims on `em`, with the bootstrap settings of `summary`.
-
-    Args:
-        em: an `EffectMatrix` measuring attention and mlp_out (as `hydra_summary` needs).
-        summary: `hydra_summary(em, ...)`; its n_bootstrap, seed and ci are used, and
-            its erasure intervals pick the erasing MLPs.
-        k: the number of most-affected downstream components in `coupling_top`.
-
-    Returns:
-        A `PaperClaims`.
-    """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}.")
-    if tuple(summary.labels) != tuple(em.labels.ablated):
-        raise ValueError("summary was not computed from this effect matrix (its ablated labels differ).")
-    d = em.decompose()
-    own, attention, mlp, norm, total = (
-        np.asarray(x, np.float64) for x in (d.own, d.attention, d.mlp, d.norm, em.total)
-    )
-    delta = np.asarray(em.delta_direct, np.float64)  # [A, M, B]
-    a, b = total.shape
-    ablated, measured = em.ablated, em.measured
-
-    after = np.array(
-        [[m.is_after(c) and not _same_layer_head(m, c) for m in measured] for c in ablated], bool
-    )
-    after = after.reshape(a, len(measured))
-    attn_after = after & np.array([m.is_attention for m in measured], bool)[None, :]
-
-    # (a) the attention component after c that most opposes the direct effect (full sample).
-    sign = -np.sign(own.mean(axis=1))  # +1 when the ablation lowers the target
-    sign = np.where(sign == 0, 1.0, sign)
-    mean_delta = delta.mean(axis=-1)
-    scored = np.where(attn_after, sign[:, None] * mean_delta, -np.inf)
-    top = scored.argmax(axis=1)
-    has_top = attn_after.any(axis=1)
-    top_attention = tuple(em.labels.measured[j] if ok else None for j, ok in zip(top, has_top, strict=True))
-    top_rows = np.where(has_top[:, None], delta[np.arange(a), top], np.nan)  # [A, B]
-
-    # (b) erasers: MLPs whose clean direct effect interval lies below zero.
-    mlp_labels = list(summary.mlp_labels)
-    eraser_set = {mlp_labels[j] for j in range(len(mlp_labels)) if summary.erasure_direct.hi[j] < 0}
-    erasers = tuple(label for label in em.labels.measured if label in eraser_set)
-    is_eraser = np.array([label in eraser_set for label in em.labels.measured], bool)
-    eraser_after = after & is_eraser[None, :]
-    release_rows = np.einsum("am,amb->ab", eraser_after.astype(np.float64), delta)
-    release_rows = np.where(eraser_after.any(axis=1)[:, None], release_rows, np.nan)
-
-    response = np.abs(attention) + np.abs(mlp) + np.abs(norm)  # [A, B]
-    n_after = after.sum(axis=1)
-    uniform = np.where(n_after > k, k / np.maximum(n_after, 1), np.nan)
-    abs_delta = np.abs(delta)
-
-    def statistic(w: np.ndarray) -> dict[str, np.ndarray]:
-        """Every statistic for prompt weights w [B, K] (column = one draw), each [A, K]."""
-        n = w.sum(axis=0)
-
-        def mean(x: np.ndarray) -> np.ndarray:
-            return x @ w / n
-
-        with np.errstate(divide="ignore", invalid="ignore"):
-            m_own, m_total, m_resp = mean(own), mean(total), mean(response)
-            coupling = (abs_delta.reshape(-1, b) @ w).reshape(a, -1, w.shape[1]) / n  # [A, M, K]
-            coupling = np.where(after[:, :, None], coupling, 0.0)
-            top_k = -np.sort(-coupling, axis=1)[:, :k].sum(axis=1)
-            sum_all = coupling.sum(axis=1)
-            return {
-                "restored": np.where(m_own != 0, 1.0 - m_total / m_own, np.nan),
-                "top_attention_change": mean(np.nan_to_num(top_rows))
-                + np.where(has_top, 0.0, np.nan)[:, None],
-                "coupling_top": np.where((n_after > k)[:, None] & (sum_all > 0), top_k / sum_all, np.nan),
-                "share_attention": mean(np.abs(attention)) / m_resp,
-                "share_mlp": mean(np.abs(mlp)) / m_resp,
-                "share_norm": mean(np.abs(norm)) / m_resp,
-                "release": mean(np.nan_to_num(release_rows))
-                + np.where(eraser_after.any(axis=1), 0.0, np.nan)[:, None],
-                "share_erasers": mean(np.abs(np.nan_to_num(release_rows))) / m_resp
-                + np.where(eraser_after.any(axis=1), 0.0, np.nan)[:, None],
-            }
-
-    point = statistic(np.ones((b, 1)))
-    rng = np.random.default_rng(summary.seed)
-    idx = rng.integers(0, b, size=(summary.n_bootstrap, b))
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in PER_ABLATION}
-    for start in range(0, summary.n_bootstrap, _CHUNK):
-        rows = idx[start : start + _CHUNK]
-        w = np.zeros((len(rows), b))
-        np.add.at(w, (np.arange(len(rows))[:, None], rows), 1.0)
-        for name, value in statistic(w.T).items():
-            chunks[name].append(value)
-    q = ((1 - summary.ci) / 2, (1 + summary.ci) / 2)
-    stats = {}
-    for name in PER_ABLATION:
-        lo, hi = _nanquantile(np.concatenate(chunks[name], axis=1), q)
-        stats[name] = Stat(_frozen(point[name][:, 0]), _frozen(lo), _frozen(hi))
-    n_layers = max(c.layer for c in [*ablated, *measured]) + 1
-    return PaperClaims(
-        labels=tuple(em.labels.ablated),
-        stats=stats,
-        top_attention=top_attention,
-        coupling_uniform=_frozen(uniform),
-        k=int(k),
-        erasers=erasers,
-        n_layers=n_layers,
-    )
-
-
-def _same_layer_head(measured: Component, ablated: Component) -> bool:
-    """A head's own attention layer holds the head itself: it is the ablation, not a reaction."""
-    return (
-        measured.layer == ablated.layer and measured.site is Site.ATTN_OUT and ablated.site is Site.HEAD_OUT
-    )
-
-
-def statements(claims: PaperClaims, summary: HydraSummary) -> list[dict[str, Any]]:
-    """One dict per claim: id, paper (what the paper says), measured (a sentence with the
-    numbers), holds ("k of n" components where the criterion is met) and criterion."""
-    comps = [Component.parse(c) for c in claims.labels]
-    attn = np.array([c.is_attention for c in comps], bool)
-    direct = summary["direct"]
-    lowers = (direct.hi < 0) & attn  # attention ablations that clearly lower the target
-    ce_att = summary["attention"]
-    out = []
-
-    # (a) Hydra: downstream attention compensates (only where some attention is downstream).
-    can = lowers & np.array([t is not None for t in claims.top_attention], bool)
-    comp = can & (ce_att.lo > 0)
-    best = _argmax_where(np.asarray(ce_att.value), can)
-    text = (
-        f"After {int(comp.sum())} of {int(can.sum())} attention ablations that lower the target "
-        "(direct-effect interval below 0) and have attention layers after them, those layers push it "
-        "back up (attention compensation interval above 0)."
-    )
-    if best is not None:
-        r = claims["restored"]
-        text += (
-            f" Largest: {claims.labels[best]}, attention compensation {_f(ce_att.value[best])} "
-            f"{_i(ce_att.lo[best], ce_att.hi[best])} against a direct effect of {_f(direct.value[best])}; "
-            f"the later attention component that moves most against the loss is {claims.top_attention[best]} "
-            f"(mean ΔDE {_f(claims['top_attention_change'].value[best])}); restored fraction "
-            f"{_f(r.value[best])} {_i(r.lo[best], r.hi[best])}."
-        )
-    out.append(
-        _statement(
-            "hydra",
-            "Ablating an attention layer makes later attention layers compensate (the Hydra effect).",
-            text,
-            comp,
-            can,
-            "attention ablations with direct interval < 0 (and attention after them) whose "
-            "attention-compensation interval is > 0",
-        )
-    )
-
-    # (b) Erasure: late MLPs write against the target, and write less when attention is ablated.
-    late = {
-        f"mlp_out.{layer}" for layer in range(claims.n_layers - max(1, claims.n_layers // 3), claims.n_layers)
-    }
-    late_erasers = [e for e in claims.erasers if e in late]
-    release = claims["release"]
-    released = lowers & (release.lo > 0)
-    has_release = lowers & np.isfinite(release.value)
-    shares = claims["share_erasers"].value[has_release]
-    text = (
-        f"{len(claims.erasers)} MLP{'s write' if len(claims.erasers) != 1 else ' writes'} against the "
-        f"target in the clean run (direct-effect interval below 0), {len(late_erasers)} of them in the "
-        "last third of the layers"
-        + (f" ({', '.join(late_erasers)})" if late_erasers else "")
-        + f". After {int(released.sum())} of {int(has_release.sum())} attention ablations that lower the "
-        "target, these erasing MLPs write less against it (their summed change interval above 0)"
-        + (f"; on average they carry {_f(np.mean(shares))} of the response." if shares.size else ".")
-    )
-    out.append(
-        _statement(
-            "erasure",
-            "Late MLP layers erase the maximum-likelihood token, and erase less when upstream "
-            "attention is ablated (anti-erasure).",
-            text,
-            released,
-            has_release,
-            "attention ablations with direct interval < 0 after which the erasers' summed change is > 0",
-        )
-    )
-
-    # (c) Loose coupling: a few downstream components carry most of the change.
-    top = claims["coupling_top"].value
-    ok = np.isfinite(top)
-    concentrated = ok & (claims["coupling_top"].lo > 2 * claims.coupling_uniform)
-    text = (
-        f"The {claims.k} most affected downstream components carry a median share of "
-        f"{_f(np.median(top[ok]) if ok.any() else math.nan)} of the summed |ΔDE| (if every downstream "
-        f"component changed alike: {_f(np.median(claims.coupling_uniform[ok]) if ok.any() else math.nan)}); "
-        f"the share's interval is above twice the uniform share for {int(concentrated.sum())} of "
-        f"{int(ok.sum())} ablations."
-    )
-    out.append(
-        _statement(
-            "loose_coupling",
-            "Layers are loosely coupled: an ablation changes only a few downstream layers much.",
-            text,
-            concentrated,
-            ok,
-            f"ablations whose top-{claims.k} share interval is above twice the uniform share",
-        )
-    )
-
-    # (d) Direct effects exceed total effects.
-    frac = summary["frac_direct_exceeds_total"]
-    exceeds = frac.lo > 0.5
-    text = (
-        f"For {int(exceeds.sum())} of {len(claims.labels)} ablated components, more than half of the "
-        f"prompts have |direct| > |total| (interval above 0.5); mean fraction {_f(np.nanmean(frac.value))}, "
-        f"{_f(np.nanmean(frac.value[attn])) if attn.any() else 'n/a'} over attention ablations."
-    )
-    out.append(
-        _statement(
-            "direct_exceeds_total",
-            "The direct effect of an ablation often exceeds its total effect (downstream layers absorb "
-            "part of it).",
-            text,
-            exceeds,
-            np.ones(len(claims.labels), bool),
-            "ablations whose fraction of prompts with |direct| > |total| has an interval above 0.5",
-        )
-    )
-    return out
-
-
-def _statement(
-    name: str, paper: str, measured: str, met: np.ndarray, of: np.ndarray, criterion: str
+def _row(
+    id: str,
+    paper: str,
+    source: str,
+    quantity: str,
+    layers: str,
+    measured: str,
+    stat: tuple[Any, Any, Any],
+    verdict: str,
+    rule: str,
 ) -> dict[str, Any]:
+    assert verdict in VERDICTS
+    value, lo, hi = (_num(x) for x in stat)
     return {
-        "id": name,
+        "id": id,
         "paper": paper,
+        "source": source,
+        "quantity": quantity,
+        "layers": layers,
         "measured": measured,
-        "holds": int(np.sum(met & of)),
-        "of": int(np.sum(of)),
-        "criterion": criterion,
+        "value": value,
+        "lo": lo,
+        "hi": hi,
+        "verdict": verdict,
+        "rule": rule,
     }
 
 
-def _argmax_where(x: np.ndarray, where: np.ndarray) -> int | None:
-    if not where.any():
-        return None
-    return int(np.argmax(np.where(where & np.isfinite(x), x, -np.inf)))
+def _index(ps: PaperStatistics, label: str) -> int | None:
+    return ps.labels.index(label) if label in ps.labels else None
+
+
+def _at(ps: PaperStatistics, name: str, i: int) -> tuple[float, float, float]:
+    s = ps[name]
+    return float(s.value[i]), float(s.lo[i]), float(s.hi[i])
+
+
+_NONE = (math.nan, math.nan, math.nan)
+
+
+def _r2_layer23(ps: PaperStatistics, attn: np.ndarray, n: int) -> dict[str, Any]:
+    label = f"attn_out.{paper_layer(23, n)}"
+    i = _index(ps, label)
+    r2 = _at(ps, "r2", i) if i is not None else _NONE
+    if not math.isfinite(r2[0]):
+        verdict, measured = "n/a", f"{label}: not measured (or no prompts to fit)"
+    else:
+        verdict = "agrees" if r2[1] >= 0.5 else "partly" if r2[0] >= 0.25 else "does not hold"
+        slope = _at(ps, "slope", i)
+        best = _best(ps, "r2", attn)
+        measured = f"R² {_ci(r2)} at {label} (slope {_ci(slope)})" + (
+            f"; highest over attention layers: {_ci(_at(ps, 'r2', best))} at {ps.labels[best]}"
+            if best is not None
+            else ""
+        )
+    return _row(
+        "r2_layer23",
+        "Compensation is predicted by the unembedding impact: R² 0.92 at attention layer 23 of 32.",
+        "Fig. 7; eqs. 10, 33",
+        "R² of the OLS fit of CE (eq. 33, no norm term) on Δ_unembed (eq. 10, clean direct effect) "
+        "across prompts",
+        f"paper layer 23 → {label}",
+        measured,
+        r2,
+        verdict,
+        "agrees: R² interval ≥ 0.5; partly: R² ≥ 0.25; otherwise does not hold",
+    )
+
+
+def _partial_repair(ps: PaperStatistics, rows: np.ndarray, n: int) -> dict[str, Any]:
+    s = ps["slope"]
+    ok = rows & np.isfinite(s.value)
+    clear = ok & (s.lo > 0) & (s.hi < 1)
+    inside = ok & (s.value > 0) & (s.value < 1)
+    m = int(ok.sum())
+    if m == 0:
+        verdict, measured = "n/a", "no attention layer with a slope from paper layer 14 on"
+    else:
+        verdict = (
+            "agrees" if clear.sum() >= 0.75 * m else "partly" if inside.sum() >= 0.5 * m else "does not hold"
+        )
+        below = int((ok & (s.value <= 0)).sum())
+        above = int((ok & (s.value >= 1)).sum())
+        measured = (
+            f"slope inside (0, 1) at {int(inside.sum())} of {m} attention layers "
+            f"({int(clear.sum())} with the whole interval inside); ≤ 0 (no repair or amplification) at "
+            f"{below}, ≥ 1 (over-repair) at {above}; median slope {_ci(ps.over('slope', ok))}"
+        )
+    return _row(
+        "partial_repair",
+        "Past layer 13 the compensation slope is below 1: later layers repair part of the loss.",
+        "Fig. 7",
+        "slope of the OLS fit of CE on Δ_unembed; partial repair = 0 < slope < 1",
+        f"paper layers 14–32 → attn_out.{paper_layer(14, n)}–{n - 1}",
+        measured,
+        (clear.sum() / m if m else math.nan, math.nan, math.nan),
+        verdict,
+        "agrees: ≥ 75% of those layers have the slope interval inside (0, 1); partly: ≥ 50% have "
+        "the slope inside (0, 1); otherwise does not hold (value: the fraction with the interval inside)",
+    )
+
+
+def _restored_70(ps: PaperStatistics, rows: np.ndarray, n: int) -> dict[str, Any]:
+    med = ps.over("slope", rows)
+    value, lo, hi = float(med.value), float(med.lo), float(med.hi)
+    if not math.isfinite(value):
+        verdict, measured = "n/a", "no middle attention layer with a slope"
+    else:
+        verdict = (
+            "agrees"
+            if 0.5 <= value <= 0.9 and lo > 0 and hi < 1
+            else "partly"
+            if 0 < value < 1
+            else "does not hold"
+        )
+        m = int((rows & np.isfinite(ps["slope"].value)).sum())
+        measured = f"median slope {_ci((value, lo, hi))} over {m} layers"
+    return _row(
+        "restored_70",
+        "Downstream layers restore about 70% of the direct effect at middle layers.",
+        "Fig. 7",
+        "median over the middle attention layers of the slope of CE on Δ_unembed (interval: the "
+        "median of each bootstrap draw)",
+        f"paper layers 9–24 (the middle half; the paper gives no bounds) → attn_out.{paper_layer(9, n)}–"
+        f"{paper_layer(24, n)}",
+        measured,
+        (value, lo, hi),
+        verdict,
+        "agrees: median in [0.5, 0.9] with its interval inside (0, 1); partly: median inside (0, 1); "
+        "otherwise does not hold",
+    )
+
+
+def _layer18_by_20(ps: PaperStatistics, n: int) -> dict[str, Any]:
+    label, label20 = f"attn_out.{paper_layer(18, n)}", f"attn_out.{paper_layer(20, n)}"
+    i = _index(ps, label)
+    top = None if i is None else ps.decile_compensator[i]
+    if top is None:
+        verdict, measured, stat = "n/a", f"{label}: not ablated, or no attention layer after it", _NONE
+    else:
+        change, restored, share = (
+            _at(ps, name, i) for name in ("decile_change", "decile_restored", "decile_share")
+        )
+        verdict = (
+            "agrees"
+            if change[1] > 0 and restored[0] >= 0.25
+            else "partly"
+            if change[1] > 0
+            else "does not hold"
+        )
+        measured = (
+            f"on the {int(ps.decile_prompts[i])} prompts in the top decile of {label}'s Δ_unembed, {top} is "
+            f"the top compensator on {_f(share[0])} {_iv(share)} of them, mean ΔDE {_ci(change)}, "
+            f"{_ci(restored)} of their mean Δ_unembed (the paper's layer 20 maps to {label20})"
+        )
+        stat = change
+    return _row(
+        "layer18_by_20",
+        "Ablating attention layer 18, attention layer 20 compensates (the paper's worked example).",
+        "§4, worked example; eq. 33",
+        "per prompt in the top decile of the ablated layer's Δ_unembed: the later attention layer with "
+        "the largest ΔDE; the most frequent one, its mean ΔDE and that as a fraction of mean Δ_unembed",
+        f"paper layer 18 → {label}; layer 20 → {label20}",
+        measured,
+        stat,
+        verdict,
+        "agrees: the top compensator's mean ΔDE interval is above 0 and it restores ≥ 25% of the "
+        "decile's mean Δ_unembed; partly: interval above 0; otherwise does not hold",
+    )
+
+
+def _mlp_predictive(ps: PaperStatistics, rows: np.ndarray, n: int) -> dict[str, Any]:
+    d = ps["r2_mlp_minus_attention"]
+    ok = rows & np.isfinite(d.value)
+    m = int(ok.sum())
+    clear, more = ok & (d.lo > 0), ok & (d.value > 0)
+    if m == 0:
+        verdict, measured = "n/a", "no late attention layer with both fits"
+    else:
+        verdict = (
+            "agrees" if clear.sum() >= 0.5 * m else "partly" if more.sum() >= 0.5 * m else "does not hold"
+        )
+        measured = (
+            f"R² of the MLP response above the attention response's at {int(more.sum())} of {m} late "
+            f"attention layers ({int(clear.sum())} with the difference's interval above 0); median R²: "
+            f"MLP {_f(np.nanmedian(ps['r2_mlp_response'].value[ok]))}, attention "
+            f"{_f(np.nanmedian(ps['r2_attention_response'].value[ok]))}"
+        )
+    return _row(
+        "mlp_predictive",
+        "In late layers the MLPs' response to an attention ablation is the more predictable one.",
+        "Fig. 8",
+        "R² of the MLP part of CE on Δ_unembed minus R² of the attention part, per ablated attention layer",
+        f"paper layers 22–32 (the last third) → attn_out.{paper_layer(22, n)}–{n - 1}",
+        measured,
+        (clear.sum() / m if m else math.nan, math.nan, math.nan),
+        verdict,
+        "agrees: the difference's interval is above 0 at ≥ 50% of those layers; partly: the "
+        "difference is above 0 at ≥ 50%; otherwise does not hold (value: the fraction with the "
+        "interval above 0)",
+    )
+
+
+def _erasure(ps: PaperStatistics, attn: np.ndarray, n: int) -> dict[str, Any]:
+    late = [e for e in ps.erasers if Component.parse(e).layer >= paper_layer(22, n)]
+    u, rel = ps["delta_unembed"], ps["eraser_release"]
+    supporting = attn & (u.lo > 0) & np.isfinite(rel.value)
+    released = supporting & (rel.lo > 0)
+    m = int(supporting.sum())
+    if not ps.mlp_labels:
+        verdict = "n/a"
+    elif late and m and released.sum() >= 0.5 * m:
+        verdict = "agrees"
+    elif late:
+        verdict = "partly"
+    else:
+        verdict = "does not hold"
+    measured = (
+        f"erasers: {', '.join(ps.erasers) or 'none'} (threshold {_f(ps.eraser_threshold)}), "
+        f"{len(late)} from paper layer 22 on; after {int(released.sum())} of {m} supporting attention "
+        "ablations with an eraser after them the erasers write less against the target (summed ΔDE "
+        "interval above 0)"
+    )
+    return _row(
+        "erasure",
+        "Late MLP layers erase the maximum-likelihood token, and erase less when upstream attention "
+        "is ablated (anti-erasure).",
+        "§5",
+        f"erasers: MLPs whose clean DE interval is below 0 and that remove ≥ {ERASER_SHARE:.0%} of the "
+        "mean centred clean target logit; release: Σ over erasers after the ablation of ΔDE",
+        f"late: paper layers 22–32 → mlp_out.{paper_layer(22, n)}–{n - 1}",
+        measured,
+        (released.sum() / m if m else math.nan, math.nan, math.nan),
+        verdict,
+        "agrees: an eraser from paper layer 22 on, and the release interval above 0 after ≥ 50% of the "
+        "attention ablations with Δ_unembed interval above 0 and an eraser after them; partly: a late "
+        "eraser only; otherwise does not hold (value: the fraction that release)",
+    )
+
+
+def _direct_exceeds_total(ps: PaperStatistics, attn: np.ndarray) -> dict[str, Any]:
+    frac = ps.over("frac_unembed_exceeds_ablate", attn, np.nanmean)
+    value, lo, hi = float(frac.value), float(frac.lo), float(frac.hi)
+    if not math.isfinite(value):
+        verdict, measured = "n/a", "no attention layer with Δ_unembed"
+    else:
+        verdict = "agrees" if lo > 0.5 else "partly" if value > 0.5 else "does not hold"
+        measured = (
+            f"Δ_unembed > −Δ_ablate on a mean fraction {_ci((value, lo, hi))} of prompts over attention "
+            f"layers; median R² of Δ_ablate on Δ_unembed {_ci(ps.over('r2_ablate', attn))}"
+        )
+    return _row(
+        "direct_exceeds_total",
+        "The unembedding impact often exceeds the ablation impact: later layers absorb part of the loss.",
+        "Fig. 2; eqs. 10, 12",
+        "the fraction of prompts with Δ_unembed > −Δ_ablate, mean over attention layers",
+        "every attention layer",
+        measured,
+        (value, lo, hi),
+        verdict,
+        "agrees: interval above 0.5; partly: above 0.5; otherwise does not hold",
+    )
+
+
+def _loose_coupling(measures: RepairMeasures | None) -> dict[str, Any]:
+    rule = (
+        "hydra_jax's measure; agrees: the top-k share's interval is above twice the uniform share for "
+        "≥ 75% of the ablations; partly: ≥ 25%; otherwise does not hold (value: that fraction)"
+    )
+    paper = "Layers are loosely coupled: an ablation changes only a few downstream layers much."
+    quantity = (
+        "hydra_jax's measure (the paper states this without a statistic): the share of the summed "
+        "mean |ΔDE| downstream held by the k most affected components, against k / (downstream count)"
+    )
+    if measures is None:
+        return _row(
+            "loose_coupling", paper, "§4", quantity, "every ablation", "not measured", _NONE, "n/a", rule
+        )
+    top = measures["coupling_top"]
+    ok = np.isfinite(top.value)
+    m = int(ok.sum())
+    concentrated = ok & (top.lo > 2 * measures.coupling_uniform)
+    if m == 0:
+        verdict, frac = "n/a", math.nan
+    else:
+        frac = concentrated.sum() / m
+        verdict = "agrees" if frac >= 0.75 else "partly" if frac >= 0.25 else "does not hold"
+    measured = (
+        f"the {measures.k} most affected downstream components carry a median share "
+        f"{_f(np.median(top.value[ok]) if m else math.nan)} of the summed |ΔDE| (uniform: "
+        f"{_f(np.median(measures.coupling_uniform[ok]) if m else math.nan)}); concentrated beyond twice "
+        f"uniform for {int(concentrated.sum())} of {m} ablations"
+    )
+    return _row(
+        "loose_coupling",
+        paper,
+        "§4",
+        quantity,
+        "every ablation",
+        measured,
+        (frac, math.nan, math.nan),
+        verdict,
+        rule,
+    )
+
+
+def _best(ps: PaperStatistics, name: str, rows: np.ndarray) -> int | None:
+    x = np.where(rows & np.isfinite(ps[name].value), ps[name].value, -np.inf)
+    return int(np.argmax(x)) if np.isfinite(x).any() else None
 
 
 def _f(x: Any) -> str:
@@ -365,8 +397,15 @@ def _f(x: Any) -> str:
     return f"{x:.3g}" if math.isfinite(x) else "n/a"
 
 
-def _i(lo: Any, hi: Any) -> str:
-    return f"[{_f(lo)}, {_f(hi)}]"
+def _iv(s: tuple[float, float, float]) -> str:
+    return f"[{_f(s[1])}, {_f(s[2])}]"
+
+
+def _ci(s: Any) -> str:
+    """'value [lo, hi]' of a (value, lo, hi) tuple or a scalar `Stat`."""
+    if not isinstance(s, tuple):
+        s = (float(s.value), float(s.lo), float(s.hi))
+    return f"{_f(s[0])} {_iv(s)}"
 
 
 def _num(x: Any) -> float | None:

@@ -16,7 +16,9 @@
 
 Every quantity is defined in docs/effects.md and hydra_jax/effects/summary.py; effects
 are in centred logits (the target logit minus the mean logit). The report only formats and
-draws what `hydra_summary`, `hydra_jax.report.claims.paper_claims` and the `EffectMatrix`
+draws what `hydra_summary`, `hydra_jax.effects.paper.paper_statistics` (the paper's
+quantities), `hydra_jax.report.claims.paper_claims` (the paper's claims with their verdicts),
+`hydra_jax.report.measures.repair_measures` (hydra_jax's own measures) and the `EffectMatrix`
 hold: it computes nothing new except means over ablations for the headline. The formats
 are in `schema`, the text in `text`, the figures in `figures`.
 """
@@ -31,10 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from hydra_jax.effects.paper import paper_statistics
 from hydra_jax.effects.results import Component, EffectMatrix
 from hydra_jax.effects.summary import STATS, HydraSummary
-from hydra_jax.report import claims as paper
 from hydra_jax.report import figures
+from hydra_jax.report.claims import paper_claims
+from hydra_jax.report.measures import repair_measures
 from hydra_jax.report.schema import SCHEMA_ID, validate_summary
 from hydra_jax.report.text import report_markdown
 
@@ -152,12 +156,22 @@ def _block(em: EffectMatrix, summary: HydraSummary, meta: dict) -> dict[str, Any
     block["per_ablation"] = [r for r in records if r["kind"] == "ablation"]
     block["erasure"] = [r for r in records if r["kind"] == "erasure"]
     block["headline"] = headline(em, summary)
-    claims = paper.paper_claims(em, summary)
-    block["claims"] = {
-        "k": claims.k,
-        "erasers": list(claims.erasers),
-        "statements": paper.statements(claims, summary),
-        "per_ablation": claims.records(),
+    measures = repair_measures(em, summary)
+    ps = paper_statistics(em, n_bootstrap=summary.n_bootstrap, seed=summary.seed, ci=summary.ci)
+    protocol = meta.get("protocol")
+    block["paper"] = {
+        "deviations": None if protocol is None else _jsonable(protocol["deviations"], "protocol"),
+        "n_layers": ps.n_layers,
+        "eraser_threshold": _num(ps.eraser_threshold),
+        "erasers": list(ps.erasers),
+        "claims": paper_claims(ps, measures),
+        "per_ablation": ps.records(),
+        "mlps": ps.mlp_records(),
+    }
+    block["measures"] = {
+        "k": measures.k,
+        "erasers": list(measures.erasers),
+        "per_ablation": measures.records(),
     }
     return block
 
@@ -195,7 +209,8 @@ def headline(em: EffectMatrix, summary: HydraSummary) -> dict[str, Any]:
     big = _nanargmax(np.abs(s["direct"]))
     top = _nanargmax(np.abs(s["compensation"]))
     erasure = np.asarray(summary.erasure_direct.value, np.float64)
-    neg = _nanargmax(-erasure) if erasure.size else None
+    # Only an MLP whose clean direct effect is negative writes against the target: none, no label.
+    neg = _nanargmax(-erasure) if np.any(erasure < 0) else None
     return {
         "granularity": "head" if any(c.head is not None for c in comps) else "layer",
         "n_ablated": len(comps),

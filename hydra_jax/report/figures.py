@@ -40,6 +40,7 @@ def draw(
     """Every figure of a report, keyed by its file name (compare.png last, with `compare`)."""
     name = str(doc["model"]["name"])
     figures = {
+        FIGURES["paper_fig7"]: plot_paper_fig7(em, doc, name),
         FIGURES["direct_vs_total"]: plot_direct_vs_total(em, summary, name),
         FIGURES["decomposition"]: plot_decomposition(summary, name),
         FIGURES["coupling"]: plot_coupling(em, name),
@@ -119,6 +120,61 @@ def _interval(ax, x: Any, lo: Any, hi: Any, color: Any, horizontal: bool = False
     else:
         ax.vlines(x, lo, hi, colors=colors, lw=1)
         ax.scatter(pos, ends, marker="_", c=colors * 2, s=16, linewidths=1)
+
+
+def plot_paper_fig7(em: EffectMatrix, doc: dict[str, Any], name: str) -> Figure:
+    """The paper's Fig. 7 regression: CE (no norm term) against Δ_unembed (the clean direct effect),
+    one point per prompt, per ablated attention layer, with the OLS line and y = x (full repair).
+
+    Up to 16 attention layers get a panel each; a deeper model gets 8, evenly spread over depth and
+    always including the layer at the paper's layer 23 (`claims.paper_layer`)."""
+    from hydra_jax.effects.paper import paper_layer
+
+    records = {r["label"]: r for r in doc["paper"]["per_ablation"]}
+    index = {c: j for j, c in enumerate(em.labels.measured)}
+    rows = [
+        i
+        for i, c in enumerate(em.labels.ablated)
+        if Component.parse(c).site is Site.ATTN_OUT and c in index and records[c]["slope"] is not None
+    ]
+    if not rows:
+        fig = _figure(6.0, 2.0)
+        fig.text(0.5, 0.5, "no ablated attention layer with a clean direct effect and a fit", ha="center")
+        fig.suptitle(f"{name}: the paper's Fig. 7 regression")
+        return fig
+    if len(rows) > 16:
+        at23 = f"attn_out.{paper_layer(23, doc['paper']['n_layers'])}"
+        picks = {rows[k] for k in np.linspace(0, len(rows) - 1, MAX_SCATTER_PANELS - 1).round().astype(int)}
+        picks |= {i for i in rows if em.labels.ablated[i] == at23}
+        rows = sorted(picks)
+    d = em.decompose()
+    ce = np.asarray(d.attention, np.float64) + np.asarray(d.mlp, np.float64)
+    clean = np.asarray(em.direct_clean, np.float64)
+    n = len(rows)
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    fig = _figure(3.0 * ncols + 0.6, 2.8 * nrows + 0.9)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, i in zip(axes, rows, strict=False):
+        label = em.labels.ablated[i]
+        x, y = clean[index[label]], ce[i]
+        r = records[label]
+        ax.scatter(x, y, s=14, alpha=0.6, color=_ATTN_COLOR, edgecolors="none")
+        lim = np.array([x.min(), x.max()])
+        ax.plot(lim, lim, ls="--", lw=1, color="0.3")  # y = x: the whole direct effect restored
+        ax.plot(lim, y.mean() + r["slope"] * (lim - x.mean()), lw=1.5, color="black")  # OLS
+        ax.axhline(0, color="0.8", lw=0.8, zorder=0)
+        ax.set_title(f"{label}   slope {fmt(r['slope'])}, R² {fmt(r['r2'])}", fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.supxlabel(f"Δ_unembed: clean direct effect of the ablated layer ({UNIT})", fontsize=10)
+    fig.supylabel(f"CE: compensation, no norm term ({UNIT})", fontsize=10)
+    fig.suptitle(
+        f"{name}: the paper's Fig. 7 regression per attention layer "
+        "(solid: OLS fit; dashed: y = x, the whole direct effect restored)"
+    )
+    return fig
 
 
 def plot_direct_vs_total(em: EffectMatrix, summary: HydraSummary, name: str) -> Figure:
@@ -381,7 +437,7 @@ def plot_repair(summary: HydraSummary, name: str) -> Figure:
 def plot_depth(doc: dict[str, Any], name: str) -> Figure:
     """(g) per-layer curves: direct/total, slope, R², restored and response shares against depth."""
     records = {r["label"]: r for r in doc["per_ablation"]}
-    claims = {r["label"]: r for r in doc["claims"]["per_ablation"]}
+    claims = {r["label"]: r for r in doc["measures"]["per_ablation"]}
     labels = list(records)
     comps = [Component.parse(c) for c in labels]
     heads = any(c.head is not None for c in comps)

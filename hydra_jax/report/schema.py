@@ -11,9 +11,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-SCHEMA_ID = "hydra_jax.summary/1"
+SCHEMA_ID = "hydra_jax.summary/2"
 UNIT = "centred logit"
 FIGURES = {
+    "paper_fig7": "paper_fig7.png",
     "direct_vs_total": "direct_vs_total.png",
     "decomposition": "decomposition.png",
     "coupling": "coupling.png",
@@ -26,14 +27,15 @@ COMPARE_FIGURE = "compare.png"
 
 NPZ_SCHEMA: dict[str, str] = {
     "total": "[A, B] float: TE(c), change of the centred target logit under each ablation.",
-    "direct_clean": "[M, B] float: clean direct effect DE(c') of each measured component.",
+    "direct_clean": "[M, B] float: clean direct effect DE(c') of each measured component (the paper's "
+    "Δ_unembed, eq. 10).",
     "delta_direct": "[A, M, B] float: ΔDE(c' | c), change of measured c' under ablation c (frozen scale).",
     "norm_term": "[A, B] float: the part of TE due to the final-norm scale moving.",
     "target": "[B] int: target token id of each prompt.",
     "clean_logit": "[B] float: centred clean target logit.",
     "direct_embed": "[B] float: clean direct effect of the embeddings.",
     "direct_bias": "[B] float: final-norm and unembedding bias terms.",
-    "own": "[A, B] float: ΔDE(c | c), the ablation's direct effect (decomposition).",
+    "own": "[A, B] float: ΔDE(c | c) = DE(ĉ) − DE(c), the ablated component's own change (decomposition).",
     "attention": "[A, B] float: Σ ΔDE over attention components after c (decomposition).",
     "mlp": "[A, B] float: Σ ΔDE over MLPs after c (decomposition).",
     "labels_ablated": "[A] str: ablated component labels, e.g. 'attn_out.3', 'head_out.3.5'.",
@@ -50,13 +52,15 @@ def _spec(type_: str, doc: str, **extra: Any) -> dict[str, Any]:
 
 
 _STAT_DOCS = {
-    "direct": "mean ΔDE(c | c): the ablation's direct effect (paper's Δ_unembed), centred logit",
+    "direct": "mean own change ΔDE(c | c) = DE(ĉ) − DE(c) (hydra_jax's; NOT the paper's Δ_unembed, "
+    "which is paper.per_ablation[].delta_unembed), centred logit",
     "total": "mean TE(c): total effect of the ablation (paper's Δ_ablate), centred logit",
     "attention": "mean Σ ΔDE over attention components after c (Hydra effect), centred logit",
     "mlp": "mean Σ ΔDE over MLPs after c (anti-erasure), centred logit",
     "norm": "mean final-norm scale term, centred logit",
     "compensation": "mean CE = attention + mlp, centred logit",
-    "slope": "OLS slope of CE on −direct across prompts; 1 = full repair, 0 = none",
+    "slope": "OLS slope of CE on −direct (own change) across prompts; 1 = full repair, 0 = none; null "
+    "when nothing measured is after c",
     "r2_slope": "R² of that fit",
     "r2_total": "R² of TE explained by direct",
     "frac_direct_exceeds_total": "fraction of prompts with |direct| > |total|",
@@ -117,17 +121,24 @@ HEADLINE_SCHEMA: dict[str, dict[str, Any]] = {
     "max_compensation_lo": _spec("number|null", "lower CI end"),
     "max_compensation_hi": _spec("number|null", "upper CI end"),
     "max_compensation_slope": _spec("number|null", "that ablation's slope"),
-    "most_negative_mlp_label": _spec("string|null", "the MLP with the most negative clean direct effect"),
-    "most_negative_mlp_direct": _spec("number|null", "its clean direct effect (negative = erasure)"),
+    "most_negative_mlp_label": _spec(
+        "string|null",
+        "the MLP with the most negative clean direct effect; null when none is negative (no MLP writes "
+        "against the target)",
+    ),
+    "most_negative_mlp_direct": _spec(
+        "number|null", "its clean direct effect (negative = erasure); null when none is negative"
+    ),
 }
 
-CLAIM_RECORD_SCHEMA: dict[str, dict[str, Any]] = {
+MEASURE_RECORD_SCHEMA: dict[str, dict[str, Any]] = {
     "label": _spec("string", "ablated component label"),
     "top_attention": _spec("string|null", "the attention component after it that compensates most"),
     **{
         f"{name}{suffix}": _spec("number|null", doc + what)
         for name, doc in {
-            "restored": "1 − mean total / mean direct: fraction of the direct loss repaired",
+            "restored": "1 − mean total / mean own change: fraction of the own-change loss repaired "
+            "(null where the own change's interval contains 0)",
             "top_attention_change": "mean ΔDE of top_attention under this ablation, centred logit",
             "coupling_top": "share of Σ mean |ΔDE| over downstream components held by the k largest",
             "share_attention": "mean |attention| / mean (|attention| + |mlp| + |norm|)",
@@ -141,38 +152,128 @@ CLAIM_RECORD_SCHEMA: dict[str, dict[str, Any]] = {
     "coupling_uniform": _spec("number|null", "k / number of downstream components (no concentration)"),
 }
 
-STATEMENT_SCHEMA: dict[str, dict[str, Any]] = {
-    "id": _spec("string", "'hydra', 'erasure', 'loose_coupling' or 'direct_exceeds_total'"),
-    "paper": _spec("string", "what the paper states"),
-    "measured": _spec("string", "the measured numbers, as a sentence"),
-    "holds": _spec("integer", "components at which the criterion is met"),
-    "of": _spec("integer", "components the criterion applies to"),
-    "criterion": _spec("string", "the criterion, in words"),
+
+def _with_ci(docs: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    return {
+        f"{name}{suffix}": _spec("number|null", doc + what)
+        for name, doc in docs.items()
+        for suffix, what in (("", ""), ("_lo", " (lower CI end)"), ("_hi", " (upper CI end)"))
+    }
+
+
+PAPER_RECORD_SCHEMA: dict[str, dict[str, Any]] = {
+    "label": _spec("string", "ablated component label"),
+    **_with_ci(
+        {
+            "delta_unembed": "mean Δ_unembed: the clean direct effect DE(c) (eq. 10), centred logit",
+            "delta_ablate": "mean Δ_ablate: the total effect TE(c) (eq. 12), centred logit",
+            "compensation": "mean CE: Σ ΔDE over later attention and MLPs from c's layer on, no norm term "
+            "(eq. 33), centred logit",
+            "compensation_attention": "mean of CE's attention part, centred logit",
+            "compensation_mlp": "mean of CE's MLP part, centred logit",
+            "slope": "OLS slope of CE on Δ_unembed across prompts (Fig. 7); 0 < slope < 1 = partial repair",
+            "r2": "R² of that fit (Fig. 7)",
+            "frac_unembed_exceeds_ablate": "fraction of prompts with Δ_unembed > −Δ_ablate (Fig. 2)",
+            "r2_ablate": "R² of Δ_ablate on Δ_unembed (Fig. 2)",
+            "r2_attention_response": "R² of CE's attention part on Δ_unembed (Fig. 8)",
+            "r2_mlp_response": "R² of CE's MLP part on Δ_unembed (Fig. 8)",
+            "r2_mlp_minus_attention": "r2_mlp_response − r2_attention_response (Fig. 8)",
+            "eraser_release": "Σ over erasers after c of mean ΔDE (anti-erasure if > 0), centred logit",
+            "decile_share": "share of the top-decile prompts (by Δ_unembed) where decile_compensator is "
+            "the later attention layer with the largest ΔDE",
+            "decile_change": "decile_compensator's mean ΔDE on those prompts, centred logit",
+            "decile_restored": "decile_change / the mean Δ_unembed on those prompts",
+        }
+    ),
+    "decile_compensator": _spec(
+        "string|null", "the later attention layer most often the top compensator on the top decile"
+    ),
+    "decile_prompts": _spec("integer", "prompts in the top decile (0 where not computed)"),
 }
 
-CLAIMS_SCHEMA: dict[str, dict[str, Any]] = {
-    "k": _spec("integer", "most-affected downstream components counted by coupling_top"),
-    "erasers": _spec("array", "measured MLPs whose clean direct-effect interval is below 0"),
-    "statements": _spec("array", "one per claim of the paper", items=STATEMENT_SCHEMA),
+PAPER_MLP_SCHEMA: dict[str, dict[str, Any]] = {
+    "label": _spec("string", "measured MLP label"),
+    **_with_ci({"direct_clean": "the MLP's mean clean direct effect (negative = writes against the target)"}),
+    "eraser": _spec("boolean", "an eraser: interval below 0 and magnitude >= eraser_threshold"),
+}
+
+PAPER_CLAIM_SCHEMA: dict[str, dict[str, Any]] = {
+    "id": _spec(
+        "string",
+        "'r2_layer23', 'partial_repair', 'restored_70', 'layer18_by_20', 'mlp_predictive', 'erasure', "
+        "'direct_exceeds_total' or 'loose_coupling' (hydra_jax/report/claims.py)",
+    ),
+    "paper": _spec("string", "what the paper states"),
+    "source": _spec("string", "where the paper states it (figure, section, equations)"),
+    "quantity": _spec("string", "the quantity measured, defined"),
+    "layers": _spec("string", "the layers it is read at, with the paper's layer mapped to this model"),
+    "measured": _spec("string", "the measured numbers, as a sentence"),
+    "value": _spec("number|null", "the row's headline number"),
+    "lo": _spec("number|null", "its lower CI end (null where the number has no interval)"),
+    "hi": _spec("number|null", "its upper CI end"),
+    "verdict": _spec("string", "'agrees', 'partly', 'does not hold' or 'n/a', by the rule"),
+    "rule": _spec("string", "the verdict rule"),
+}
+
+PAPER_SCHEMA: dict[str, dict[str, Any]] = {
+    "deviations": _spec(
+        "array|null",
+        "how the run differs from the paper's protocol (Settings.deviations()), one sentence each; "
+        "empty = the paper's protocol; null = settings not recorded",
+    ),
+    "n_layers": _spec(
+        "integer", "the model's depth n: the paper's layer l is read at round((l − 1)(n − 1)/31)"
+    ),
+    "eraser_threshold": _spec("number|null", "5% of the mean centred clean target logit"),
+    "erasers": _spec("array", "the paper's erasers: MLPs with clean DE interval < 0 and |DE| >= threshold"),
+    "claims": _spec("array", "one row per claim of the paper", items=PAPER_CLAIM_SCHEMA),
     "per_ablation": _spec(
         "array",
-        "hydra_jax.report.claims.PaperClaims.records(), one per ablated component",
-        items=CLAIM_RECORD_SCHEMA,
+        "hydra_jax.effects.paper.PaperStatistics.records(), one per ablated component",
+        items=PAPER_RECORD_SCHEMA,
+    ),
+    "mlps": _spec("array", "PaperStatistics.mlp_records(), one per measured MLP", items=PAPER_MLP_SCHEMA),
+}
+
+MEASURES_SCHEMA: dict[str, dict[str, Any]] = {
+    "k": _spec("integer", "most-affected downstream components counted by coupling_top"),
+    "erasers": _spec("array", "measured MLPs whose clean direct-effect interval is below 0 (any magnitude)"),
+    "per_ablation": _spec(
+        "array",
+        "hydra_jax.report.measures.RepairMeasures.records(), one per ablated component",
+        items=MEASURE_RECORD_SCHEMA,
     ),
 }
 
 _BLOCK_SCHEMA: dict[str, dict[str, Any]] = {
     "model": _spec(
         "object",
-        "meta['model']: at least 'name'; analyze adds path, config, parameters",
-        keys={"name": _spec("string", "model name shown in the report and figures")},
+        "meta['model']: at least 'name'; analyze adds format, path, config, parameters, and "
+        "manifest_sha256 (a hydra_jax checkpoint's MANIFEST.json) or repo and commit (a Hub model). "
+        "A report holds no absolute path of the machine it ran on: path is the --model path as typed "
+        "if relative, else only its last meaningful part (a file's name, 'SmolLM2-135M/hf'); "
+        "'checkpoints/hydra-8l' for the default model; null for a preset or a Hub model",
+        keys={
+            "name": _spec(
+                "string",
+                "model name shown in the report and figures: from the model's metadata (a GGUF file's "
+                "general.name, config.json's _name_or_path when it is a name, the Hub repo id), else the "
+                "path's nearest meaningful folder, skipping generic ones such as hf, model, "
+                "snapshots/<commit> (hydra_jax.loaders.describe.display_name)",
+            )
+        },
     ),
     "data": _spec(
         "object",
         "meta['data']: the prompts' source and count; analyze adds format, available, examined and "
-        "multi_token_answers (kept prompts whose answer is several tokens; docs/data.md)",
+        "multi_token_answers (kept prompts whose answer is several tokens; docs/data.md); for a file, "
+        "source is the --data path as typed if relative, else the file's name, and sha256 its bytes' hash",
     ),
-    "settings": _spec("object", "meta['settings']: how the effects were measured"),
+    "settings": _spec(
+        "object",
+        "meta['settings']: how the effects were measured; the paths model, data, compare (and "
+        "from_store) as typed if relative, else only their last meaningful part",
+    ),
     "versions": _spec("object", "meta['versions']: package versions and machine"),
     "timings": _spec("object", "meta['timings']: wall times in seconds"),
     "skipped": _spec(
@@ -190,8 +291,16 @@ _BLOCK_SCHEMA: dict[str, dict[str, Any]] = {
         "array", "summary.records() of kind 'erasure', one per measured MLP", items=ERASURE_RECORD_SCHEMA
     ),
     "headline": _spec("object", "a few headline numbers", keys=HEADLINE_SCHEMA),
-    "claims": _spec(
-        "object", "the paper's claims as measured (hydra_jax/report/claims.py)", keys=CLAIMS_SCHEMA
+    "paper": _spec(
+        "object",
+        "the paper's quantities and claims, as the paper defines them (hydra_jax/effects/paper.py, "
+        "hydra_jax/report/claims.py)",
+        keys=PAPER_SCHEMA,
+    ),
+    "measures": _spec(
+        "object",
+        "hydra_jax's own repair measures, beside the paper's (hydra_jax/report/measures.py)",
+        keys=MEASURES_SCHEMA,
     ),
 }
 

@@ -96,11 +96,18 @@ def report_markdown(doc: dict[str, Any]) -> str:
     out = [f"# Hydra effect report: {name}", ""]
     out += _meta_lines(doc)
     out += ["## Headline", "", _headline_text(doc), ""]
-    out += ["## The paper's claims, as measured", "", *_claims_lines(doc["claims"]), ""]
-    out += ["## Per ablated component", "", *_ablation_table(doc["per_ablation"], doc["headline"]["ci"]), ""]
+    ci = doc["headline"]["ci"]
+    out += ["## The paper's claims, as measured", "", *_claims_lines(doc["paper"], ci), ""]
+    out += ["## The paper's quantities per ablated layer", "", *_paper_table(doc["paper"], ci), ""]
+    out += [
+        "## hydra_jax's decomposition per ablated component",
+        "",
+        *_ablation_table(doc["per_ablation"], ci),
+        "",
+    ]
     out += ["## Erasure", "", *_erasure_table(doc["erasure"]), ""]
-    out += ["## Repair, coupling and the response by ablated component", ""]
-    out += [*_claims_table(doc["claims"], doc["headline"]["ci"]), ""]
+    out += ["## hydra_jax's repair, coupling and response measures", ""]
+    out += [*_measures_table(doc["measures"], ci), ""]
     out += ["## Figures", ""]
     for key, file in FIGURES.items():
         out += [f"![{_FIGURE_TITLES[key]}]({file})", "", _FIGURE_TEXT[key](doc), ""]
@@ -164,11 +171,16 @@ def _headline_text(doc: dict[str, Any]) -> str:
             f"Most negative MLP clean direct effect: {h['most_negative_mlp_label']} "
             f"({fmt(h['most_negative_mlp_direct'])})."
         )
+    elif doc["erasure"]:
+        parts.append(_NO_ERASER)
     return " ".join(parts)
 
 
 def _ablation_table(records: list[dict[str, Any]], ci: float) -> list[str]:
-    head = f"| component | direct | total | attention | MLP | norm | slope [{ci:.0%} CI] | R² |"
+    head = (
+        "| component | own change | total | attention | MLP | norm | "
+        f"slope of CE on −own [{ci:.0%} CI] | R² |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         cells = [
@@ -225,21 +237,104 @@ def _erasure_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _claims_lines(claims: dict[str, Any]) -> list[str]:
-    lines = []
-    for st in claims["statements"]:
-        lines.append(f"- **{st['paper']}** {st['measured']}")
+def _claims_lines(paper: dict[str, Any], ci: float) -> list[str]:
+    """The paper's claims: the run's deviations from its protocol, then one row per claim."""
+    deviations = paper["deviations"]
+    if deviations is None:
+        lines = [
+            "The settings of this analysis are not recorded; deviations from the paper's protocol unknown."
+        ]
+    elif not deviations:
+        lines = [
+            "This analysis follows the paper's protocol (SPEC §1: all prompts, no filter, clean "
+            "top token as target, centred logits, 15 resamples from the dataset, every attention and "
+            "MLP layer at the final position)."
+        ]
+    else:
+        lines = ["This analysis deviates from the paper's protocol (`hydra-jax analyze --paper`):", ""]
+        lines += [f"- {d}" for d in deviations]
+    lines += [
+        "",
+        f"The paper numbers Chinchilla 7B's 32 layers 1..32; its layer l is read at this "
+        f"{paper['n_layers']}-layer model's layer round((l − 1)({paper['n_layers']} − 1)/31), numbered "
+        f"from 0. Intervals: {ci:.0%} bootstrap over prompts. Verdicts follow the stated rule.",
+        "",
+        "| the paper | quantity | layers | measured | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for c in paper["claims"]:
+        cells = [
+            f"{c['paper']} ({c['source']})",
+            c["quantity"],
+            c["layers"],
+            c["measured"],
+            f"**{c['verdict']}**",
+        ]
+        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
+    lines += ["", "Verdict rules:", ""]
+    lines += [f"- `{c['id']}`: {c['rule']}." for c in paper["claims"]]
     return lines
 
 
-def _claims_table(claims: dict[str, Any], ci: float) -> list[str]:
-    k = claims["k"]
+def claims_digest(paper: dict[str, Any]) -> str:
+    """A few terminal lines: each of the paper's claims with its verdict, then the deviations."""
+    lines = ["", "The paper's claims (report.md states each quantity, number and rule):"]
+    width = max(len(c["id"]) for c in paper["claims"])
+    lines += [f"  {c['id'].ljust(width)}  {c['verdict']}" for c in paper["claims"]]
+    deviations = paper["deviations"]
+    if deviations:
+        lines.append("Deviations from the paper's protocol: " + "; ".join(deviations) + ".")
+    elif deviations is not None:
+        lines.append("The paper's protocol, without deviations.")
+    return "\n".join(lines)
+
+
+def _paper_table(paper: dict[str, Any], ci: float) -> list[str]:
+    """The paper's quantities (hydra_jax.effects.paper) per ablated component."""
+    head = (
+        f"| component | Δ_unembed [{ci:.0%} CI] | Δ_ablate | CE | slope of CE on Δ_unembed | R² | "
+        "Δ_unembed > −Δ_ablate | R² MLP − attention response |"
+    )
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in paper["per_ablation"]:
+        cells = [
+            f"`{r['label']}`",
+            f"{fmt(r['delta_unembed'])} {_ci(r['delta_unembed_lo'], r['delta_unembed_hi'])}",
+            fmt(r["delta_ablate"]),
+            fmt(r["compensation"]),
+            f"{fmt(r['slope'])} {_ci(r['slope_lo'], r['slope_hi'])}",
+            fmt(r["r2"]),
+            fmt(r["frac_unembed_exceeds_ablate"]),
+            f"{fmt(r['r2_mlp_minus_attention'])} "
+            f"{_ci(r['r2_mlp_minus_attention_lo'], r['r2_mlp_minus_attention_hi'])}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    erasers = ", ".join(f"`{e}`" for e in paper["erasers"]) or "none"
+    lines += [
+        "",
+        "Δ_unembed: the clean direct effect of the ablated layer (eq. 10; frozen final-norm scale). "
+        "Δ_ablate: the total effect of resampling it (eq. 12). CE: Σ ΔDE of later attention layers and "
+        "of MLPs from its own layer on, no norm term (eq. 33). Slope and R²: OLS of CE on Δ_unembed "
+        "across prompts (Fig. 7). Δ_unembed > −Δ_ablate: the fraction of prompts (Fig. 2). R² MLP − "
+        "attention: the two parts of CE regressed on Δ_unembed (Fig. 8). n/a: undefined (nothing after "
+        f"the layer, or a degenerate fit). Erasers (clean DE interval below 0 and at least 5% of the mean "
+        f"target logit, {fmt(paper['eraser_threshold'])}): {erasers}. Definitions: docs/effects.md.",
+    ]
+    return lines
+
+
+def _cell(x: str) -> str:
+    return str(x).replace("|", "\\|")
+
+
+def _measures_table(measures: dict[str, Any], ci: float) -> list[str]:
+    k = measures["k"]
     head = (
         f"| component | restored [{ci:.0%} CI] | most compensating attention (ΔDE) | top-{k} share of "
         "\\|ΔDE\\| (uniform) | response: attention / MLP / norm | erasers' release |"
     )
     lines = [head, "|---|---:|---|---:|---:|---:|"]
-    for r in claims["per_ablation"]:
+    for r in measures["per_ablation"]:
         top = (
             "—"
             if r["top_attention"] is None
@@ -258,19 +353,26 @@ def _claims_table(claims: dict[str, Any], ci: float) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "restored: 1 − mean total / mean direct (1 = fully repaired; meaningless where the direct effect "
-        "is near 0). Most compensating attention: the attention component after the ablated one whose "
-        f"mean ΔDE most opposes the direct effect. Top-{k} share: of the summed mean |ΔDE| over "
-        "downstream components, the part in the most affected ones (uniform: if all changed alike). "
-        "Response: how |attention|, |MLP| and |norm| terms split the downstream response. Erasers' "
-        "release: summed ΔDE of the MLPs that erase the target"
-        + (f" ({', '.join(f'`{e}`' for e in claims['erasers'])})" if claims["erasers"] else " (none found)")
-        + ". Definitions: hydra_jax/report/claims.py.",
+        "hydra_jax's measures, built on the own change ΔDE(c | c) = DE(ĉ) − DE(c) and counting the "
+        "final-norm term (not the paper's quantities, which are above). restored: 1 − mean total / mean "
+        "own change (1 = fully repaired; n/a where the own change's interval contains 0). Most "
+        "compensating attention: the attention component after the ablated one whose mean ΔDE most "
+        f"opposes the own change. Top-{k} share: of the summed mean |ΔDE| over downstream components, "
+        "the part in the most affected ones (uniform: if all changed alike). Response: how |attention|, "
+        "|MLP| and |norm| terms split the downstream response. Erasers' release: summed ΔDE of the MLPs "
+        "whose clean direct effect interval is below 0"
+        + (
+            f" ({', '.join(f'`{e}`' for e in measures['erasers'])})"
+            if measures["erasers"]
+            else " (none found)"
+        )
+        + ". Definitions: hydra_jax/report/measures.py.",
     ]
     return lines
 
 
 _FIGURE_TITLES = {
+    "paper_fig7": "The paper's Fig. 7: compensation against the clean direct effect",
     "direct_vs_total": "Direct vs total effect per prompt",
     "decomposition": "Decomposition of the total effect",
     "coupling": "Coupling: mean ΔDE of every measured component under every ablation",
@@ -280,14 +382,25 @@ _FIGURE_TITLES = {
 }
 
 
+def _text_paper_fig7(doc: dict[str, Any]) -> str:
+    return (
+        "The paper's regression (Fig. 7), per ablated attention layer: each point is a prompt, x its "
+        "Δ_unembed (the layer's clean direct effect, eq. 10) and y the compensation CE of later layers "
+        "(eq. 33, no norm term). The solid line is the OLS fit whose slope is the fraction restored "
+        "(the paper: about 0.7 at middle layers, R² 0.92 at layer 23 of 32); points on the dashed "
+        "y = x line would be fully repaired, points at y = 0 not at all."
+    )
+
+
 def _text_direct_vs_total(doc: dict[str, Any]) -> str:
     h = doc["headline"]
     return (
-        "Each point is one prompt: the ablation's direct effect (what the logit would lose if nothing "
-        "downstream reacted) against its total effect. Points on the dashed y = x line mean no "
-        "compensation; points between the line and y = 0 (total smaller in magnitude than direct) mean "
-        "downstream layers restored part of the loss, the paper's Hydra effect; points beyond the line "
-        "mean downstream layers amplified it. Measured: on average "
+        "hydra_jax's view (not the paper's Fig. 2, whose x is the clean direct effect Δ_unembed): each "
+        "point is one prompt, the ablated component's own change ΔDE(c | c) = DE(ĉ) − DE(c) (what the "
+        "logit would lose if nothing downstream reacted) against its total effect. Points on the "
+        "dashed y = x line mean no compensation; points between the line and y = 0 (total smaller in "
+        "magnitude than direct) mean downstream layers restored part of the loss; points beyond the line "
+        "mean downstream layers amplified it (hydra_jax's measure). Measured: on average "
         f"{fmt(h['mean_frac_direct_exceeds_total'])} of prompts have |direct| > |total|; for "
         f"{h['largest_direct_label']} mean direct {fmt(h['largest_direct'])}, mean total "
         f"{fmt(h['largest_direct_total'])}."
@@ -332,7 +445,12 @@ def _text_erasure(doc: dict[str, Any]) -> str:
             f" Measured: the most negative clean direct effect is {h['most_negative_mlp_label']} "
             f"({fmt(h['most_negative_mlp_direct'])})."
         )
+    elif doc["erasure"]:
+        text += f" Measured: {_NO_ERASER[0].lower()}{_NO_ERASER[1:]}"
     return text
+
+
+_NO_ERASER = "No MLP writes against the target: no measured MLP's mean clean direct effect is negative."
 
 
 def _text_repair(doc: dict[str, Any]) -> str:
@@ -374,6 +492,7 @@ def _text_depth(doc: dict[str, Any]) -> str:
 
 
 _FIGURE_TEXT = {
+    "paper_fig7": _text_paper_fig7,
     "direct_vs_total": _text_direct_vs_total,
     "decomposition": _text_decomposition,
     "coupling": _text_coupling,

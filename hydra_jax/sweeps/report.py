@@ -9,6 +9,7 @@ import time
 from hydra_jax import outdir
 from hydra_jax.analyze import Settings, versions
 from hydra_jax.effects.summary import MAX_BOOTSTRAP
+from hydra_jax.loaders.describe import shareable_path, shareable_settings
 from hydra_jax.report.document import write_report
 from hydra_jax.sweeps.store import open_store, store_summary
 
@@ -42,12 +43,14 @@ def report_from_store(
         t1 = time.time()
         summary = store_summary(opened, n_bootstrap=n_bootstrap, seed=settings["seed"])  # streamed
         em = opened.effect_matrix()  # effects.npz and the figures hold every array
-        data = dict(opened.meta["data"])
+        # A report holds no absolute path of this machine (stores of older releases may).
+        data = shareable_settings(opened.meta["data"], ("source",))
         meta = {
-            "model": opened.meta["model"],
+            "model": shareable_settings(opened.meta["model"], ("path",)),
             "data": data,
             "skipped": data.pop("skipped", {}),
-            "settings": settings | {"from_store": os.path.abspath(os.fspath(store))},
+            "protocol": {"deviations": Settings(**settings).deviations(data.get("available"))},
+            "settings": shareable_settings(settings) | {"from_store": shareable_path(store)},
             "versions": versions(),
             "timings": {"load_s": t1 - t0, "effect_matrix_s": 0.0, "summary_s": time.time() - t1},
         }

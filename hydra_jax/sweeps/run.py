@@ -5,17 +5,20 @@
     ds = store.to_xarray()                              # dims ablated, measured, prompt
 
 What is computed is exactly `hydra-jax analyze`'s effect matrix (`analyze.measure`): the
-same batches of prompts, the same dataset-wide ablation values (the mean over every prompt,
-or resample sources drawn once over the dataset), one compiled program for every batch.
+same batches of prompts, the same dataset-wide ablation values (the mean over the pool,
+or resample sources drawn once over the pool: `analyze.resolve_data`'s every usable prompt
+examined, which with --filter correct includes the prompts the filter dropped), one
+compiled program for every batch.
 What differs is where it goes: each batch's arrays are written to the store as soon as
 they are computed and then dropped, so memory does not grow with the number of prompts.
-For resampling at the final position the clean activations every prompt is resampled from
-are written to the store first (one pass over the prompts), and each batch reads only the
+For resampling at the final position the clean activations of every prompt of the pool
+are written to the store first (one pass over the pool), and each batch reads only the
 rows it resamples.
 
 Resuming: the store records the settings its numbers depend on (`identity`: the
 effect settings, the model's config and a fingerprint of its weights, a fingerprint of the
-tokenised prompts) and which batches are complete. Running the same sweep again skips the
+tokenised prompts: the pool, and which of its prompts are analysed) and which batches
+are complete. Running the same sweep again skips the
 complete batches; batches are computed by the same program from the same inputs, so the
 finished store equals an uninterrupted run's bit for bit. Different settings on an
 existing store are refused, naming each difference.
@@ -40,11 +43,10 @@ import numpy as np
 from tqdm import tqdm
 
 from hydra_jax import outdir
-from hydra_jax.analyze import Settings, _first_prompts, _rows, load_inputs, preflight, versions
+from hydra_jax.analyze import Prompts, Settings, _first_prompts, _rows, load_inputs, preflight, versions
 from hydra_jax.batch import Batch
 from hydra_jax.effects.matrix import effect_matrix
 from hydra_jax.effects.results import EffectMatrix
-from hydra_jax.interventions.ablations import resample_sources
 from hydra_jax.interventions.sources import SourceActivations, source_activations
 from hydra_jax.model.sites import Site
 from hydra_jax.model.transformer import Transformer
@@ -106,12 +108,14 @@ def sweep(
     preflight(settings)
     if resuming:  # different options are refused before the model is loaded; its weights after
         _check_resume(path, _settings_identity(settings), None)
-    model, batch, model_info, data_info, _ = load_inputs(settings.model, settings)
+    model, prompts, model_info, data_info, _ = load_inputs(settings.model, settings)
+    pool, rows = prompts.pool, prompts.index  # ablation values come from the pool; rows are analysed
     spec = settings.spec
     ablated, measured = spec.components(model.config)
-    size = min(settings.batch_size, batch.size)
-    layout = stores.Layout(len(ablated), len(measured), batch.size, size)
-    identity = _identity(settings, model, batch)
+    size = min(settings.batch_size, prompts.size)
+    layout = stores.Layout(len(ablated), len(measured), prompts.size, size)
+    pool_layout = dataclasses.replace(layout, n_prompts=pool.size)  # the source prompts, batched alike
+    identity = _identity(settings, model, prompts)
     if mesh is not None:  # other meshes give the same numbers only within float32 rounding
         identity["mesh"] = {"shape": dict(mesh.shape), "axes": dict(axes or {}), "shard_params": shard_params}
     final_resample = settings.kind == "resample" and settings.position == "final"
@@ -124,18 +128,19 @@ def sweep(
         with outdir.atomic_dir(path, kind="sweep") as tmp:  # the empty store appears whole, or not at all
             stores.create_store(tmp, identity=identity, labels=labels, layout=layout, meta=meta)
             if final_resample:
-                shapes = _source_shapes(model, batch, spec.ablate, layout)
-                stores.create_sources(tmp, shapes, layout)
+                shapes = _source_shapes(model, pool, spec.ablate, pool_layout)
+                stores.create_sources(tmp, shapes, pool_layout)
     _barrier("hydra_jax.sweeps.created", ranks)
     store = stores.SweepStore(path, mode="r+")
     mine = np.arange(rank, layout.n_batches, ranks)
 
-    if final_resample:
-        todo = mine[~store.complete("sources_complete")[mine]]
+    if final_resample:  # every prompt of the pool, batched like the effects (the same shape)
+        theirs = np.arange(rank, pool_layout.n_batches, ranks)
+        todo = theirs[~store.complete("sources_complete")[theirs]]
         for i in tqdm(todo, disable=not progress or not todo.size, desc="sources", unit="batch"):
-            idx = _batch_rows(layout, i)
-            acts = source_activations(model, _rows(batch, idx), sites=spec.ablate, batch_size=size)
-            count = layout.batch(i).stop - layout.batch(i).start
+            idx = _batch_rows(pool_layout, i)
+            acts = source_activations(model, _rows(pool, idx), sites=spec.ablate, batch_size=size)
+            count = pool_layout.batch(i).stop - pool_layout.batch(i).start
             store.write_sources(
                 i, {s.value: np.asarray(x[:, :count], np.float32) for s, x in acts.acts.items()}
             )
@@ -144,16 +149,16 @@ def sweep(
     means = draw = None
     if settings.kind == "mean":
         means = source_activations(
-            model, batch, sites=spec.ablate, position=settings.position, mean=True, batch_size=size
+            model, pool, sites=spec.ablate, position=settings.position, mean=True, batch_size=size
         )
     elif settings.kind == "resample":
-        draw = resample_sources(batch.size, settings.n_resamples, settings.seed)  # [K, N]
+        draw = prompts.resample_sources(settings.n_resamples, settings.seed)  # [K, N] rows of the pool
 
     todo = mine[~store.complete()[mine]]
     if max_batches is not None:
         todo = todo[:max_batches]
-    prompts = int(sum(layout.batch(i).stop - layout.batch(i).start for i in todo))
-    bar = tqdm(total=prompts, disable=not progress, desc="effects", unit="prompt", unit_scale=False)
+    n_todo = int(sum(layout.batch(i).stop - layout.batch(i).start for i in todo))
+    bar = tqdm(total=n_todo, disable=not progress, desc="effects", unit="prompt", unit_scale=False)
     t0, done = time.perf_counter(), 0
     for i in todo:
         idx = _batch_rows(layout, i)
@@ -165,11 +170,11 @@ def sweep(
         elif draw is not None:  # every position: this batch's K x B source prompts, in the same call
             k = settings.n_resamples
             extra = {
-                "source": _rows(batch, draw[:, idx].reshape(-1)),
+                "source": _rows(pool, draw[:, idx].reshape(-1)),
                 "source_index": np.arange(k * size).reshape(k, size),
             }
         em = effect_matrix(
-            model, _rows(batch, idx), spec, mesh=mesh, axes=axes, shard_params=shard_params, **extra
+            model, _rows(pool, rows[idx]), spec, mesh=mesh, axes=axes, shard_params=shard_params, **extra
         )
         count = layout.batch(i).stop - layout.batch(i).start
         store.write_batch(i, _arrays(_first_prompts(em, count)))
@@ -180,7 +185,7 @@ def sweep(
     _barrier("hydra_jax.sweeps.done", ranks)
     if done:
         rate = done / seconds
-        flop = _flops(model, settings, ablated, batch.tokens.shape[1], done)
+        flop = _flops(model, settings, ablated, pool.length, done)
         rate_text = "" if flop is None else f", {_si(flop / seconds)}FLOP/s of minimal work"
         log(f"hydra-jax: {done} prompts in {seconds:.1f} s ({rate:.1f} prompts/s{rate_text}) into {path}")
     left = int((~store.complete()).sum())
@@ -189,13 +194,18 @@ def sweep(
     return stores.SweepStore(path, mode="r")
 
 
-def _identity(settings: Settings, model: Transformer, batch: Batch) -> dict[str, Any]:
-    """What the store's numbers depend on: the settings, the model and the prompts."""
+def _identity(settings: Settings, model: Transformer, prompts: Prompts) -> dict[str, Any]:
+    """What the store's numbers depend on: the settings, the model and the prompts (the pool the
+    ablation values come from, and which of its prompts are analysed)."""
+    pool = prompts.pool
+    arrays = [pool.tokens, pool.valid, pool.answers]
+    if prompts.size != pool.size:  # a filtered pool; otherwise every row is analysed (as before the pool)
+        arrays.append(prompts.index)
     return {
         **_settings_identity(settings),
         "model_config": model.config.to_dict(),
         "weights": _fingerprint(jax.tree.leaves(model.params)),
-        "prompts": _fingerprint([batch.tokens, batch.valid, batch.answers]),
+        "prompts": _fingerprint(arrays),
     }
 
 
@@ -244,7 +254,8 @@ def _batch_rows(layout: stores.Layout, i: int) -> np.ndarray:
 
 
 def _source_shapes(model: Transformer, batch: Batch, sites, layout: stores.Layout) -> dict[str, tuple]:
-    """site -> [L, N, 1, ...] shapes of the source activations (from one prompt's)."""
+    """site -> [L, P, 1, ...] shapes of the source activations of the pool `batch` of P prompts
+    (`layout` its batches), from one prompt's."""
     one = source_activations(model, _rows(batch, np.zeros(1, int)), sites=sites, batch_size=1)
     return {s.value: (x.shape[0], layout.n_prompts, *x.shape[2:]) for s, x in one.acts.items()}
 
@@ -252,7 +263,7 @@ def _source_shapes(model: Transformer, batch: Batch, sites, layout: stores.Layou
 def _resample_sources(
     store: stores.SweepStore, index: np.ndarray, model: Transformer
 ) -> tuple[SourceActivations, np.ndarray]:
-    """The stored source activations of the prompts `index` [K, B] reads, and `index` into them."""
+    """The stored source activations of the pool prompts `index` [K, B] reads, and `index` into them."""
     rows, local = np.unique(index, return_inverse=True)
     acts = store.read_sources(rows)
     # Padded to K x B rows (repeating the last, never read) whatever the number of distinct
@@ -267,7 +278,7 @@ def _resample_sources(
         valid=np.ones((index.size, 1), bool),
         position="final",
         mean=False,
-        n_prompts=store.layout.n_prompts,
+        n_prompts=store.source_layout.n_prompts,
     )
     return source, local.reshape(index.shape).astype(np.int32)
 

@@ -9,9 +9,10 @@ A store is a zarr (v3) group written by `hydra_jax.sweeps.sweep`:
     target        [N]        int32     the target token
     clean_logit, direct_embed, direct_bias   [N] float32
     complete      [n_batches] bool     which batches are written
-    sources/<site> [L, N, 1, ...]      (resample at the final position) each prompt's clean
+    sources/<site> [L, P, 1, ...]      (resample at the final position) each pool prompt's clean
                                        activation at the ablated site, the values resamples read
-    sources_complete [n_batches] bool  which batches' sources are written
+                                       (P = N, or with --filter correct also the dropped prompts)
+    sources_complete [ceil(P / batch)] which batches of the pool's sources are written
 
 Prompts are the last axis of every effect array (as in `EffectMatrix`), chunked one batch
 of prompts per chunk: each batch writes whole chunks of its own, so batches can be written
@@ -123,9 +124,10 @@ def create_store(
 
 
 def create_sources(path: str, shapes: Mapping[str, tuple[int, ...]], layout: Layout) -> None:
-    """Add the per-prompt source activations: site -> [L, N, 1, ...] float32 (exact for bfloat16
+    """Add the per-prompt source activations: site -> [L, P, 1, ...] float32 (exact for bfloat16
     and float16 models too), in chunks of one prompt sharded one batch of prompts per file, so
-    a batch reads only the prompts it resamples."""
+    a batch reads only the prompts it resamples. `layout` is the source prompts' (the pool's, P
+    prompts in the store's batch size; `SweepStore.source_layout`)."""
     group = zarr.open_group(path, mode="r+")
     sub = group.require_group(SOURCES)
     for site, shape in shapes.items():
@@ -204,8 +206,17 @@ class SweepStore:
             self.group[name][..., at] = x
         self.group["complete"][i] = True
 
+    @property
+    def source_layout(self) -> Layout:
+        """The layout of the source prompts (`sources/<site>`): the pool resampled from, P prompts
+        (the analysed ones, and with --filter correct those it dropped), in batches of `batch_size`."""
+        sub = self.group[SOURCES]
+        n = sub[next(iter(sub.array_keys()))].shape[1]
+        return dataclasses.replace(self.layout, n_prompts=int(n))
+
     def write_sources(self, i: int, acts: Mapping[str, np.ndarray]) -> None:
-        at = self.layout.batch(i)
+        """Write batch i of the source prompts (`source_layout`), then mark it written."""
+        at = self.source_layout.batch(i)
         for site, x in acts.items():
             self.group[SOURCES][site][:, at] = np.asarray(x)
         self.group["sources_complete"][i] = True
@@ -278,7 +289,7 @@ def store_summary(
     """
     from hydra_jax import validate
     from hydra_jax.effects.results import Component
-    from hydra_jax.effects.summary import _erasure_axes, _means, check_bootstrap, summarise
+    from hydra_jax.effects.summary import check_bootstrap, erasure_axes, summarise, weighted_means
 
     store.require_complete()
     seed = validate.seed(seed)
@@ -287,7 +298,7 @@ def store_summary(
     check_bootstrap(n_bootstrap, ci, n_a, n_m, n)
     ablated = [Component.parse(c) for c in labels.ablated]
     measured = [Component.parse(c) for c in labels.measured]
-    mlp_cols, attn_rows = _erasure_axes(ablated, measured)
+    mlp_cols, attn_rows = erasure_axes(ablated, measured)
     per_prompt = {k: np.zeros((n_a, n)) for k in ("direct", "total", "attention", "mlp", "norm")}
     per_prompt["clean_mlp"] = np.zeros((len(mlp_cols), n))
     sum_delta = np.zeros((n_a, n_m))
@@ -313,9 +324,9 @@ def store_summary(
         sum_pairs += pairs(em).sum(axis=-1)
     centre = (sum_pairs / n)[:, None]
 
-    def pair_means(weights: np.ndarray) -> np.ndarray:  # `_means`, a batch of prompts at a time
+    def pair_means(weights: np.ndarray) -> np.ndarray:  # `weighted_means`, a batch of prompts at a time
         if not len(sum_pairs):
-            return _means(np.zeros((0, n)), weights)
+            return weighted_means(np.zeros((0, n)), weights)
         acc = np.zeros((len(sum_pairs), weights.shape[1]))
         for at, em in chunks():
             acc += (pairs(em) - centre) @ weights[at]

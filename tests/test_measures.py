@@ -1,4 +1,5 @@
-"""The paper's claims (hydra_jax.report.claims) on a hand-built effect matrix whose answers are known."""
+"""hydra_jax's repair measures (hydra_jax.report.measures) on a hand-built effect matrix whose answers
+are known."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 import hydra_jax as hj
-from hydra_jax.report.claims import PER_ABLATION, paper_claims, statements
+from hydra_jax.report.measures import PER_ABLATION, repair_measures
 
 LABELS = ("attn_out.0", "mlp_out.0", "attn_out.1", "mlp_out.1")
 
@@ -49,7 +50,7 @@ def planted(noise: float = 0.0, b: int = 6) -> hj.EffectMatrix:
 def exact():
     em = planted()
     summary = hj.hydra_summary(em, n_bootstrap=50)
-    return em, summary, paper_claims(em, summary, k=1)
+    return em, summary, repair_measures(em, summary, k=1)
 
 
 def test_hand_computed_values(exact):
@@ -82,7 +83,7 @@ def test_hand_computed_values(exact):
 def test_shares_sum_to_one_and_intervals_hold_the_point():
     em = planted(noise=0.05, b=40)
     summary = hj.hydra_summary(em, n_bootstrap=300, seed=3)
-    c = paper_claims(em, summary)
+    c = repair_measures(em, summary)
     total = sum(c[f"share_{p}"].value for p in ("attention", "mlp", "norm"))
     np.testing.assert_allclose(total, 1.0, rtol=1e-12)
     for name in PER_ABLATION:
@@ -100,24 +101,35 @@ def test_bootstrap_is_chunked_and_seeded():
     other intervals for another seed."""
     em = planted(noise=0.05, b=20)
     s1 = hj.hydra_summary(em, n_bootstrap=700, seed=1)
-    a, b = paper_claims(em, s1), paper_claims(em, s1)
-    other = paper_claims(em, hj.hydra_summary(em, n_bootstrap=700, seed=2))
+    a, b = repair_measures(em, s1), repair_measures(em, s1)
+    other = repair_measures(em, hj.hydra_summary(em, n_bootstrap=700, seed=2))
     np.testing.assert_array_equal(a["restored"].lo, b["restored"].lo)
     assert not np.array_equal(a["restored"].lo, other["restored"].lo)
 
 
-def test_statements_count_where_each_claim_holds(exact):
-    _, summary, c = exact
-    by_id = {s["id"]: s for s in statements(c, summary)}
-    assert set(by_id) == {"hydra", "erasure", "loose_coupling", "direct_exceeds_total"}
-    # attn_out.0 lowers the target and attn_out.1 compensates; attn_out.1 has no attention after it.
-    assert (by_id["hydra"]["holds"], by_id["hydra"]["of"]) == (1, 1)
-    # The eraser releases after attn_out.0 (+0.5) and attn_out.1 (+0.4): both attention ablations.
-    assert (by_id["erasure"]["holds"], by_id["erasure"]["of"]) == (2, 2)
-    assert "1 MLP writes against" in by_id["erasure"]["measured"]
-    # |direct| > |total| for every prompt of attn_out.0 (2 vs 0.15), attn_out.1 (0.8 vs 0.3) and
-    # mlp_out.0 (1.0 vs 0.8); not for mlp_out.1 (0.6 vs 0.7).
-    assert (by_id["direct_exceeds_total"]["holds"], by_id["direct_exceeds_total"]["of"]) == (3, 4)
+def test_restored_is_undefined_where_the_own_change_may_be_zero():
+    """A ratio whose denominator's interval contains 0 is n/a, point and interval."""
+    em = planted(noise=0.05, b=40)
+    own, total = np.asarray(em.delta_direct).copy(), np.asarray(em.total).copy()
+    x = np.random.default_rng(5).standard_normal(40)
+    total[2] += x - x.mean() - own[2, 2]  # TE moves with the own change it contains
+    own[2, 2] = x - x.mean()  # attn_out.1's own change: mean exactly 0 across prompts
+    em = hj.EffectMatrix(
+        total=total,
+        direct_clean=em.direct_clean,
+        delta_direct=own,
+        norm_term=em.norm_term,
+        target=em.target,
+        clean_logit=em.clean_logit,
+        direct_embed=em.direct_embed,
+        direct_bias=em.direct_bias,
+        labels=em.labels,
+    )
+    summary = hj.hydra_summary(em, n_bootstrap=300)
+    assert summary["direct"].lo[2] < 0 < summary["direct"].hi[2]
+    r = repair_measures(em, summary)["restored"]
+    assert np.isnan([r.value[2], r.lo[2], r.hi[2]]).all()
+    assert np.isfinite([r.value[0], r.lo[0], r.hi[0]]).all()
 
 
 def test_refuses_a_summary_of_another_matrix_and_bad_k(exact):
@@ -132,7 +144,7 @@ def test_refuses_a_summary_of_another_matrix_and_bad_k(exact):
         labels=hj.Labels(ablated=("mlp_out.0", "attn_out.0", "attn_out.1", "mlp_out.1"), measured=LABELS),
     )
     with pytest.raises(ValueError, match="ablated labels differ"):
-        paper_claims(other, summary)
+        repair_measures(other, summary)
     for k in (0, 1.5, True):
         with pytest.raises(ValueError, match="k must be"):
-            paper_claims(em, summary, k=k)
+            repair_measures(em, summary, k=k)
