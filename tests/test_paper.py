@@ -269,6 +269,15 @@ def test_amplification_is_not_partial_repair():
     assert rows["direct_exceeds_total"]["verdict"] == "does not hold"
 
 
+def test_noise_is_no_agreement():
+    """No repair at all (slope 0) with noisy compensation: point estimates scatter around 0, some
+    inside (0, 1) by chance; the rules read intervals, so nothing agrees, not even partly."""
+    ps = paper_statistics(depth_matrix(32, 0.0, noise=1.0), n_bootstrap=200)
+    rows = by_id(paper_claims(ps))
+    for cid in ("r2_layer23", "partial_repair", "restored_70", "layer18_by_20", "direct_exceeds_total"):
+        assert rows[cid]["verdict"] == "does not hold", (cid, rows[cid]["measured"])
+
+
 def test_weak_repair_is_partly():
     ps = paper_statistics(depth_matrix(32, 0.2, noise=0.3), n_bootstrap=200)
     rows = by_id(paper_claims(ps))

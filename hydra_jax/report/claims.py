@@ -9,14 +9,14 @@ number with its bootstrap interval, and a verdict — "agrees", "partly", "does 
 "n/a" (nothing to measure it on) — decided by the rule the row states, never by prose:
 
     r2_layer23        Fig. 7: CE regressed on Δ_unembed has R² 0.92 at attention layer 23.
-                      agrees: R² interval ≥ 0.5; partly: R² ≥ 0.25.
+                      agrees: R² interval ≥ 0.5; partly: R² interval ≥ 0.25.
     partial_repair    Fig. 7: past layer 13 the slope is below 1 (and above 0: partial repair).
                       agrees: ≥ 75% of attention layers from paper layer 14 on have the slope
-                      interval inside (0, 1); partly: ≥ 50% have the slope inside (0, 1).
+                      interval inside (0, 1); partly: ≥ 25% have it.
     restored_70       Fig. 7: downstream layers restore about 70% at middle layers (the slope).
                       The median slope over attention layers at paper layers 9–24 (the middle
                       half; the paper gives no bounds). agrees: median in [0.5, 0.9] with its
-                      interval inside (0, 1); partly: median inside (0, 1).
+                      interval inside (0, 1); partly: its interval inside (0, 1).
     layer18_by_20     The worked example: ablating attention layer 18, layer 20 compensates.
                       On the prompts in the top decile of the mapped layer 18's Δ_unembed, the
                       later attention layer that is most often the top compensator. agrees: its
@@ -26,7 +26,7 @@ number with its bootstrap interval, and a verdict — "agrees", "partly", "does 
     mlp_predictive    Fig. 8: the late response of MLPs is the more predictable one. Attention
                       layers from paper layer 22 on (the last third): R² of the MLP part of CE
                       on Δ_unembed minus R² of the attention part. agrees: interval above 0 at
-                      ≥ 50% of them; partly: difference above 0 at ≥ 50%.
+                      ≥ 50% of them; partly: at one or more.
     erasure           §5: late MLPs erase the target (negative clean direct effect) and erase less
                       when upstream attention is ablated. Erasers: MLPs whose clean DE interval
                       is below 0 and that remove ≥ 5% of the mean centred clean target logit.
@@ -36,7 +36,7 @@ number with its bootstrap interval, and a verdict — "agrees", "partly", "does 
     direct_exceeds_total
                       Fig. 2: Δ_unembed often exceeds −Δ_ablate. The mean over attention layers
                       of the fraction of prompts with Δ_unembed > −Δ_ablate. agrees: interval
-                      above 0.5; partly: above 0.5.
+                      above 0.5; partly: ≥ 25% of the layers' own intervals are.
     loose_coupling    The paper states loose coupling without a statistic; the row uses
                       hydra_jax's measure (hydra_jax.report.measures: the top-k share of the
                       summed |ΔDE|). agrees: the share's interval above twice the uniform share
@@ -128,7 +128,7 @@ def _r2_layer23(ps: PaperStatistics, attn: np.ndarray, n: int) -> dict[str, Any]
     if not math.isfinite(r2[0]):
         verdict, measured = "n/a", f"{label}: not measured (or no prompts to fit)"
     else:
-        verdict = "agrees" if r2[1] >= 0.5 else "partly" if r2[0] >= 0.25 else "does not hold"
+        verdict = "agrees" if r2[1] >= 0.5 else "partly" if r2[1] >= 0.25 else "does not hold"
         slope = _at(ps, "slope", i)
         best = _best(ps, "r2", attn)
         measured = f"R² {_ci(r2)} at {label} (slope {_ci(slope)})" + (
@@ -146,7 +146,7 @@ def _r2_layer23(ps: PaperStatistics, attn: np.ndarray, n: int) -> dict[str, Any]
         measured,
         r2,
         verdict,
-        "agrees: R² interval ≥ 0.5; partly: R² ≥ 0.25; otherwise does not hold",
+        "agrees: R² interval ≥ 0.5; partly: R² interval ≥ 0.25; otherwise does not hold",
     )
 
 
@@ -160,7 +160,7 @@ def _partial_repair(ps: PaperStatistics, rows: np.ndarray, n: int) -> dict[str, 
         verdict, measured = "n/a", "no attention layer with a slope from paper layer 14 on"
     else:
         verdict = (
-            "agrees" if clear.sum() >= 0.75 * m else "partly" if inside.sum() >= 0.5 * m else "does not hold"
+            "agrees" if clear.sum() >= 0.75 * m else "partly" if clear.sum() >= 0.25 * m else "does not hold"
         )
         below = int((ok & (s.value <= 0)).sum())
         above = int((ok & (s.value >= 1)).sum())
@@ -178,8 +178,8 @@ def _partial_repair(ps: PaperStatistics, rows: np.ndarray, n: int) -> dict[str, 
         measured,
         (clear.sum() / m if m else math.nan, math.nan, math.nan),
         verdict,
-        "agrees: ≥ 75% of those layers have the slope interval inside (0, 1); partly: ≥ 50% have "
-        "the slope inside (0, 1); otherwise does not hold (value: the fraction with the interval inside)",
+        "agrees: ≥ 75% of those layers have the slope interval inside (0, 1); partly: ≥ 25% have "
+        "it; otherwise does not hold (value: the fraction with the interval inside)",
     )
 
 
@@ -193,7 +193,7 @@ def _restored_70(ps: PaperStatistics, rows: np.ndarray, n: int) -> dict[str, Any
             "agrees"
             if 0.5 <= value <= 0.9 and lo > 0 and hi < 1
             else "partly"
-            if 0 < value < 1
+            if lo > 0 and hi < 1
             else "does not hold"
         )
         m = int((rows & np.isfinite(ps["slope"].value)).sum())
@@ -209,7 +209,8 @@ def _restored_70(ps: PaperStatistics, rows: np.ndarray, n: int) -> dict[str, Any
         measured,
         (value, lo, hi),
         verdict,
-        "agrees: median in [0.5, 0.9] with its interval inside (0, 1); partly: median inside (0, 1); "
+        "agrees: median in [0.5, 0.9] with its interval inside (0, 1); partly: its interval inside "
+        "(0, 1); "
         "otherwise does not hold",
     )
 
@@ -260,9 +261,7 @@ def _mlp_predictive(ps: PaperStatistics, rows: np.ndarray, n: int) -> dict[str, 
     if m == 0:
         verdict, measured = "n/a", "no late attention layer with both fits"
     else:
-        verdict = (
-            "agrees" if clear.sum() >= 0.5 * m else "partly" if more.sum() >= 0.5 * m else "does not hold"
-        )
+        verdict = "agrees" if clear.sum() >= 0.5 * m else "partly" if clear.sum() >= 1 else "does not hold"
         measured = (
             f"R² of the MLP response above the attention response's at {int(more.sum())} of {m} late "
             f"attention layers ({int(clear.sum())} with the difference's interval above 0); median R²: "
@@ -278,8 +277,8 @@ def _mlp_predictive(ps: PaperStatistics, rows: np.ndarray, n: int) -> dict[str, 
         measured,
         (clear.sum() / m if m else math.nan, math.nan, math.nan),
         verdict,
-        "agrees: the difference's interval is above 0 at ≥ 50% of those layers; partly: the "
-        "difference is above 0 at ≥ 50%; otherwise does not hold (value: the fraction with the "
+        "agrees: the difference's interval is above 0 at ≥ 50% of those layers; partly: at one or "
+        "more; otherwise does not hold (value: the fraction with the "
         "interval above 0)",
     )
 
@@ -327,10 +326,14 @@ def _direct_exceeds_total(ps: PaperStatistics, attn: np.ndarray) -> dict[str, An
     if not math.isfinite(value):
         verdict, measured = "n/a", "no attention layer with Δ_unembed"
     else:
-        verdict = "agrees" if lo > 0.5 else "partly" if value > 0.5 else "does not hold"
+        f = ps["frac_unembed_exceeds_ablate"]
+        layers = attn & np.isfinite(f.value)
+        clear = int((layers & (f.lo > 0.5)).sum())
+        verdict = "agrees" if lo > 0.5 else "partly" if clear >= 0.25 * layers.sum() else "does not hold"
         measured = (
             f"Δ_unembed > −Δ_ablate on a mean fraction {_ci((value, lo, hi))} of prompts over attention "
-            f"layers; median R² of Δ_ablate on Δ_unembed {_ci(ps.over('r2_ablate', attn))}"
+            f"layers, above 0.5 (interval) at {clear} of {int(layers.sum())} of them; median R² of "
+            f"Δ_ablate on Δ_unembed {_ci(ps.over('r2_ablate', attn))}"
         )
     return _row(
         "direct_exceeds_total",
@@ -341,7 +344,8 @@ def _direct_exceeds_total(ps: PaperStatistics, attn: np.ndarray) -> dict[str, An
         measured,
         (value, lo, hi),
         verdict,
-        "agrees: interval above 0.5; partly: above 0.5; otherwise does not hold",
+        "agrees: the mean fraction's interval is above 0.5; partly: ≥ 25% of the attention layers have "
+        "their own fraction's interval above 0.5; otherwise does not hold",
     )
 
 

@@ -284,7 +284,8 @@ _BLOCK_SCHEMA: dict[str, dict[str, Any]] = {
     ),
     "per_ablation": _spec(
         "array",
-        "summary.records() of kind 'ablation', one per ablated component",
+        "hydra_jax's statistics (hydra_summary, built on the own change ΔDE(c | c)): summary.records() "
+        "of kind 'ablation', one per ablated component; the paper's quantities are under 'paper'",
         items=ABLATION_RECORD_SCHEMA,
     ),
     "erasure": _spec(
@@ -409,6 +410,13 @@ def schema_markdown() -> str:
         *(f"| `{k}` | {v.replace('|', '∣')} |" for k, v in NPZ_SCHEMA.items()),
         "",
         "## summary.json",
+        "",
+        "The paper's quantities, as McGrath et al. (2023) define them, are in the block `paper`:",
+        "Δ_unembed (the clean direct effect, eq. 10), Δ_ablate (eq. 12), CE without a norm term",
+        "(eq. 33), the Fig. 2, 7 and 8 statistics, and one row per claim with its verdict rule",
+        "(docs/effects.md). hydra_jax's additions are kept apart: `per_ablation`, `erasure`,",
+        "`headline` and `measures` are built on the own change ΔDE(c | c) = DE(ĉ) − DE(c) and",
+        "count the final-norm term; their `direct` is that own change, not Δ_unembed.",
         "",
         "| key | type | meaning |",
         "|---|---|---|",
