@@ -10,8 +10,9 @@ Every number comes from each report's summary.json, block "paper" (hydra_jax/eff
 defines the quantities, hydra_jax/report/claims.py the rows and their verdict rules). The paper
 measured Chinchilla 7B (32 layers, numbered 1..32); a statement about its layer l is read at layer
 round((l − 1)(n − 1)/31) of an n-layer model, numbered from 0, which each row's "layers" names.
-The first report is the main column; each further one is a variant, labelled by how its protocol
-deviates from the first's.
+The first report gets the full table (every claim's quantity, layers, numbers and verdict); with
+further reports (variants), a second table puts every report's verdict and headline number side by
+side, each column labelled by how its protocol deviates from the paper's.
 """
 
 from __future__ import annotations
@@ -37,31 +38,51 @@ def main(reports: list[str]) -> str:
     docs = [json.loads((Path(r) / "summary.json").read_text()) for r in reports]
     first = docs[0]
     n_layers = first["paper"]["n_layers"]
-    heads = [_label(d) for d in docs]
     out = [
-        f"Model: {first['model']['name']} ({n_layers} layers). Intervals: "
+        f"Model: {first['model']['name']} ({n_layers} layers); {_label(first)}. Intervals: "
         f"{first['headline']['ci']:.0%} bootstrap over prompts ({first['headline']['n_bootstrap']} draws).",
         "",
-        "| the paper (Chinchilla 7B) | quantity | layers here | " + " | ".join(heads) + " |",
-        "|---|---|---|" + "---|" * len(docs),
+        "| the paper (Chinchilla 7B) | quantity | layers here | measured | verdict |",
+        "|---|---|---|---|---|",
     ]
-    rows = [{c["id"]: c for c in d["paper"]["claims"]} for d in docs]
     for claim in first["paper"]["claims"]:
-        cid = claim["id"]
         cells = [
-            f"{PAPER_NUMBERS.get(cid, claim['paper'])} ({claim['source']})",
+            f"{PAPER_NUMBERS.get(claim['id'], claim['paper'])} ({claim['source']})",
             claim["quantity"],
             claim["layers"],
-            *(f"**{r[cid]['verdict']}**: {r[cid]['measured']}" if cid in r else "n/a" for r in rows),
+            claim["measured"],
+            f"**{claim['verdict']}**",
         ]
-        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     out += ["", "Verdict rules (hydra_jax/report/claims.py):", ""]
     out += [f"- `{c['id']}`: {c['rule']}." for c in first["paper"]["claims"]]
+    if len(docs) > 1:
+        # The variants: each claim's verdict and headline number per report, side by side.
+        out += ["", "| claim | " + " | ".join(_label(d) for d in docs) + " |", "|---|" + "---|" * len(docs)]
+        rows = [{c["id"]: c for c in d["paper"]["claims"]} for d in docs]
+        for claim in first["paper"]["claims"]:
+            cid = claim["id"]
+            cells = [f"`{cid}`", *(_verdict(r.get(cid)) for r in rows)]
+            out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(out)
 
 
+def _verdict(row: dict | None) -> str:
+    """A claim's verdict and headline number with its interval (the `value` its rule names)."""
+    if row is None:
+        return "n/a"
+    value = "" if row["value"] is None else f" {row['value']:.3g}"
+    if row["lo"] is not None and row["hi"] is not None:
+        value += f" [{row['lo']:.3g}, {row['hi']:.3g}]"
+    return f"**{row['verdict']}**{value}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def _label(doc: dict) -> str:
-    """A report's column head: its prompt count and how its protocol deviates (from the paper's)."""
+    """A report's column head: its prompt count and how its protocol deviates from the paper's."""
     dev = doc["paper"]["deviations"]
     n = doc["headline"]["n_prompts"]
     if dev is None:

@@ -221,7 +221,7 @@ def test_terminal_table(layer_run, head_run):
     for em, s, _ in (layer_run, head_run):
         table = text.terminal_table(s)
         lines = table.splitlines()
-        assert lines[0].split()[:5] == ["label", "direct", "total", "CE", "slope"]
+        assert lines[0].split()[:5] == ["label", "own", "total", "CE", "slope"]
         for label in em.labels.ablated:
             assert any(line.split()[0] == label for line in lines[2:]), label
         # Plain aligned columns: every data row as wide as the header (after rstrip, at most).

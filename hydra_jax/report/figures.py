@@ -183,7 +183,7 @@ def plot_direct_vs_total(em: EffectMatrix, summary: HydraSummary, name: str) -> 
     total = np.asarray(em.total, np.float64)
     labels = list(em.labels.ablated)
     comps = [Component.parse(c) for c in labels]
-    xlabel, ylabel = f"direct effect ΔDE(c | c) ({UNIT})", f"total effect TE(c) ({UNIT})"
+    xlabel, ylabel = f"own change ΔDE(c | c) = DE(ĉ) − DE(c) ({UNIT})", f"total effect TE(c) ({UNIT})"
     heads = any(c.head is not None for c in comps)
     chosen = None
     if not heads:
@@ -239,7 +239,7 @@ def plot_direct_vs_total(em: EffectMatrix, summary: HydraSummary, name: str) -> 
         ax.legend(handles=proxies, fontsize=8, loc="best")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-    title = f"{name}: direct vs total effect of each ablation (dashed: y = x, no compensation)"
+    title = f"{name}: own change vs total effect of each ablation (dashed: y = x, no compensation)"
     if chosen is not None and len(chosen) < len(labels):
         title += f"\n{len(chosen)} of {len(labels)} ablations, those with the largest |direct|"
     fig.suptitle(title)
@@ -477,11 +477,11 @@ def plot_depth(doc: dict[str, Any], name: str) -> Figure:
     )
     for is_attn, color, kind in groups:
         mask = attn == is_attn
-        band(axes[0], "direct", records, mask, color, "-", f"{kind}: direct")
+        band(axes[0], "direct", records, mask, color, "-", f"{kind}: own change")
         band(axes[0], "total", records, mask, color, "--", f"{kind}: total")
         band(axes[1], "slope", records, mask, color, "-", kind)
-        band(axes[2], "r2_slope", records, mask, color, "-", f"{kind}: R² of CE on direct")
-        band(axes[2], "r2_total", records, mask, color, ":", f"{kind}: R² of total on direct")
+        band(axes[2], "r2_slope", records, mask, color, "-", f"{kind}: R² of CE on own change")
+        band(axes[2], "r2_total", records, mask, color, ":", f"{kind}: R² of total on own change")
         clear = mask & big
         band(axes[3], "restored", claims, clear, color, "points", kind)
     for part, color in (("attention", _ATTN_COLOR), ("mlp", _MLP_COLOR), ("norm", "0.5")):
@@ -489,19 +489,19 @@ def plot_depth(doc: dict[str, Any], name: str) -> Figure:
             band(ax, f"share_{part}", claims, attn == is_attn, color, "-", f"{part} share")
     axes[0].axhline(0, color="black", lw=0.8)
     axes[0].set_ylabel(f"mean effect ({UNIT})")
-    axes[0].set_title("direct (solid) and total (dashed) effect", fontsize=10)
+    axes[0].set_title("own change ΔDE(c | c) (solid) and total (dashed) effect", fontsize=10)
     axes[1].axhline(0, color="black", lw=0.8)
     axes[1].axhline(1, color="0.4", lw=0.8, ls=":")
-    axes[1].set_ylabel("slope of CE on −direct")
+    axes[1].set_ylabel("slope of CE on −own change")
     axes[1].set_title("repair slope (1 = full repair)", fontsize=10)
     axes[2].set_ylim(-0.03, 1.03)
     axes[2].set_ylabel("R²")
     axes[2].set_title("R² across prompts", fontsize=10)
     axes[3].axhline(0, color="black", lw=0.8)
     axes[3].axhline(1, color="0.4", lw=0.8, ls=":")
-    axes[3].set_ylabel("1 − total / direct")
+    axes[3].set_ylabel("1 − total / own change")
     axes[3].set_title(
-        f"restored fraction (where |direct| ≥ {RESTORED_MIN_DIRECT:.0%} of the largest)", fontsize=10
+        f"restored fraction (where |own change| ≥ {RESTORED_MIN_DIRECT:.0%} of the largest)", fontsize=10
     )
     for ax, kind in ((axes[4], "attention"), (axes[5], "MLP")):
         ax.set_ylim(-0.03, 1.03)
@@ -516,7 +516,10 @@ def plot_depth(doc: dict[str, Any], name: str) -> Figure:
             ax.legend(fontsize=7, loc="best")
     for ax in axes[4:]:
         ax.set_xlabel("ablated layer (MLP at layer + 0.5)")
-    fig.suptitle(f"{name}: per-layer statistics against depth ({doc['headline']['ci']:.0%} bootstrap bands)")
+    fig.suptitle(
+        f"{name}: hydra_jax's per-layer measures against depth, on the own change ΔDE(c | c) "
+        f"({doc['headline']['ci']:.0%} bootstrap bands; the paper's quantities: paper_fig7.png)"
+    )
     return fig
 
 
@@ -561,7 +564,7 @@ def plot_compare(a: HydraSummary, b: HydraSummary, name_a: str, name_b: str) -> 
         left.set_xlabel("relative depth of the ablated component (layer / number of layers)")
     left.axhline(0, color="black", lw=0.8)
     left.axhline(1, color="0.4", lw=0.8, ls=":")
-    left.set_ylabel("slope of CE on −direct (1 = full repair)")
+    left.set_ylabel("slope of CE on −own change (1 = full repair)")
     left.set_title(f"repair slope per ablation, {a.ci:.0%} CI", fontsize=10)
     left.legend(fontsize=8)
     _identity(
@@ -569,9 +572,9 @@ def plot_compare(a: HydraSummary, b: HydraSummary, name_a: str, name_b: str) -> 
         np.concatenate([a["direct"].value, b["direct"].value]),
         np.concatenate([a["total"].value, b["total"].value]),
     )
-    right.set_xlabel(f"mean direct effect ({UNIT})")
+    right.set_xlabel(f"mean own change ΔDE(c | c) ({UNIT})")
     right.set_ylabel(f"mean total effect ({UNIT})")
-    right.set_title("mean total vs direct per ablation (dashed: y = x)", fontsize=10)
+    right.set_title("mean total vs own change per ablation (dashed: y = x)", fontsize=10)
     right.legend(fontsize=8)
     fig.suptitle(f"{name_a} vs {name_b}")
     return fig

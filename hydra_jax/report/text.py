@@ -49,9 +49,10 @@ def select_rows(summary: HydraSummary, max_rows: int) -> np.ndarray:
 def terminal_table(summary: HydraSummary, max_rows: int = 40) -> str:
     """A plain, aligned text table of the key per-ablation numbers.
 
-    Columns: label, direct, total, CE (compensation), slope with its interval, r2
-    (of the slope fit). With more than `max_rows` ablations only the `max_rows`
-    with the largest |direct| are shown, in their original order, and a last
+    hydra_jax's statistics (`hydra_summary`): label, own (the own change
+    ΔDE(c | c), summary["direct"]), total, CE (compensation), slope of CE on −own
+    with its interval, r2 (of that fit). With more than `max_rows` ablations only
+    the `max_rows` with the largest |own| are shown, in their original order, and a last
     line says so.
 
     Args:
@@ -62,7 +63,7 @@ def terminal_table(summary: HydraSummary, max_rows: int = 40) -> str:
         The table as one string (no trailing newline).
     """
     rows = select_rows(summary, max(int(max_rows), 1))
-    header = ("label", "direct", "total", "CE", "slope", f"slope {summary.ci:.0%} CI", "r2")
+    header = ("label", "own", "total", "CE", "slope", f"slope {summary.ci:.0%} CI", "r2")
     s = summary
     body = [
         (
@@ -85,8 +86,11 @@ def terminal_table(summary: HydraSummary, max_rows: int = 40) -> str:
 
     lines = [line(header), "  ".join("-" * w for w in widths), *map(line, body)]
     if len(rows) < len(s.labels):
-        lines.append(f"(showing {len(rows)} of {len(s.labels)} ablations: those with the largest |direct|)")
-    lines.append(f"effects in {UNIT}s; {s.n_prompts} prompts, {s.n_bootstrap} bootstrap draws")
+        lines.append(f"(showing {len(rows)} of {len(s.labels)} ablations: those with the largest |own|)")
+    lines.append(
+        f"hydra_jax's decomposition, own = ΔDE(c | c) = DE(ĉ) − DE(c); effects in {UNIT}s; {s.n_prompts} "
+        f"prompts, {s.n_bootstrap} bootstrap draws"
+    )
     return "\n".join(lines)
 
 
