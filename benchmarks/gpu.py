@@ -37,13 +37,14 @@ if __name__ == "__main__":
     rc = main(["bench", *args, "--no-peer", "--no-series", "--out", "benchmarks/results/gpu", *sys.argv[1:]])
     if rc:
         sys.exit(rc)
-    from hydra_jax.analyze import Settings, resolve_config
+    from hydra_jax.analyze import Settings
+    from hydra_jax.loaders.source import open_model
     from hydra_jax.sweeps.plan import plan_sweep
 
     sweep_args = ["--model", "chinchilla_7b", "--granularity", "head", "--n-prompts", "256"]
     main(["sweep", *sweep_args, "--dry-run"])  # the plan, printed
     settings = Settings(model="chinchilla_7b", granularity="head", n_prompts=256, batch_size=256)
-    config, _ = resolve_config(settings.model)
+    config = open_model(settings.model).config()
     plan = plan_sweep(config, settings.spec, n_prompts=256, seq_len=32, max_batch_size=settings.batch_size)
     chunk = [] if plan.chunk_size is None else ["--chunk-size", str(plan.chunk_size)]
     store = os.path.join(tempfile.mkdtemp(), "heads.zarr")

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import importlib.metadata
 import os
-import pathlib
 import platform
 import time
 from typing import Any
@@ -23,10 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
-from hydra_jax import outdir, validate
+from hydra_jax import interrupts, outdir, validate
 from hydra_jax.batch import Batch, Tokenizer
 from hydra_jax.data.facts import FactDataset
 from hydra_jax.data.prompts import check_prompt_text
@@ -35,16 +32,12 @@ from hydra_jax.effects.results import EffectMatrix
 from hydra_jax.effects.summary import MAX_BOOTSTRAP, HydraSummary, hydra_summary
 from hydra_jax.interventions.ablations import resample_sources
 from hydra_jax.interventions.sources import source_activations
-from hydra_jax.loaders.checkpoint import load
-from hydra_jax.loaders.describe import display_name, shareable_path, shareable_settings
-from hydra_jax.loaders.hf import from_hf, hub, is_hf_dir
-from hydra_jax.model import presets
-from hydra_jax.model.config import ModelConfig
+from hydra_jax.loaders.checkpoint import file_sha256
+from hydra_jax.loaders.describe import shareable_path, shareable_settings
+from hydra_jax.loaders.source import DEFAULT_MODEL, checkpoints_dir, open_model
 from hydra_jax.model.transformer import Transformer, param_count
 
-DEFAULT_MODEL = "hydra-8l"
 FILTERS = ("none", "correct")
-CHECKPOINTS_ENV = "HYDRA_JAX_CHECKPOINTS"
 
 PAPER_PROTOCOL: dict[str, Any] = {
     "n_prompts": None,
@@ -181,95 +174,6 @@ class Settings:
         )
 
 
-def checkpoints_dir() -> pathlib.Path:
-    """Where the shipped models live: $HYDRA_JAX_CHECKPOINTS, else checkpoints/ of the source tree."""
-    env = os.environ.get(CHECKPOINTS_ENV)
-    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parent.parent / "checkpoints"
-
-
-def resolve_model(spec: str | None) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
-    """Load the model named by `spec`: None (the shipped default), a checkpoint dir, a preset, or a
-    Hugging Face Hub repo id "org/name" (when no directory of that name exists)."""
-    # The model's description goes into reports, which are shared: no absolute path of this machine
-    # (hydra_jax.loaders.describe), but the name, the path as typed or its meaningful part, and a
-    # fingerprint where one is at hand (a hydra_jax checkpoint's MANIFEST.json) or the Hub commit.
-    typed = spec
-    if spec is None:
-        path = checkpoints_dir() / DEFAULT_MODEL
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"The default model is not at {str(path)!r}. Run from a source checkout (pip install -e .), "
-                f"set ${CHECKPOINTS_ENV}, or pass --model PATH."
-            )
-        spec, typed = str(path), f"checkpoints/{DEFAULT_MODEL}"
-    if os.path.isdir(spec):
-        manifest = os.path.join(spec, "MANIFEST.json")
-        hf_dir = not os.path.isfile(manifest) and is_hf_dir(spec)
-        model, tokenizer = from_hf(spec) if hf_dir else load(spec)
-        if tokenizer is None:
-            raise ValueError(f"Checkpoint {spec!r} has no tokenizer.json; analyze needs one to read prompts.")
-        info = {
-            "name": display_name(spec),
-            "path": shareable_path(typed),
-            "format": "huggingface" if hf_dir else "hydra_jax",
-        }
-        if not hf_dir:
-            info["manifest_sha256"] = _sha256(manifest)  # the sha256 of every file of the checkpoint
-        return model, tokenizer, info
-    if spec in presets.ALL:
-        # Random weights of a preset's shape, reading prompts with the default world's tokenizer.
-        from hydra_jax.data import default_tokenizer
-
-        tokenizer = default_tokenizer(2048)
-        config = presets.get(spec).replace(d_vocab=tokenizer.vocab_size)
-        return Transformer(config, rngs=nnx.Rngs(0)), tokenizer, {"name": spec, "path": None, "random": True}
-    if spec.lower().endswith(".gguf") and os.path.isfile(spec):
-        from hydra_jax.loaders.gguf import from_gguf
-
-        model, tokenizer = from_gguf(spec)
-        info = {"name": display_name(spec), "path": shareable_path(spec), "format": "gguf"}
-        return model, tokenizer, info
-    if not os.path.exists(spec) and hub.is_repo_id(spec):
-        root = hub.resolve(spec)  # the snapshot directory in the hub cache, named by its commit
-        model, tokenizer = from_hf(root)
-        # The repo id and the commit, not the snapshot's place in this machine's hub cache.
-        info = {"name": spec, "path": None, "format": "huggingface", "repo": spec}
-        return model, tokenizer, info | {"commit": os.path.basename(root)}
-    if os.path.exists(spec):
-        raise ValueError(
-            f"--model {spec!r} is a file; pass a checkpoint directory, a .gguf file or a preset name."
-        )
-    raise ValueError(
-        f"--model {spec!r} is neither a checkpoint directory nor a preset (nor a Hub repo id, org/name); "
-        f"presets: {sorted(presets.ALL)}."
-    )
-
-
-def resolve_config(spec: str | None) -> tuple[ModelConfig, Tokenizer]:
-    """What `resolve_model(spec)` would load, without its weights: the config and the tokenizer
-    (for planning a sweep of a model too large to load here)."""
-    from hydra_jax.loaders.checkpoint import read_config
-    from hydra_jax.loaders.hf import hf_config
-
-    if spec is None:
-        spec = str(checkpoints_dir() / DEFAULT_MODEL)
-    _preflight_model(spec, "--model")
-    if spec in presets.ALL:
-        from hydra_jax.data import default_tokenizer
-
-        tokenizer = default_tokenizer(2048)
-        return presets.get(spec).replace(d_vocab=tokenizer.vocab_size), tokenizer
-    if spec.lower().endswith(".gguf") and os.path.isfile(spec):
-        from hydra_jax.loaders.gguf import GGUFFile, config_from_gguf, tokenizer_from_gguf
-
-        f = GGUFFile(spec)
-        return config_from_gguf(f, None), tokenizer_from_gguf(f.metadata, f.path)
-    root = spec if os.path.isdir(spec) else hub.resolve(spec)
-    hf_dir = not os.path.isfile(os.path.join(root, "MANIFEST.json")) and is_hf_dir(root)
-    config = hf_config(root) if hf_dir else read_config(root)
-    return config, Tokenizer.from_file(os.path.join(root, "tokenizer.json"))
-
-
 SKIP_REASONS = {
     "longer_than_context": "the prompt has more tokens than the model's context n_ctx",
     "no_answer": "no answer, and --target answer or --filter correct needs one",
@@ -303,17 +207,8 @@ def load_data(spec: str, prompt_text: str = "template") -> tuple[FactDataset, di
         "name": os.path.basename(spec),
         "source": shareable_path(spec),
         "format": ext,
-        "sha256": _sha256(spec),
+        "sha256": file_sha256(spec),
     }
-
-
-def _sha256(path: str) -> str:
-    """The sha256 of a file's bytes (what a shared report identifies an input by)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_data(facts: FactDataset, spec: str, *, target: str = "argmax", filter: str = "none") -> None:
@@ -602,39 +497,22 @@ def measure(
             acts = source_activations(model, pool, sites=ablate, batch_size=settings.batch_size)
     size = min(settings.batch_size, n)
     for start in tqdm(range(0, n, size), disable=not progress, desc="effects"):
+        interrupts.check()  # a Ctrl-C swallowed inside the last call stops here
         # The last batch is filled up with its last prompt (results dropped): one shape, one compile.
         idx = np.minimum(np.arange(start, start + size), n - 1)
         extra: dict[str, Any] = {} if acts is None else {"source": acts}
         if draw is not None:
             if acts is None:  # every position: this batch's K x B source prompts, run in the same call
-                extra = {"source": _rows(pool, draw[:, idx].reshape(-1))}
+                extra = {"source": pool.take(draw[:, idx].reshape(-1))}
                 extra["source_index"] = np.arange(k * size).reshape(k, size)
             else:
                 extra["source_index"] = draw[:, idx]
-        em = effect_matrix(model, _rows(pool, rows[idx]), spec, **extra)
+        em = effect_matrix(model, pool.take(rows[idx]), spec, **extra)
         # Wait for the batch: otherwise the progress bar counts dispatches, not finished work.
-        parts.append(jax.block_until_ready(_first_prompts(em, min(size, n - start))))
+        parts.append(jax.block_until_ready(em.first_prompts(min(size, n - start))))
     em = concat(parts)
     jax.block_until_ready(em.total)
     return em, time.time() - t0
-
-
-def _first_prompts(em: EffectMatrix, count: int) -> EffectMatrix:
-    """`em` of its first `count` prompts (prompts are the last axis of every array)."""
-    if em.total.shape[-1] == count:
-        return em
-    arrays = {
-        f.name: None if getattr(em, f.name) is None else getattr(em, f.name)[..., :count]
-        for f in dataclasses.fields(EffectMatrix)
-        if f.name != "labels"
-    }
-    return EffectMatrix(**arrays, labels=em.labels)
-
-
-def _rows(batch: Batch, idx: np.ndarray) -> Batch:
-    """Prompts `idx` of `batch`, keeping its padded length (unlike batch[idx], which trims it)."""
-    answers = None if batch.answers is None else batch.answers[idx]
-    return Batch(batch.tokens[idx], batch.valid[idx], answers)
 
 
 def concat(parts: list[EffectMatrix]) -> EffectMatrix:
@@ -650,9 +528,9 @@ def concat(parts: list[EffectMatrix]) -> EffectMatrix:
 
 
 def analyze_one(
-    spec: str | None, settings: Settings, progress: bool
+    spec: str | None, settings: Settings, progress: bool, flag: str = "--model"
 ) -> tuple[EffectMatrix, HydraSummary, dict]:
-    model, prompts, model_info, data_info, t_load = load_inputs(spec, settings)
+    model, prompts, model_info, data_info, t_load = load_inputs(spec, settings, flag)
     em, t_effects = measure(model, prompts, settings, progress)
     t1 = time.time()
     summary = hydra_summary(em, n_bootstrap=settings.n_bootstrap, seed=settings.seed)
@@ -667,16 +545,16 @@ def analyze_one(
 
 
 def load_inputs(
-    spec: str | None, settings: Settings
+    spec: str | None, settings: Settings, flag: str = "--model"
 ) -> tuple[Transformer, Prompts, dict[str, Any], dict[str, Any], float]:
-    """The model named by `spec` and the prompts of `settings` (tokenised, filtered: the analysed
-    prompts and the pool their ablation values come from, `resolve_data`), with their descriptions
-    for the report and the seconds spent loading."""
+    """The model named by `spec` (`open_model`; `flag` is the option that named it) and the prompts
+    of `settings` (tokenised, filtered: the analysed prompts and the pool their ablation values come
+    from, `resolve_data`), with their descriptions for the report and the seconds spent loading."""
     t0 = time.time()
     # The data first: a bad file or option fails before a model is loaded.
     loaded = load_data(settings.data, settings.prompt_text)
     check_data(loaded[0], settings.data, target=settings.target, filter=settings.filter)
-    model, tokenizer, model_info = resolve_model(spec)
+    model, tokenizer, model_info = open_model(spec, flag).load()
     t_load = time.time() - t0
     prompts, data_info = resolve_data(
         settings.data,
@@ -725,7 +603,7 @@ def analyze(
         meta |= {"settings": shareable_settings(dataclasses.asdict(settings)), "versions": versions()}
         compare = None
         if settings.compare is not None:
-            c_em, c_summary, c_meta = analyze_one(settings.compare, settings, progress)
+            c_em, c_summary, c_meta = analyze_one(settings.compare, settings, progress, "--compare")
             c_meta |= {"settings": meta["settings"], "versions": meta["versions"]}
             compare = (c_em, c_summary, c_meta)
         meta["timings"]["total_s"] = time.time() - t0
@@ -755,9 +633,9 @@ def preflight(settings: Settings) -> None:
             f"--n-resamples {settings.n_resamples} needs more than {settings.n_resamples} prompts (each "
             f"prompt resamples from {settings.n_resamples} others); got --n-prompts {settings.n_prompts}."
         )
-    _preflight_model(settings.model, "--model")
+    open_model(settings.model, "--model")  # every check of the model short of reading its weights
     if settings.compare is not None:
-        _preflight_model(settings.compare, "--compare")
+        open_model(settings.compare, "--compare")
     if settings.data != "default":
         if not os.path.isfile(settings.data):
             raise FileNotFoundError(
@@ -767,49 +645,6 @@ def preflight(settings: Settings) -> None:
         # Read and check the prompts now (a malformed file, answers a setting needs but the file lacks).
         facts, _ = load_data(settings.data, settings.prompt_text)
         check_data(facts, settings.data, target=settings.target, filter=settings.filter)
-
-
-def _preflight_model(spec: str | None, flag: str) -> None:
-    """What `resolve_model` will load, checked without reading any weights."""
-    from hydra_jax.loaders.checkpoint import CheckpointError, read_config
-    from hydra_jax.loaders.hf import common, hf_config
-
-    if spec is None or spec in presets.ALL:
-        return  # resolve_model names the default model's location; presets need no files
-    if not os.path.exists(spec):
-        if hub.is_repo_id(spec):
-            return  # a Hub repo id: resolved (and checked) by hydra_jax.loaders.hf.hub
-        raise ValueError(
-            f"{flag} {spec!r} is neither a checkpoint directory nor a preset (nor a Hub repo id, "
-            f"org/name); presets: {sorted(presets.ALL)}."
-        )
-    if spec.lower().endswith(".gguf") and os.path.isfile(spec):
-        from hydra_jax.loaders.gguf import gguf_config
-
-        try:
-            gguf_config(spec)  # the header only: architecture, shapes, rope scaling
-        except CheckpointError as err:
-            raise CheckpointError(f"{flag} {spec!r}: {err}") from None
-        return
-    if not os.path.isdir(spec):
-        raise ValueError(
-            f"{flag} {spec!r} is a file; pass a checkpoint directory, a .gguf file or a preset name."
-        )
-    try:
-        if os.path.isfile(os.path.join(spec, "MANIFEST.json")):
-            read_config(spec)
-        elif is_hf_dir(spec):
-            hf_config(spec)
-            common.weight_files(spec)
-        else:
-            raise CheckpointError(
-                f"it holds neither a hydra_jax checkpoint (MANIFEST.json) nor a Hugging Face model "
-                f"(config.json with a model_type): {outdir.listing(spec) or 'nothing'}"
-            )
-    except CheckpointError as err:
-        raise CheckpointError(f"{flag} {spec!r}: {err}") from None
-    if not os.path.isfile(os.path.join(spec, "tokenizer.json")):
-        raise ValueError(f"{flag} {spec!r} has no tokenizer.json; analyze needs one to read prompts.")
 
 
 def versions() -> dict[str, str]:

@@ -407,6 +407,11 @@ class Batch:
         answers = None if self.answers is None else self.answers[index]
         return Batch(tokens[:, start:], valid[:, start:], answers)
 
+    def take(self, index: np.ndarray) -> Batch:
+        """Prompts `index`, keeping the padded length (unlike `batch[index]`, which trims it)."""
+        answers = None if self.answers is None else self.answers[index]
+        return Batch(self.tokens[index], self.valid[index], answers)
+
 
 def _is_int(x: object) -> bool:
     """A Python or numpy integer, not a bool (True is no token id)."""

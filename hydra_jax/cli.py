@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any
 
 import hydra_jax
-from hydra_jax import compile_cache
+from hydra_jax import compile_cache, interrupts
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -165,9 +164,10 @@ MEASURE_OPTIONS = (
 def _analyze(args: argparse.Namespace) -> int:
     from hydra_jax.analyze import analyze
     from hydra_jax.report.text import terminal_table
-    from hydra_jax.sweeps.report import report_from_store
 
     if args.from_store is not None:
+        from hydra_jax.sweeps.report import report_from_store  # zarr: only a store's report needs it
+
         given = [n for n in MEASURE_OPTIONS if getattr(args, n) != build_parser_defaults()[n]]
         if given:
             shown = ", ".join("--" + n.replace("_", "-") for n in given)
@@ -236,11 +236,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _dry_run(args: argparse.Namespace) -> int:
     """Plan the sweep without running it: batch and chunk sizes that fit, memory, FLOPs, time."""
-    from hydra_jax.analyze import load_data, resolve_config
+    from hydra_jax.analyze import load_data
+    from hydra_jax.loaders.source import open_model
     from hydra_jax.sweeps.plan import plan_sweep
 
     settings = _settings(args)
-    config, tokenizer = resolve_config(settings.model)  # no weights are read
+    source = open_model(settings.model)  # checked; no weights are read
+    config, tokenizer = source.config(), source.tokenizer()
     facts, _ = load_data(settings.data, settings.prompt_text)
     # The longest prompt bounds the padded length whichever prompts the sweep keeps.
     lengths = [len(ids) for ids in tokenizer.encode_prompts(list(facts.prompts))]
@@ -534,15 +536,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C so that every cleanup (temporary directories) runs."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-    raise Terminated
-
-
 def _error_message(err: BaseException) -> str:
     """A user error as one line; an OSError of the system names the path and what to check."""
     if isinstance(err, OSError) and err.strerror and err.filename:
@@ -570,16 +563,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-        installed = True
-    except ValueError:  # not the main thread: signals stay as they are
-        previous, installed = None, False
-    try:
-        disabled = args.no_compile_cache or not getattr(args, "compile_cache", True)
-        with compile_cache.use(disabled=disabled):  # before anything is compiled
-            return args.func(args)
+        # Ctrl-C and SIGTERM stop the run even where Python swallows them (hydra_jax.interrupts).
+        with interrupts.handling():
+            disabled = args.no_compile_cache or not getattr(args, "compile_cache", True)
+            with compile_cache.use(disabled=disabled):  # before anything is compiled
+                code = args.func(args)
+            interrupts.check()  # a signal swallowed after the last commit point still stops with its code
+            return code
     except KeyboardInterrupt as err:
-        terminated = isinstance(err, Terminated)
+        terminated = isinstance(err, interrupts.Terminated)
         print(f"hydra-jax: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
     except (ValueError, OSError) as err:  # CheckpointError and OutputError are ValueErrors
@@ -600,9 +592,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    finally:
-        if installed:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

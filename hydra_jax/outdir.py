@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Literal
 
+from hydra_jax import interrupts
 from hydra_jax.report.schema import COMPARE_FIGURE, FIGURES, SCHEMA_ID
 
 Kind = Literal["report", "checkpoint", "bench", "sweep"]
@@ -153,6 +154,7 @@ def atomic_dir(out: str, *, kind: Kind) -> Iterator[str]:
         except OSError as err:
             raise OutputError(f"Cannot write the {WHAT[kind]} under {parent!r}: {err.strerror}.") from err
         yield tmp
+        interrupts.check()  # a Ctrl-C / SIGTERM swallowed during the work must not commit it
         replace_atomically(tmp, out, aside_prefix=PREFIX[kind] + "old-")
     except BaseException:
         if tmp is not None:

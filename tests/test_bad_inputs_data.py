@@ -152,12 +152,12 @@ def test_a_tokenizer_that_cannot_read_the_data_is_refused(tmp_path):
 
 
 def test_answers_needed_but_absent_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    import hydra_jax.analyze
+    from hydra_jax.loaders.source import ModelSource
 
-    def no_model(spec):
+    def no_model(source):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(hydra_jax.analyze, "resolve_model", no_model)
+    monkeypatch.setattr(ModelSource, "load", no_model)
     data = write(tmp_path, "prompts.txt", "The Eiffel Tower is in\nThe Space Needle is in\n")
     out = tmp_path / "report"
     for option in (["--filter", "correct"], ["--target", "answer"]):

@@ -460,7 +460,7 @@ def nothing_loaded(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the options were checked")
 
-    monkeypatch.setattr("hydra_jax.analyze.resolve_model", refuse)
+    monkeypatch.setattr("hydra_jax.loaders.source.ModelSource.load", refuse)
 
 
 @pytest.mark.parametrize(
@@ -487,11 +487,11 @@ def test_options_and_inputs_are_checked_before_any_model_is_loaded(
 
 
 def test_a_model_without_a_tokenizer_is_refused_up_front(checkpoint, tmp_path, capsys, nothing_loaded):
-    from hydra_jax.loaders.checkpoint import _write_manifest
+    from hydra_jax.loaders.checkpoint import write_manifest
 
     model = copy(checkpoint, tmp_path / "model")
     os.remove(os.path.join(model, "tokenizer.json"))
-    _write_manifest(model)
+    write_manifest(model)
     code, err = cli(capsys, "analyze", "--model", model, "--out", tmp_path / "report")
     assert code == 2
     assert f"--model {model!r} has no tokenizer.json" in one_error(err)

@@ -15,6 +15,7 @@ import pytest
 
 from hydra_jax import analyze
 from hydra_jax.cli import main
+from hydra_jax.loaders.source import open_model
 
 N = 16
 FIELDS = ("total", "delta_direct", "norm_term", "direct_clean", "clean_logit", "direct_embed")
@@ -22,7 +23,7 @@ FIELDS = ("total", "delta_direct", "norm_term", "direct_clean", "clean_logit", "
 
 @pytest.fixture(scope="module")
 def model_and_prompts():
-    model, tokenizer, _ = analyze.resolve_model("tiny_chinchilla")
+    model, tokenizer, _ = open_model("tiny_chinchilla").load()
     batch, _ = analyze.resolve_data("default", tokenizer, model.config, N, 0)
     assert batch.size == N
     return model, batch

@@ -93,17 +93,17 @@ def test_missing_files_and_directories(saved, tmp_path):
 
 
 def test_a_consistent_but_wrong_config_is_refused(saved, tmp_path):
-    from hydra_jax.loaders.checkpoint import _write_manifest
+    from hydra_jax.loaders.checkpoint import write_manifest
 
     path = copy_of(saved[1], tmp_path)
     data = json.loads((path / "config.json").read_text())
     data["config"]["d_mlp"] = 128  # shapes no longer match the saved parameters
     (path / "config.json").write_text(json.dumps(data))
-    _write_manifest(str(path))
+    write_manifest(str(path))
     with pytest.raises(CheckpointError):
         load(path)
     data["config"]["norm"] = "batch"
     (path / "config.json").write_text(json.dumps(data))
-    _write_manifest(str(path))
+    write_manifest(str(path))
     with pytest.raises(CheckpointError, match=r"invalid config: ModelConfig.norm must be one of"):
         load(path)

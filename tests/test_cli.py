@@ -50,3 +50,22 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out == f"hydra-jax {hydra_jax.__version__}\n"
+
+
+def test_cli_paper_flag_sets_the_protocol_and_keeps_what_the_user_gives():
+    from hydra_jax.analyze import Settings
+    from hydra_jax.cli import _settings, build_parser
+
+    def settings(*argv):
+        return _settings(build_parser().parse_args(["analyze", *argv]))
+
+    s = settings("--paper", "--data", "known_1000.json")
+    assert s == Settings.paper(data="known_1000.json")
+    s = settings("--paper", "--data", "k.json", "--filter", "correct", "--prompt-text", "template")
+    assert (s.filter, s.prompt_text, s.n_resamples, s.n_prompts) == ("correct", "template", 15, None)
+    assert len(s.deviations(available=1209)) == 2
+    assert settings("--paper", "--kind", "zero").n_resamples == 1
+    assert settings().n_prompts == 256 and settings().prompt_text == "template"  # defaults without --paper
+    assert settings("--n-prompts", "all").n_prompts is None
+    with pytest.raises(SystemExit):
+        settings("--n-prompts", "many")

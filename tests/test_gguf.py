@@ -452,8 +452,8 @@ def test_fast_path_equals_naive(tiny_llama):
 
 
 def test_convert_and_resolve(tiny_dir, tiny_llama, tmp_path, capsys):
-    from hydra_jax.analyze import _preflight_model, resolve_model
     from hydra_jax.cli import main
+    from hydra_jax.loaders.source import open_model
 
     path = os.path.join(tiny_dir, "llama.gguf")
     out = str(tmp_path / "hj")
@@ -467,13 +467,13 @@ def test_convert_and_resolve(tiny_dir, tiny_llama, tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match=r"does not apply to a \.gguf file"):
         hj.convert(path, str(tmp_path / "other"), revision="main")
-    _, _, info = resolve_model(path)
+    _, _, info = open_model(path).load()
     # No general.name: named by the file; an absolute path is recorded as the file's name only.
     assert info == {"name": "llama.gguf", "path": "llama.gguf", "format": "gguf"}
-    _preflight_model(path, "--model")  # analyze checks the header before running
+    assert open_model(path, "--model").kind == "gguf"  # analyze checks the header before running
     bad = write_model(str(tmp_path / "falcon.gguf"), arch="falcon")
     with pytest.raises(CheckpointError, match=r"--model .*falcon\.gguf.*general\.architecture='falcon'"):
-        _preflight_model(bad, "--model")
+        open_model(bad, "--model")
 
 
 # ---------------------------------------------------------------- errors

@@ -18,9 +18,9 @@ import pytest
 from test_hf import reference_model, save_reference
 
 import hydra_jax as hj
-from hydra_jax.analyze import resolve_model
 from hydra_jax.loaders.checkpoint import CheckpointError
 from hydra_jax.loaders.hf import hub
+from hydra_jax.loaders.source import open_model
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
@@ -90,7 +90,9 @@ def test_repo_id_loads_the_cached_snapshot(source, offline_home):
 
 def test_repo_id_in_analyze_and_convert(source, offline_home, tmp_path):
     snapshot = cached_tiny(offline_home, source)
-    model, _, info = resolve_model("org/tiny")
+    source = open_model("org/tiny")
+    assert source.kind == "hub" and source.path is None  # nothing fetched before it is needed
+    model, _, info = source.load()
     # The repo id and commit, not the snapshot's place in this machine's hub cache.
     assert info == {
         "name": "org/tiny",
@@ -108,7 +110,7 @@ def test_repo_id_in_analyze_and_convert(source, offline_home, tmp_path):
 
 def test_a_repo_not_in_the_cache_offline_names_it_and_the_fixes(source, offline_home):
     cached_tiny(offline_home, source)
-    for call in (lambda: hj.from_hf("org/missing"), lambda: resolve_model("org/missing")):
+    for call in (lambda: hj.from_hf("org/missing"), lambda: open_model("org/missing").load()):
         with pytest.raises(FileNotFoundError) as err:
             call()
         message = str(err.value)

@@ -17,6 +17,7 @@ import hydra_jax as hj
 from hydra_jax import analyze
 from hydra_jax.data import default_tokenizer, default_world
 from hydra_jax.loaders.describe import display_name, shareable_path
+from hydra_jax.loaders.source import CHECKPOINTS_ENV, open_model
 from hydra_jax.report import document, text
 
 SOURCE_TREE = str(pathlib.Path(hj.__file__).resolve().parent.parent)
@@ -64,7 +65,7 @@ def test_a_report_holds_no_absolute_path_of_the_machine(inputs, tmp_path, monkey
     if not (shipped / analyze.DEFAULT_MODEL).exists():
         model, tokenizer = hj.load(ckpt)
         hj.save(model, tokenizer, shipped / analyze.DEFAULT_MODEL)
-    monkeypatch.setenv(analyze.CHECKPOINTS_ENV, str(shipped))
+    monkeypatch.setenv(CHECKPOINTS_ENV, str(shipped))
     settings = analyze.Settings(
         data=data, compare=ckpt, n_prompts=8, batch_size=8, n_resamples=2, n_bootstrap=20
     )
@@ -81,8 +82,8 @@ def test_a_report_holds_no_absolute_path_of_the_machine(inputs, tmp_path, monkey
 
 
 def test_the_shipped_model_is_described_without_the_source_tree(monkeypatch):
-    monkeypatch.delenv(analyze.CHECKPOINTS_ENV, raising=False)
-    _, _, info = analyze.resolve_model(None)
+    monkeypatch.delenv(CHECKPOINTS_ENV, raising=False)
+    _, _, info = open_model(None).load()
     described = json.dumps(info)
     assert SOURCE_TREE not in described and os.getcwd() not in described
     assert info["name"] == analyze.DEFAULT_MODEL and info["path"] == f"checkpoints/{analyze.DEFAULT_MODEL}"
@@ -137,7 +138,7 @@ def test_display_name_of_a_gguf_file_from_its_header(tmp_path):
 
     named = write_model(str(tmp_path / "model.Q8_0.gguf"), metadata={"name": "Tiny Llama 2L"})
     assert display_name(named) == "Tiny Llama 2L"
-    _, _, info = analyze.resolve_model(named)
+    _, _, info = open_model(named).load()
     assert info == {"name": "Tiny Llama 2L", "path": "model.Q8_0.gguf", "format": "gguf"}
     plain = write_model(str(tmp_path / "tiny-llama.gguf"))  # no general.name: the file's name
     assert display_name(plain) == "tiny-llama.gguf"
@@ -149,7 +150,7 @@ def test_display_name_of_a_checkpoint_folder(inputs, tmp_path):
     model, tokenizer = hj.load(ckpt)
     nested = hj.save(model, tokenizer, tmp_path / "my-run" / "checkpoint")
     assert display_name(nested) == "my-run"
-    assert analyze.resolve_model(str(nested))[2]["name"] == "my-run"
+    assert open_model(str(nested)).load()[2]["name"] == "my-run"
 
 
 # ---------------------------------------------------------------- 3. the empty prompt

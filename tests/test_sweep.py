@@ -17,6 +17,7 @@ import hydra_jax as hj
 from hydra_jax import analyze
 from hydra_jax.cli import main
 from hydra_jax.effects.summary import STATS
+from hydra_jax.loaders.source import open_model
 from hydra_jax.report.schema import validate_summary
 from hydra_jax.sweeps import StoreError, open_store, sweep
 from hydra_jax.sweeps.store import EFFECTS, store_summary
@@ -67,7 +68,7 @@ def test_filter_correct_sweep_resamples_from_the_pool(tmp_path):
 
     from test_analyze import pool_by_hand, write_filter_data
 
-    model, tokenizer, _ = analyze.resolve_model(MODEL)
+    model, tokenizer, _ = open_model(MODEL).load()
     path = tmp_path / "facts.jsonl"
     correct = write_filter_data(model, tokenizer, path)
     settings = dataclasses.replace(SETTINGS, data=str(path), filter="correct", n_prompts=6, batch_size=4)

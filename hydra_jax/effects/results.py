@@ -357,6 +357,17 @@ class EffectMatrix:
         dd_err = jnp.sqrt((dd**2).sum((1, 2))) / (jnp.sqrt((self.delta_direct**2).sum((1, 2))) + eps)
         return {"total": te_err.mean(axis=1), "delta_direct": dd_err}
 
+    def first_prompts(self, count: int) -> EffectMatrix:
+        """The matrix of its first `count` prompts (prompts are the last axis of every array)."""
+        if self.total.shape[-1] == count:
+            return self
+        arrays = {
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[..., :count]
+            for f in dataclasses.fields(EffectMatrix)
+            if f.name != "labels"
+        }
+        return EffectMatrix(**arrays, labels=self.labels)
+
     def to_xarray(self) -> Any:
         """The matrix as an `xarray.Dataset` with labelled dimensions ablated, measured and prompt:
         `em.to_xarray().delta_direct.sel(ablated="attn_out.3", measured="mlp_out.7")`."""

@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from hydra_jax import outdir
@@ -75,6 +74,8 @@ def save(
             raise ValueError(f"extra_files name {name!r} must be a plain file name other than {RESERVED}.")
         if not os.path.isfile(source):
             raise FileNotFoundError(f"extra_files[{name!r}]: no file at {os.fspath(source)!r}.")
+    import orbax.checkpoint as ocp  # here, not at import: only reading and writing weights needs orbax
+
     with outdir.atomic_dir(path, kind="checkpoint") as tmp:
         config = model.config
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -88,7 +89,7 @@ def save(
             f.write(card if card is not None else default_card(config))
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, os.path.join(tmp, name))
-        _write_manifest(tmp)
+        write_manifest(tmp)
     return path
 
 
@@ -110,6 +111,8 @@ def load(path: str | os.PathLike[str]) -> tuple[Transformer, Tokenizer | None]:
         )
     _verify_manifest(path)
     config = read_config(path)
+    import orbax.checkpoint as ocp  # here, not at import: only reading and writing weights needs orbax
+
     # A model of abstract arrays (traced, never initialised): it gives orbax the target shapes and
     # dtypes, then receives the restored parameters. A real random init here would compile every
     # initialiser and throw the result away, which dominated the first load in a process.
@@ -224,7 +227,9 @@ def _files(root: str) -> list[str]:
     return sorted(out)
 
 
-def _digest(file: str) -> str:
+def file_sha256(file: str) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (the manifest's, and what a shared
+    report identifies an input file by)."""
     h = hashlib.sha256()
     with open(file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -232,9 +237,13 @@ def _digest(file: str) -> str:
     return h.hexdigest()
 
 
-def _write_manifest(root: str) -> None:
+def write_manifest(root: str) -> None:
+    """Write `root`/MANIFEST.json: the sha256 and size of every file of the checkpoint directory."""
     entries: dict[str, Any] = {
-        rel: {"sha256": _digest(os.path.join(root, rel)), "bytes": os.path.getsize(os.path.join(root, rel))}
+        rel: {
+            "sha256": file_sha256(os.path.join(root, rel)),
+            "bytes": os.path.getsize(os.path.join(root, rel)),
+        }
         for rel in _files(root)
     }
     with open(os.path.join(root, MANIFEST), "w") as f:
@@ -259,7 +268,7 @@ def _verify_manifest(root: str) -> None:
         raise CheckpointError(f"Checkpoint {root!r} is missing files {missing[:5]}: it is incomplete.")
     for rel, entry in entries.items():
         full = os.path.join(root, rel)
-        if os.path.getsize(full) != entry["bytes"] or _digest(full) != entry["sha256"]:
+        if os.path.getsize(full) != entry["bytes"] or file_sha256(full) != entry["sha256"]:
             raise CheckpointError(
                 f"{rel!r} in {root!r} does not match MANIFEST.json (truncated or modified); "
                 "restore it or re-save the checkpoint."

@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from hydra_jax import outdir
-from hydra_jax.analyze import Prompts, Settings, _first_prompts, _rows, load_inputs, preflight, versions
+from hydra_jax import interrupts, outdir
+from hydra_jax.analyze import Prompts, Settings, load_inputs, preflight, versions
 from hydra_jax.batch import Batch
 from hydra_jax.effects.matrix import effect_matrix
 from hydra_jax.effects.results import EffectMatrix
@@ -139,7 +139,7 @@ def sweep(
         todo = theirs[~store.complete("sources_complete")[theirs]]
         for i in tqdm(todo, disable=not progress or not todo.size, desc="sources", unit="batch"):
             idx = _batch_rows(pool_layout, i)
-            acts = source_activations(model, _rows(pool, idx), sites=spec.ablate, batch_size=size)
+            acts = source_activations(model, pool.take(idx), sites=spec.ablate, batch_size=size)
             count = pool_layout.batch(i).stop - pool_layout.batch(i).start
             store.write_sources(
                 i, {s.value: np.asarray(x[:, :count], np.float32) for s, x in acts.acts.items()}
@@ -161,6 +161,7 @@ def sweep(
     bar = tqdm(total=n_todo, disable=not progress, desc="effects", unit="prompt", unit_scale=False)
     t0, done = time.perf_counter(), 0
     for i in todo:
+        interrupts.check()  # a Ctrl-C swallowed inside the last batch stops before the next one
         idx = _batch_rows(layout, i)
         extra: dict[str, Any] = {}
         if means is not None:
@@ -170,14 +171,14 @@ def sweep(
         elif draw is not None:  # every position: this batch's K x B source prompts, in the same call
             k = settings.n_resamples
             extra = {
-                "source": _rows(pool, draw[:, idx].reshape(-1)),
+                "source": pool.take(draw[:, idx].reshape(-1)),
                 "source_index": np.arange(k * size).reshape(k, size),
             }
         em = effect_matrix(
-            model, _rows(pool, rows[idx]), spec, mesh=mesh, axes=axes, shard_params=shard_params, **extra
+            model, pool.take(rows[idx]), spec, mesh=mesh, axes=axes, shard_params=shard_params, **extra
         )
         count = layout.batch(i).stop - layout.batch(i).start
-        store.write_batch(i, _arrays(_first_prompts(em, count)))
+        store.write_batch(i, _arrays(em.first_prompts(count)))
         done += count
         bar.update(count)
     bar.close()
@@ -256,7 +257,7 @@ def _batch_rows(layout: stores.Layout, i: int) -> np.ndarray:
 def _source_shapes(model: Transformer, batch: Batch, sites, layout: stores.Layout) -> dict[str, tuple]:
     """site -> [L, P, 1, ...] shapes of the source activations of the pool `batch` of P prompts
     (`layout` its batches), from one prompt's."""
-    one = source_activations(model, _rows(batch, np.zeros(1, int)), sites=sites, batch_size=1)
+    one = source_activations(model, batch.take(np.zeros(1, int)), sites=sites, batch_size=1)
     return {s.value: (x.shape[0], layout.n_prompts, *x.shape[2:]) for s, x in one.acts.items()}
 
 

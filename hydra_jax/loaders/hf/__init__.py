@@ -91,7 +91,7 @@ def from_hf(
         raise CheckpointError(f"{root!r}/config.json has no model_type; it is not a Hugging Face config.")
     module = family(model_type)
     shape = module.config_from_hf(hf, "float32")  # config errors first, before reading any weights
-    tokenizer = _tokenizer(root)
+    tokenizer = read_tokenizer(root)
     if tokenizer.vocab_size > shape.d_vocab:
         raise CheckpointError(
             f"{root!r}/tokenizer.json has {tokenizer.vocab_size} tokens but the model has only "
@@ -143,7 +143,8 @@ def convert(
     return save(model, tokenizer, out, card=card, overwrite=overwrite)
 
 
-def _tokenizer(root: str) -> Tokenizer:
+def read_tokenizer(root: str) -> Tokenizer:
+    """The tokenizer.json of a Hugging Face directory; a CheckpointError naming the fix if absent."""
     path = os.path.join(root, common.TOKENIZER)
     if not os.path.isfile(path):
         raise CheckpointError(
