@@ -21,6 +21,8 @@ Public names:
     save, load                   checkpoint directories (orbax parameters, config, tokenizer)
     from_hf, convert             Hugging Face checkpoints (GPT-2, Llama, GPT-NeoX, Gemma 1-3)
     from_gguf                    llama.cpp GGUF files (Llama, Qwen2, Gemma 2/3), dequantised with gguf
+    open_model, ModelSource      any model string analyze takes (preset, checkpoint, HF dir or hub id,
+                                 .gguf), checked without reading weights; .load() loads it
     data                         the synthetic factual world, FactDataset, tokenizer training
     sweep, open_store            the effect matrix streamed to a resumable zarr store
 
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
     from hydra_jax.loaders.checkpoint import load, save
     from hydra_jax.loaders.gguf import from_gguf
     from hydra_jax.loaders.hf import convert, from_hf
+    from hydra_jax.loaders.source import ModelSource, open_model
     from hydra_jax.model import presets, sites
     from hydra_jax.model.config import ModelConfig
     from hydra_jax.model.sites import Site
@@ -73,6 +76,7 @@ __all__ = [
     "HydraSummary",
     "Labels",
     "ModelConfig",
+    "ModelSource",
     "PaperStatistics",
     "Site",
     "Tokenizer",
@@ -90,6 +94,7 @@ __all__ = [
     "interventions",
     "load",
     "naive_effect_matrix",
+    "open_model",
     "open_store",
     "paper_statistics",
     "param_count",
@@ -133,6 +138,8 @@ _NAMES = {
     "from_gguf": "hydra_jax.loaders.gguf",
     "convert": "hydra_jax.loaders.hf",
     "from_hf": "hydra_jax.loaders.hf",
+    "ModelSource": "hydra_jax.loaders.source",
+    "open_model": "hydra_jax.loaders.source",
     "ModelConfig": "hydra_jax.model.config",
     "Site": "hydra_jax.model.sites",
     "Transformer": "hydra_jax.model.transformer",
