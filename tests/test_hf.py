@@ -348,7 +348,10 @@ def test_convert_writes_a_checkpoint_that_load_reproduces(gpt2_dir, tmp_path):
         np.asarray(loaded(jnp.asarray(tokens), jnp.asarray(valid))),
         np.asarray(direct(jnp.asarray(tokens), jnp.asarray(valid))),
     )
-    assert "Converted by `hydra-jax convert`" in open(os.path.join(out, "MODEL_CARD.md")).read()
+    card = open(os.path.join(out, "MODEL_CARD.md")).read()
+    assert "Converted by `hydra-jax convert`" in card
+    # The card travels with the checkpoint: no absolute path of this machine in it.
+    assert os.path.isabs(gpt2_dir) and os.path.dirname(os.fspath(gpt2_dir)) not in card
     with pytest.raises(FileExistsError, match="already exists"):
         hj.convert(gpt2_dir, out)
 

@@ -21,6 +21,7 @@ import jax
 from hydra_jax import outdir
 from hydra_jax.batch import Tokenizer
 from hydra_jax.loaders.checkpoint import CheckpointError, save
+from hydra_jax.loaders.describe import display_name, shareable_path
 from hydra_jax.loaders.hf import common, gemma, gpt2, gpt_neox, hub, llama
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.transformer import Transformer, param_count
@@ -132,13 +133,13 @@ def convert(
         if revision is not None:
             raise ValueError(f"revision={revision!r} names a Hub commit; it does not apply to a .gguf file.")
         model, tokenizer = from_gguf(path, dtype=dtype)
-        card = _card(os.path.abspath(os.fspath(path)), model.config, "GGUF file")
+        card = _card(os.fspath(path), model.config, "GGUF file")
         return save(model, tokenizer, out, card=card, overwrite=overwrite)
     root = hub.resolve(path, revision)
     model, tokenizer = from_hf(root, dtype=dtype)
     # A Hub snapshot is named by its commit: the card records repo id and commit, not the cache path.
     local = os.path.isdir(os.fspath(path))
-    source = os.path.abspath(root) if local else f"{os.fspath(path)}@{os.path.basename(root)}"
+    source = os.fspath(path) if local else f"{os.fspath(path)}@{os.path.basename(root)}"
     card = _card(source, model.config)
     return save(model, tokenizer, out, card=card, overwrite=overwrite)
 
@@ -159,9 +160,13 @@ def _family_name(module: ModuleType) -> str:
 
 
 def _card(source: str, config: ModelConfig, kind: str = "Hugging Face checkpoint") -> str:
+    """The converted checkpoint's MODEL_CARD.md. A card travels with the checkpoint, so it names the
+    source as `describe` does for reports: its display name and the path as typed, never an absolute
+    path of this machine."""
+    name = source if "@" in source else display_name(source)
     return (
-        f"# {os.path.basename(source)}\n\n"
-        f"Converted by `hydra-jax convert` from the {kind} at `{source}`.\n\n"
+        f"# {name}\n\n"
+        f"Converted by `hydra-jax convert` from the {kind} at `{shareable_path(source)}`.\n\n"
         f"{config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads of {config.d_head}, "
         f"MLP width {config.d_mlp} ({config.mlp}), vocabulary {config.d_vocab}, context {config.n_ctx}; "
         f"**{param_count(config):,} parameters**, stored in {config.param_dtype}.\n"
