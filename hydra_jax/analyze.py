@@ -34,7 +34,7 @@ from hydra_jax.interventions.ablations import resample_sources
 from hydra_jax.interventions.sources import source_activations
 from hydra_jax.loaders.checkpoint import file_sha256
 from hydra_jax.loaders.describe import shareable_path, shareable_settings
-from hydra_jax.loaders.source import DEFAULT_MODEL, checkpoints_dir, open_model
+from hydra_jax.loaders.source import DEFAULT_MODEL, ModelSource, checkpoints_dir, open_model
 from hydra_jax.model.transformer import Transformer, param_count
 
 FILTERS = ("none", "correct")
@@ -329,6 +329,7 @@ def resolve_data(
             (`UNKNOWN_LIMIT`); fewer than 2 usable prompts.
     """
     facts, description = load_data(spec, prompt_text) if loaded is None else loaded
+    description = dict(description)  # `loaded` may serve several models (--compare): never edit it
     check_data(facts, spec, target=target, filter=filter)
     if filter == "correct" and model is None:
         raise ValueError("filter='correct' needs the model, to find the prompts it completes correctly.")
@@ -528,9 +529,15 @@ def concat(parts: list[EffectMatrix]) -> EffectMatrix:
 
 
 def analyze_one(
-    spec: str | None, settings: Settings, progress: bool, flag: str = "--model"
+    spec: str | ModelSource | None,
+    settings: Settings,
+    progress: bool,
+    flag: str = "--model",
+    *,
+    loaded: tuple[FactDataset, dict] | None = None,
 ) -> tuple[EffectMatrix, HydraSummary, dict]:
-    model, prompts, model_info, data_info, t_load = load_inputs(spec, settings, flag)
+    """One model's effect matrix, summary and report meta (`load_inputs`, `measure`, `hydra_summary`)."""
+    model, prompts, model_info, data_info, t_load = load_inputs(spec, settings, flag, loaded=loaded)
     em, t_effects = measure(model, prompts, settings, progress)
     t1 = time.time()
     summary = hydra_summary(em, n_bootstrap=settings.n_bootstrap, seed=settings.seed)
@@ -545,16 +552,23 @@ def analyze_one(
 
 
 def load_inputs(
-    spec: str | None, settings: Settings, flag: str = "--model"
+    spec: str | ModelSource | None,
+    settings: Settings,
+    flag: str = "--model",
+    *,
+    loaded: tuple[FactDataset, dict] | None = None,
 ) -> tuple[Transformer, Prompts, dict[str, Any], dict[str, Any], float]:
-    """The model named by `spec` (`open_model`; `flag` is the option that named it) and the prompts
-    of `settings` (tokenised, filtered: the analysed prompts and the pool their ablation values come
-    from, `resolve_data`), with their descriptions for the report and the seconds spent loading."""
+    """The model `spec` names (a `ModelSource` from `preflight`, or a string for `open_model`; `flag`
+    is the option that named it) and the prompts of `settings` (tokenised, filtered: the analysed
+    prompts and the pool their ablation values come from, `resolve_data`), with their descriptions
+    for the report and the seconds spent loading. `loaded`: the prompt file as `preflight` read and
+    checked it (read here if not given)."""
     t0 = time.time()
-    # The data first: a bad file or option fails before a model is loaded.
-    loaded = load_data(settings.data, settings.prompt_text)
-    check_data(loaded[0], settings.data, target=settings.target, filter=settings.filter)
-    model, tokenizer, model_info = open_model(spec, flag).load()
+    if loaded is None:  # the data first: a bad file or option fails before a model is loaded
+        loaded = load_data(settings.data, settings.prompt_text)
+        check_data(loaded[0], settings.data, target=settings.target, filter=settings.filter)
+    source = spec if isinstance(spec, ModelSource) else open_model(spec, flag)
+    model, tokenizer, model_info = source.load()
     t_load = time.time() - t0
     prompts, data_info = resolve_data(
         settings.data,
@@ -596,14 +610,16 @@ def analyze(
     if settings.data != "default":
         inputs["--data"] = settings.data
     out = outdir.check_out(out, kind="report", inputs=inputs, overwrite=overwrite)
-    preflight(settings)
+    opened = preflight(settings)  # every input opened and checked once; the run uses these handles
     with outdir.atomic_dir(out, kind="report") as tmp:
         t0 = time.time()
-        em, summary, meta = analyze_one(settings.model, settings, progress)
+        em, summary, meta = analyze_one(opened.model, settings, progress, loaded=opened.data)
         meta |= {"settings": shareable_settings(dataclasses.asdict(settings)), "versions": versions()}
         compare = None
         if settings.compare is not None:
-            c_em, c_summary, c_meta = analyze_one(settings.compare, settings, progress, "--compare")
+            c_em, c_summary, c_meta = analyze_one(
+                opened.compare, settings, progress, "--compare", loaded=opened.data
+            )
             c_meta |= {"settings": meta["settings"], "versions": meta["versions"]}
             compare = (c_em, c_summary, c_meta)
         meta["timings"]["total_s"] = time.time() - t0
@@ -611,8 +627,26 @@ def analyze(
     return em, summary, meta
 
 
-def preflight(settings: Settings) -> None:
-    """Check what `analyze` reads, and the options that do not depend on the prompts, before any work.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Inputs:
+    """What a run reads, opened and checked once by `preflight`, before any weight is read.
+
+    Attributes:
+        model: the `--model` source (`open_model`).
+        compare: the `--compare` source, or None.
+        data: the prompt file as `load_data` returns it (dataset, description), checked against
+            the settings that need answers (`check_data`).
+    """
+
+    model: ModelSource
+    compare: ModelSource | None
+    data: tuple[FactDataset, dict]
+
+
+def preflight(settings: Settings) -> Inputs:
+    """Open and check everything `analyze` (and `sweep`) read, and the options that do not depend on
+    the prompts, before any work: the prompt file is read once here and the run uses what this
+    returns.
 
     Raises:
         ValueError (CheckpointError), FileNotFoundError: naming the option at fault.
@@ -633,18 +667,17 @@ def preflight(settings: Settings) -> None:
             f"--n-resamples {settings.n_resamples} needs more than {settings.n_resamples} prompts (each "
             f"prompt resamples from {settings.n_resamples} others); got --n-prompts {settings.n_prompts}."
         )
-    open_model(settings.model, "--model")  # every check of the model short of reading its weights
-    if settings.compare is not None:
-        open_model(settings.compare, "--compare")
-    if settings.data != "default":
-        if not os.path.isfile(settings.data):
-            raise FileNotFoundError(
-                f"No dataset file at {settings.data!r} (--data); pass 'default' or a prompt file: .txt, "
-                ".jsonl, or Counterfact / known-facts .json (docs/data.md)."
-            )
-        # Read and check the prompts now (a malformed file, answers a setting needs but the file lacks).
-        facts, _ = load_data(settings.data, settings.prompt_text)
-        check_data(facts, settings.data, target=settings.target, filter=settings.filter)
+    model = open_model(settings.model, "--model")  # every check of the model short of reading weights
+    compare = None if settings.compare is None else open_model(settings.compare, "--compare")
+    if settings.data != "default" and not os.path.isfile(settings.data):
+        raise FileNotFoundError(
+            f"No dataset file at {settings.data!r} (--data); pass 'default' or a prompt file: .txt, "
+            ".jsonl, or Counterfact / known-facts .json (docs/data.md)."
+        )
+    # Read and check the prompts now (a malformed file, answers a setting needs but the file lacks).
+    data = load_data(settings.data, settings.prompt_text)
+    check_data(data[0], settings.data, target=settings.target, filter=settings.filter)
+    return Inputs(model=model, compare=compare, data=data)
 
 
 def versions() -> dict[str, str]:

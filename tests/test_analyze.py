@@ -245,9 +245,14 @@ def test_same_seed_same_numbers(report, tiny_checkpoint, tmp_path):
     assert first["erasure"] == second["erasure"]
 
 
-def test_compare_and_heads(tiny_checkpoint, tmp_path):
+def test_compare_and_heads(tiny_checkpoint, tmp_path, monkeypatch):
+    from hydra_jax import analyze as module
+
+    reads, read = [], module.load_data  # the prompts are read and checked once (preflight), for both models
+    monkeypatch.setattr(module, "load_data", lambda *a: reads.append(a) or read(*a))
     out = tmp_path / "cmp"
     assert main(args(tiny_checkpoint, out, "--compare", str(tiny_checkpoint), "--granularity", "head")) == 0
+    assert len(reads) == 1
     assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
     doc = json.loads((out / "summary.json").read_text())
     assert doc["compare"] is not None

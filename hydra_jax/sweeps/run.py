@@ -105,10 +105,10 @@ def sweep(
     if not resuming:
         inputs = {"--model": settings.model, "--data": None if settings.data == "default" else settings.data}
         path = outdir.check_out(out, kind="sweep", inputs=inputs, overwrite=overwrite)
-    preflight(settings)
+    opened = preflight(settings)  # every input opened and checked once; the run uses these handles
     if resuming:  # different options are refused before the model is loaded; its weights after
         _check_resume(path, _settings_identity(settings), None)
-    model, prompts, model_info, data_info, _ = load_inputs(settings.model, settings)
+    model, prompts, model_info, data_info, _ = load_inputs(opened.model, settings, loaded=opened.data)
     pool, rows = prompts.pool, prompts.index  # ablation values come from the pool; rows are analysed
     spec = settings.spec
     ablated, measured = spec.components(model.config)
