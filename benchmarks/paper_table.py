@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from hydra_jax.report.text import claims_table
+
 # What the paper reports for Chinchilla 7B, per claim row of hydra_jax/report/claims.py.
 PAPER_NUMBERS = {
     "r2_layer23": "R² 0.92 at attention layer 23",
@@ -42,20 +44,8 @@ def main(reports: list[str]) -> str:
         f"Model: {first['model']['name']} ({n_layers} layers); {_label(first)}. Intervals: "
         f"{first['headline']['ci']:.0%} bootstrap over prompts ({first['headline']['n_bootstrap']} draws).",
         "",
-        "| the paper (Chinchilla 7B) | quantity | layers here | measured | verdict |",
-        "|---|---|---|---|---|",
+        *claims_table(first["paper"]["claims"], lambda c: PAPER_NUMBERS.get(c["id"], c["paper"])),
     ]
-    for claim in first["paper"]["claims"]:
-        cells = [
-            f"{PAPER_NUMBERS.get(claim['id'], claim['paper'])} ({claim['source']})",
-            claim["quantity"],
-            claim["layers"],
-            claim["measured"],
-            f"**{claim['verdict']}**",
-        ]
-        out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    out += ["", "Verdict rules (hydra_jax/report/claims.py):", ""]
-    out += [f"- `{c['id']}`: {c['rule']}." for c in first["paper"]["claims"]]
     if len(docs) > 1:
         # The variants: each claim's verdict and headline number per report, side by side.
         out += ["", "| claim | " + " | ".join(_label(d) for d in docs) + " |", "|---|" + "---|" * len(docs)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -263,20 +263,20 @@ def _claims_lines(paper: dict[str, Any], ci: float) -> list[str]:
         f"{paper['n_layers']}-layer model's layer round((l − 1)({paper['n_layers']} − 1)/31), numbered "
         f"from 0. Intervals: {ci:.0%} bootstrap over prompts. Verdicts follow the stated rule.",
         "",
-        "| the paper | quantity | layers | measured | verdict |",
-        "|---|---|---|---|---|",
     ]
-    for c in paper["claims"]:
-        cells = [
-            f"{c['paper']} ({c['source']})",
-            c["quantity"],
-            c["layers"],
-            c["measured"],
-            f"**{c['verdict']}**",
-        ]
+    return lines + claims_table(paper["claims"])
+
+
+def claims_table(claims: list[dict[str, Any]], statement: Callable[[dict], str] | None = None) -> list[str]:
+    """The paper's claim rows as a markdown table (the paper, quantity, layers, measured, verdict),
+    then every verdict rule. `statement(row)` words the paper's side (default: the row's own)."""
+    lines = ["| the paper | quantity | layers | measured | verdict |", "|---|---|---|---|---|"]
+    for c in claims:
+        said = c["paper"] if statement is None else statement(c)
+        cells = [f"{said} ({c['source']})", c["quantity"], c["layers"], c["measured"], f"**{c['verdict']}**"]
         lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
-    lines += ["", "Verdict rules:", ""]
-    lines += [f"- `{c['id']}`: {c['rule']}." for c in paper["claims"]]
+    lines += ["", "Verdict rules (hydra_jax/report/claims.py):", ""]
+    lines += [f"- `{c['id']}`: {c['rule']}." for c in claims]
     return lines
 
 
