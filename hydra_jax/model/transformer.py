@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hydra_jax.batch import Batch
 from hydra_jax.model import layers
 from hydra_jax.model.block import Context, block
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.sites import Site, is_site
+
+if TYPE_CHECKING:  # model/ does not import batch.py at run time (batch.py reads model/config)
+    from hydra_jax.batch import Batch
 
 Array = jax.Array
 Params = dict[str, Any]
