@@ -160,14 +160,16 @@ def _headline_text(doc: dict[str, Any]) -> str:
     parts = [
         f"{h['n_ablated']} ablated {granularity}, {h['n_prompts']} prompts, {h['n_bootstrap']} bootstrap "
         f"draws ({h['ci']:.0%} intervals); mean centred clean target logit {fmt(h['mean_clean_logit'])}.",
-        f"Largest direct effect: {h['largest_direct_label']} (direct {fmt(h['largest_direct'])}, "
+        "In hydra_jax's decomposition (own change ΔDE(c | c) = DE(ĉ) − DE(c), not the paper's "
+        "Δ_unembed: the paper's quantities are in the next two sections):",
+        f"largest own change: {h['largest_direct_label']} (own {fmt(h['largest_direct'])}, "
         f"total {fmt(h['largest_direct_total'])}, compensation {fmt(h['largest_direct_compensation'])}).",
         f"Largest |mean compensation|: {h['max_compensation_label']} ({fmt(h['max_compensation'])} "
         f"{_ci(h['max_compensation_lo'], h['max_compensation_hi'])}, "
         f"slope {fmt(h['max_compensation_slope'])}).",
-        f"Mean slope of compensation on the direct loss: {fmt(h['mean_slope_attention'])} over attention "
+        f"Mean slope of compensation on the own-change loss: {fmt(h['mean_slope_attention'])} over attention "
         f"ablations{mlp_slope}; mean R² over attention ablations {fmt(h['mean_r2_slope_attention'])}.",
-        f"Fraction of prompts with |direct| > |total|, mean over ablations: "
+        f"Fraction of prompts with |own change| > |total|, mean over ablations: "
         f"{fmt(h['mean_frac_direct_exceeds_total'])}.",
     ]
     if h["most_negative_mlp_label"] is not None:
@@ -414,9 +416,10 @@ def _text_direct_vs_total(doc: dict[str, Any]) -> str:
 def _text_decomposition(doc: dict[str, Any]) -> str:
     h = doc["headline"]
     return (
-        "Per ablated component, the mean direct and total effects and the three terms that make up their "
-        "difference (total = direct + attention + MLP + norm), with bootstrap intervals. Attention "
-        "compensation of the opposite sign to the direct effect is the Hydra effect, MLP compensation "
+        "hydra_jax's decomposition. Per ablated component, the mean own change ΔDE(c | c) and total "
+        "effect and the three terms that make up their difference (total = own + attention + MLP + "
+        "norm), with bootstrap intervals. Attention "
+        "compensation of the opposite sign to the own change is the Hydra effect, MLP compensation "
         "of the opposite sign is anti-erasure; the norm term is the final-norm scale moving. Measured: "
         f"the largest mean compensation in magnitude is {fmt(h['max_compensation'])} "
         f"{_ci(h['max_compensation_lo'], h['max_compensation_hi'])} after ablating "
@@ -460,7 +463,8 @@ _NO_ERASER = "No MLP writes against the target: no measured MLP's mean clean dir
 def _text_repair(doc: dict[str, Any]) -> str:
     h = doc["headline"]
     return (
-        "Top: the OLS slope of compensation on the direct loss (−direct) across prompts, per ablated "
+        "hydra_jax's regression (the paper's is paper_fig7.png). Top: the OLS slope of compensation on the "
+        "own-change loss (−own) across prompts, per ablated "
         "component, with its interval: 1 (upper dotted line) is full repair, 0 none, negative means "
         "downstream layers amplify the loss. Bottom: R² of that fit, how consistently the repair tracks "
         "the direct loss across prompts. A slope is only meaningful where R² and the direct effect are "
@@ -474,7 +478,7 @@ def _compare_text(doc: dict[str, Any]) -> str:
     na, nb = doc["model"]["name"], doc["compare"]["model"]["name"]
     return (
         f"Left: slope of compensation per ablated component for {na} and {nb} (with intervals); "
-        "right: mean direct (x) against mean total (y) per ablated component, with y = x. A model whose "
+        "right: mean own change (x) against mean total (y) per ablated component, with y = x. A model whose "
         "points lie further inside the line (toward y = 0) and whose slopes are higher repairs more. "
         f"Measured mean slope over attention ablations: {fmt(a['mean_slope_attention'])} ({na}), "
         f"{fmt(b['mean_slope_attention'])} ({nb}); mean fraction |direct| > |total|: "
@@ -486,8 +490,9 @@ def _compare_text(doc: dict[str, Any]) -> str:
 def _text_depth(doc: dict[str, Any]) -> str:
     return (
         "The per-ablation statistics as curves against the ablated layer, attention ablations "
-        "(orange) and MLP ablations (green), shaded bands the bootstrap intervals: the mean direct "
-        "(solid) and total (dashed) effects; the slope of compensation on the direct loss and its R²; "
+        "(orange) and MLP ablations (green), shaded bands the bootstrap intervals (hydra_jax's "
+        "measures): the mean own change (solid) and total (dashed) effects; the slope of compensation "
+        "on the own-change loss and its R²; "
         f"the restored fraction 1 − total / direct (shown where the direct effect's interval excludes 0 "
         f"and it is at least {RESTORED_MIN_DIRECT:.0%} of the largest); "
         "and how the downstream response splits between attention, MLP and norm terms. Where total "
