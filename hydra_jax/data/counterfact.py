@@ -8,8 +8,8 @@ format `hydra-jax analyze --data` reads):
   the prompt is the template with the subject put in its one ``{}`` slot.
 * Known facts (known_1000.json): ``{"subject": "...", "attribute": "...", "template": "...",
   "prompt": "...", "relation_id": "..."}``; the prompt is ``template`` with the subject in
-  its slot (``prompt_text="template"``, the paper's subject + relation, default) or the
-  record's ``prompt`` field (``prompt_text="prompt"``, longer for 478 of the 1,209 records).
+  its slot (``prompt_text="template"``, default) or the record's ``prompt`` field
+  (``prompt_text="prompt"``, the paper's text; the two differ for 478 of the 1,209 records).
 
 Answers get a leading space (" Paris"), the form `Batch.from_prompts` expects.
 An answer's tokens are its continuation of the prompt (`Tokenizer.answer_tokens`);
@@ -33,8 +33,8 @@ def load_counterfact(path: str | os.PathLike[str], prompt_text: str = "template"
 
     Args:
         path: the JSON file (any name; read as a JSON list of records).
-        prompt_text: for known-facts records, "template" (template with the subject,
-            the paper's prompts; default) or "prompt" (the record's prompt field).
+        prompt_text: for known-facts records, "template" (template with the subject;
+            default) or "prompt" (the record's prompt field, the paper's text).
 
     Raises:
         FileNotFoundError: no file at `path`.

@@ -13,11 +13,11 @@
     prompt is the template with the subject in its one ``{}`` slot.
   - Known facts (ROME's known_1000.json, the paper's 1,209 prompts): ``{"subject", "attribute",
     "template", "prompt", "relation_id"}``. Two prompt texts exist (`PROMPT_TEXTS`):
-    ``"template"`` (default) is ``template`` with the subject in its slot, the subject and
-    relation concatenated as the paper does; ``"prompt"`` is the record's ``prompt`` field,
-    which for 478 of the 1,209 records carries extra words after the relation ("Vinson Massif is
-    located in the continent" vs "... the continent of"). A record without "template" has only
-    its "prompt".
+    ``"template"`` (default) is ``template`` with the subject in its slot, which for 174 of the
+    1,209 records drops a final "the", "of", "a" or "in" ("Honus Wagner professionally plays
+    the sport" vs "... the sport of"); ``"prompt"`` is the record's ``prompt`` field, the text of
+    the paper's worked example (`--paper` uses it), which for 304 records continues with several
+    generated words. A record without "template" has only its "prompt" (docs/data.md).
   - Plain: ``{"prompt": ..., "answer": ...}`` as in JSONL.
 
 Conventions: files are UTF-8 (a byte-order mark is allowed), as JSON requires;
@@ -47,8 +47,8 @@ def load_prompts(path: str | os.PathLike[str], prompt_text: str = "template") ->
 
     Args:
         path: the file; its extension chooses the format.
-        prompt_text: for known-facts records, "template" (the paper's subject +
-            relation, default) or "prompt" (the record's longer prompt field).
+        prompt_text: for known-facts records, "template" (the template with the subject,
+            default) or "prompt" (the record's prompt field, the paper's text).
 
     Returns:
         A `FactDataset` of split "external"; ``answers[i]`` is None where the file gives none.
@@ -182,8 +182,8 @@ def to_dataset(rows: list[tuple[str, str | None, str, str]]) -> FactDataset:
 def check_prompt_text(prompt_text: str) -> None:
     if prompt_text not in PROMPT_TEXTS:
         raise ValueError(
-            f"--prompt-text must be 'template' (subject + relation, the paper's prompts) or 'prompt' "
-            f"(known-facts records' longer prompt field), got {prompt_text!r}."
+            f"--prompt-text must be 'template' (the known-facts record's template with the subject) or "
+            f"'prompt' (the record's prompt field, the paper's text), got {prompt_text!r}."
         )
 
 
