@@ -37,7 +37,7 @@ if __name__ == "__main__":
     rc = main(["bench", *args, "--no-peer", "--no-series", "--out", "benchmarks/results/gpu", *sys.argv[1:]])
     if rc:
         sys.exit(rc)
-    from hydra_jax.analyze import Settings
+    from hydra_jax import Settings
     from hydra_jax.loaders.source import open_model
     from hydra_jax.sweeps.plan import plan_sweep
 

@@ -18,6 +18,12 @@ skipped). Reported:
   import cycles    SCCs (> 1 module) of the static import graph of hydra_jax/**/*.py
                    (ast; module-level, function-level and TYPE_CHECKING imports marked),
                    of all imports and of module-level imports only
+  folder cycles    the same graph with each module read as its top-level folder
+                   (hydra_jax.effects.matrix -> effects), TYPE_CHECKING imports left out
+  job modules      the distinct modules the analysis job's module calls directly
+                   (hydra_jax.pipeline.analysis, or hydra_jax.analyze in older trees)
+  private imports  names starting with "_" imported from another hydra_jax module
+  longest function the longest function or method of hydra_jax, in lines; total lines
 
 `--package-root` (default: this repository) is put first on sys.path, so
 `--package-root /tmp/other_checkout` measures that checkout's hydra_jax. With a
@@ -160,6 +166,55 @@ def static_imports(root: pathlib.Path) -> dict[Edge, set[str]]:
     return edges
 
 
+def _folder(module: str) -> str:
+    """hydra_jax.effects.matrix -> hydra_jax.effects; a top-level module stays itself."""
+    return ".".join(module.split(".")[:2])
+
+
+def _modules(root: pathlib.Path) -> dict[str, pathlib.Path]:
+    out = {}
+    for path in sorted((root / PKG).rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def private_imports(root: pathlib.Path) -> list[str]:
+    """`from hydra_jax.x import _name` in another module: 'importer: module._name'."""
+    out = []
+    for mod, path in _modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith(PKG)
+                and node.module != mod
+            ):
+                out += [f"{mod}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return sorted(out)
+
+
+def code_size(root: pathlib.Path) -> tuple[tuple[str, int], int]:
+    """(the longest function's 'module.qualname' and its lines, the total lines of hydra_jax)."""
+    longest, total = ("", 0), 0
+    for mod, path in _modules(root).items():
+        text = path.read_text(encoding="utf-8")
+        total += text.count("\n")
+
+        def visit(node: ast.AST, prefix: str, mod: str = mod) -> None:
+            nonlocal longest
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    name = f"{prefix}.{child.name}"
+                    if not isinstance(child, ast.ClassDef):
+                        n = child.end_lineno - child.lineno + 1
+                        if n > longest[1]:
+                            longest = (name, n)
+                    visit(child, name)
+
+        visit(ast.parse(text), mod)
+    return longest, total
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -194,6 +249,15 @@ def main() -> int:
     nodes = {m for e in imports for m in e}
     cycles_all = sccs(nodes, set(imports))
     cycles_module = sccs(nodes, {e for e, kinds in imports.items() if "module" in kinds})
+    job = next((m for m in ("hydra_jax.pipeline.analysis", "hydra_jax.analyze") if m in calls), None)
+    job_calls = sorted({b for a, b in edges if a == job})
+    folder_edges = {
+        (_folder(a), _folder(b))
+        for (a, b), kinds in imports.items()
+        if kinds - {"type_checking"} and _folder(a) != _folder(b)
+    }
+    folder_cycles = sccs({m for e in folder_edges for m in e}, folder_edges)
+    longest, lines = code_size(root)
     result: dict[str, Any] = {
         "hydra_jax": str(pkg_file), "argv": argv, "warm_data": args.warm_data, "report_files": written,
         "modules_visited": len(calls), "calls": sum(calls.values()), "stays": stays,
@@ -204,6 +268,9 @@ def main() -> int:
         "import_cycles": cycles_all, "import_cycles_module_level": cycles_module,
         "import_cycle_edges": [[a, b, sorted(k)] for (a, b), k in sorted(imports.items())
                                if any(a in c and b in c for c in cycles_all)],
+        "folder_cycles": folder_cycles, "job_module": job, "job_modules_called": len(job_calls),
+        "job_callees": job_calls, "private_imports": private_imports(root),
+        "longest_function": longest, "lines": lines,
     }  # fmt: skip
     print(f"hydra_jax from {pkg_file.parent}; warm data: {args.warm_data}; report: {', '.join(written)}")
     for key in ("modules_visited", "calls", "stays", "cross_module_calls", "hops", "upward_hops"):
@@ -215,6 +282,11 @@ def main() -> int:
         print(f"static import cycles ({title}):", *[" <-> ".join(c) for c in cycles] or ["none"], sep="\n  ")
     for a, b, kinds in result["import_cycle_edges"]:
         print(f"    {a} -> {b}  [{', '.join(kinds)}]")
+    print("folder cycles:", *[" <-> ".join(c) for c in folder_cycles] or ["none"], sep="\n  ")
+    print(f"{job} calls {len(job_calls)} modules directly:", ", ".join(job_calls))
+    print("private names imported across modules:", *result["private_imports"] or ["none"], sep="\n  ")
+    name, n = longest
+    print(f"longest function: {name} ({n} lines); hydra_jax: {lines:,} lines of Python")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"JSON written to {args.json}")

@@ -24,6 +24,10 @@ Public names:
     open_model, ModelSource      any model string analyze takes (preset, checkpoint, HF dir or hub id,
                                  .gguf), checked without reading weights; .load() loads it
     data                         the synthetic factual world, FactDataset, tokenizer training
+    analyze, Analysis            a model's measurements under a protocol ("paper"), as a result
+                                 object (summary, .to_xarray(), .figure(name), .write(out), a
+                                 notebook display); what `hydra-jax analyze` runs
+    Settings                     every option of analyze and sweep (the CLI's are built from it)
     sweep, open_store            the effect matrix streamed to a resumable zarr store
 
 Each name is imported when first used, so `import hydra_jax` alone imports neither JAX nor
@@ -62,11 +66,14 @@ if TYPE_CHECKING:
     from hydra_jax.model.config import ModelConfig
     from hydra_jax.model.sites import Site
     from hydra_jax.model.transformer import Transformer, param_count
+    from hydra_jax.pipeline.analysis import Analysis, analyze
+    from hydra_jax.pipeline.options import Settings
     from hydra_jax.sweeps import open_store, sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
     "Batch",
     "Component",
     "Decomposition",
@@ -78,9 +85,11 @@ __all__ = [
     "ModelConfig",
     "ModelSource",
     "PaperStatistics",
+    "Settings",
     "Site",
     "Tokenizer",
     "Transformer",
+    "analyze",
     "compile_effect_matrix",
     "convert",
     "data",
@@ -144,6 +153,9 @@ _NAMES = {
     "Site": "hydra_jax.model.sites",
     "Transformer": "hydra_jax.model.transformer",
     "param_count": "hydra_jax.model.transformer",
+    "Analysis": "hydra_jax.pipeline.analysis",
+    "analyze": "hydra_jax.pipeline.analysis",
+    "Settings": "hydra_jax.pipeline.options",
     "open_store": "hydra_jax.sweeps",
     "sweep": "hydra_jax.sweeps",
 }

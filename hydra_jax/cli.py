@@ -74,7 +74,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from hydra_jax import outdir
-    from hydra_jax.bench import SuiteConfig, run_suite, write
+    from hydra_jax.bench import BENCH, SuiteConfig, run_suite, write
 
     suite = SuiteConfig(
         preset=args.preset,
@@ -97,7 +97,7 @@ def _bench(args: argparse.Namespace) -> int:
                 "TransformerLens is not installed; install the bench extra "
                 '(pip install torch==2.13.0 && pip install -e ".[bench]") or pass --no-peer.'
             ) from None
-    out = outdir.check_out(args.out, kind="bench")  # before the suite runs, not after
+    out = outdir.check_out(args.out, BENCH)  # before the suite runs, not after
     result = run_suite(suite, log=(lambda _: None) if args.quiet else (lambda m: print(m, file=sys.stderr)))
     json_path, md_path = write(result, out)
     with open(md_path) as f:
@@ -106,92 +106,51 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# The options the paper's protocol fixes (`--paper`); their parser default is None, "not given".
-PROTOCOL_OPTIONS = (
-    "prompt_text",
-    "filter",
-    "n_prompts",
-    "kind",
-    "n_resamples",
-    "position",
-    "granularity",
-    "target",
-)
-
-
-def _settings(args: argparse.Namespace, **extra: Any):
+def _settings(args: argparse.Namespace):
     """Settings from the options: with --paper the paper's protocol, each option given replacing
     the paper's value (and reported as a deviation); without, Settings' own defaults."""
-    from hydra_jax.analyze import Settings
+    from hydra_jax.pipeline.options import PROTOCOL_OPTIONS, Settings, options
 
-    given = {name: getattr(args, name) for name in PROTOCOL_OPTIONS if getattr(args, name) is not None}
-    if given.get("n_prompts") == "all":
-        given["n_prompts"] = None
-    common = dict(
-        model=args.model,
-        data=args.data,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        **extra,
-    )
-    return Settings.paper(**given, **common) if args.paper else Settings(**given, **common)
-
-
-def _n_prompts(text: str) -> int | str:
-    """--n-prompts: a count, or 'all'."""
-    if text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {text!r}") from None
-
-
-# The options of what is measured; with --from they come from the store instead.
-MEASURE_OPTIONS = (
-    "paper",
-    "model",
-    "data",
-    *PROTOCOL_OPTIONS,
-    "seed",
-    "batch_size",
-    "chunk_size",
-    "compare",
-)
+    values = {f.name: getattr(args, f.name) for f in options(args.command)}
+    # A protocol option left out is None ("not given"): Settings' default, or with --paper the paper's.
+    given = {k: v for k, v in values.items() if k not in PROTOCOL_OPTIONS or v is not None}
+    return Settings.paper(**given) if args.paper else Settings(**given)
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from hydra_jax.analyze import analyze
     from hydra_jax.report.text import terminal_table
 
     if args.from_store is not None:
         from hydra_jax.sweeps.report import report_from_store  # zarr: only a store's report needs it
 
-        given = [n for n in MEASURE_OPTIONS if getattr(args, n) != build_parser_defaults()[n]]
+        defaults = build_parser_defaults()
+        given = [n for n in measure_options() if getattr(args, n) != defaults[n]]
         if given:
             shown = ", ".join("--" + n.replace("_", "-") for n in given)
             raise ValueError(
                 f"analyze --from {args.from_store!r} reports the store's own measurement; {shown} cannot "
                 "change it. Drop them, or run `hydra-jax sweep` with them into a new store."
             )
-        _, summary, meta = report_from_store(
+        result = report_from_store(
             args.from_store, args.out, n_bootstrap=args.n_bootstrap, overwrite=args.overwrite
         )
-        print(terminal_table(summary))
+        print(terminal_table(result.summary))
         print(_claims_digest(args.out))
         print(f"Report of {args.from_store} written to {os.path.abspath(args.out)}/.")
         return 0
-    settings = _settings(args, compare=args.compare, n_bootstrap=args.n_bootstrap)
-    _, summary, meta = analyze(settings, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(terminal_table(summary))
+    from hydra_jax.pipeline.analysis import analyze
+
+    settings = _settings(args)
+    result = analyze(settings=settings, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(terminal_table(result.summary))
     print(_claims_digest(args.out))
-    skipped = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in meta["skipped"].items())
-    multi = meta["data"].get("multi_token_answers")
+    record = result.record
+    skipped = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in record.skipped.items())
+    multi = record.data.get("multi_token_answers")
     multi = f"{multi} with multi-token answers (first token used); " if multi else ""
     print(
-        f"\n{meta['model']['name']}: {meta['data']['prompts']} prompts ({multi}skipped {skipped}); "
-        f"effect matrix {meta['timings']['effect_matrix_s']:.1f} s, total {meta['timings']['total_s']:.1f} s."
+        f"\n{record.name}: {record.n_prompts} prompts ({multi}skipped {skipped}); "
+        f"effect matrix {record.timings.effect_matrix_s:.1f} s, total {record.timings.total_s:.1f} s."
     )
     print(f"Report written to {os.path.abspath(args.out)}/ (report.md, summary.json, effects.npz, figures).")
     return 0
@@ -210,6 +169,14 @@ def _claims_digest(out: str) -> str:
 def build_parser_defaults() -> dict[str, Any]:
     """The analyze subcommand's default option values."""
     return vars(build_parser().parse_args(["analyze"]))
+
+
+def measure_options() -> tuple[str, ...]:
+    """The options of what analyze measures; with --from they come from the store instead."""
+    from hydra_jax.pipeline.options import options
+
+    keep = ("n_bootstrap",)  # the report's, not the measurement's
+    return ("paper", *(f.name for f in options("analyze") if f.name not in keep))
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -236,14 +203,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _dry_run(args: argparse.Namespace) -> int:
     """Plan the sweep without running it: batch and chunk sizes that fit, memory, FLOPs, time."""
-    from hydra_jax.analyze import load_data
-    from hydra_jax.loaders.source import open_model
+    from hydra_jax.pipeline.inputs import preflight
     from hydra_jax.sweeps.plan import plan_sweep
 
     settings = _settings(args)
-    source = open_model(settings.model)  # checked; no weights are read
-    config, tokenizer = source.config(), source.tokenizer()
-    facts, _ = load_data(settings.data, settings.prompt_text)
+    inputs = preflight(settings)  # the model and the prompts, checked; no weights are read
+    config, tokenizer = inputs.model.config(), inputs.model.tokenizer()
+    facts, _ = inputs.data
     # The longest prompt bounds the padded length whichever prompts the sweep keeps.
     lengths = [len(ids) for ids in tokenizer.encode_prompts(list(facts.prompts))]
     seq_len = min(max(lengths), config.n_ctx)
@@ -285,92 +251,32 @@ ANALYZE_EXAMPLES = """examples:
 """
 
 
-def _measure_options(p: argparse.ArgumentParser) -> None:
-    """What analyze and sweep measure: the model, the prompts, the ablations."""
-    p.add_argument(
-        "--model",
-        default=None,
-        help="a hydra_jax checkpoint directory, a local Hugging Face directory, a Hugging Face Hub "
-        "repo id org/name (fetched into the hub cache; HF_HUB_OFFLINE=1 reads the cache only), a "
-        "llama.cpp .gguf file, or a preset name (random weights); "
-        "default: the shipped dropout-free model checkpoints/hydra-8l",
-    )
-    p.add_argument(
-        "--data",
-        default="default",
-        help="'default' (the synthetic world's held-out prompts) or a file, by its extension: .txt (one "
-        'prompt per line, no answers), .jsonl (one {"prompt": ..., "answer": ...} per line, answer '
-        "optional), .json (ROME Counterfact or known-facts records, e.g. known_1000.json); UTF-8; see "
-        "docs/data.md. Prompts without answers work only with --target argmax and --filter none",
-    )
-    p.add_argument(
-        "--paper",
-        action="store_true",
-        help="the paper's protocol (McGrath et al. 2023; docs/real-models.md): every prompt of --data, "
-        "the known-facts record's prompt field, no filter, the clean top token as target, every "
-        "attention and MLP layer resampled at the final position from 15 other prompts. Any option "
-        "below given with it replaces the paper's value and is reported as a deviation",
-    )
-    p.add_argument(
-        "--prompt-text",
-        default=None,
-        choices=("template", "prompt"),
-        help="known-facts records' prompt: 'template' (default; --paper: 'prompt'): the record's "
-        "template with the subject filled in, which drops the final 'the', 'of', 'a' or 'in' of 174 of "
-        "known_1000.json's records; 'prompt': the record's prompt field, the paper's worked example "
-        "('Honus Wagner professionally plays the sport of'), with several extra generated words for 304 "
-        "records",
-    )
-    p.add_argument(
-        "--filter",
-        default=None,
-        choices=("none", "correct"),
-        help="'none' (default, as the paper): every usable prompt; 'correct': only prompts whose clean "
-        "top token at the final position is the answer's first token, a deviation from the paper (one "
-        "clean forward per --batch-size candidates; dropped prompts are counted as not_correct; "
-        "ablation sources still come from every usable prompt examined)",
-    )
-    p.add_argument(
-        "--n-prompts",
-        type=_n_prompts,
-        default=None,
-        help="prompts to analyse, or 'all' (default 256; --paper: all)",
-    )
-    p.add_argument(
-        "--kind",
-        default=None,
-        choices=("resample", "zero", "mean"),
-        help="what an ablation writes (default resample: another prompt's activation, as in the paper)",
-    )
-    p.add_argument(
-        "--n-resamples",
-        type=int,
-        default=None,
-        help="resample sources per prompt, averaged (--kind resample only; default 5; --paper: 15)",
-    )
-    p.add_argument(
-        "--position", default=None, choices=("final", "all"), help="ablated positions (default final)"
-    )
-    p.add_argument(
-        "--granularity",
-        default=None,
-        choices=("layer", "head"),
-        help="ablate layers (default) or every head",
-    )
-    p.add_argument(
-        "--target",
-        default=None,
-        choices=("argmax", "answer"),
-        help="the clean top token (default, as the paper) or the answer's first token after the prompt",
-    )
-    p.add_argument("--seed", type=int, default=0, help="prompt order, resampling and bootstrap seed")
-    p.add_argument("--batch-size", type=int, default=128, help="prompts per compiled call (default 128)")
-    p.add_argument(
-        "--chunk-size",
-        type=int,
-        default=None,
-        help="ablation rows computed at a time within a call (default: all at once); bounds memory",
-    )
+def _measure_options(p: argparse.ArgumentParser, command: str) -> None:
+    """What analyze and sweep measure: one option per field of `Settings` that `command` takes, with
+    the help, choices and type its field declares (`hydra_jax.pipeline.options`)."""
+    from hydra_jax.pipeline.options import PROTOCOL_OPTIONS, Settings, options
+
+    defaults = Settings()
+    for field in options(command):
+        o = field.metadata["option"]
+        kwargs: dict[str, Any] = {"help": o["help"]}
+        if o["choices"] is not None:
+            kwargs["choices"] = o["choices"]() if callable(o["choices"]) else o["choices"]
+        if o["type"] is not None:
+            kwargs["type"] = o["type"]
+        # A protocol option's default is None, "not given": --paper tells a deviation from a default.
+        kwargs["default"] = None if field.name in PROTOCOL_OPTIONS else getattr(defaults, field.name)
+        p.add_argument(o["flag"] or "--" + field.name.replace("_", "-"), **kwargs)
+        if field.name == "model":
+            p.add_argument(
+                "--paper",
+                action="store_true",
+                help="the paper's protocol (McGrath et al. 2023; docs/real-models.md): every prompt "
+                "of --data, the known-facts record's prompt field, no filter, the clean top token as "
+                "target, every attention and MLP layer resampled at the final position from 15 other "
+                "prompts. Any option below given with it replaces the paper's value and is reported as a "
+                "deviation",
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,9 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=ANALYZE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _measure_options(p)
-    p.add_argument("--compare", default=None, help="a second model (same forms as --model), side by side")
-    p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for intervals")
+    _measure_options(p, "analyze")
     p.add_argument(
         "--from",
         dest="from_store",
@@ -422,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SWEEP_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _measure_options(p)
+    _measure_options(p, "sweep")
     p.add_argument("--out", default="hydra_sweep", help="the store's directory (default hydra_sweep/)")
     p.add_argument("--overwrite", action="store_true", help="replace a store of other settings")
     p.add_argument(

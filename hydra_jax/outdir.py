@@ -1,11 +1,15 @@
 """Output directories: checked before any work starts, replaced atomically, never someone else's.
 
 Every directory hydra_jax writes (an analyze report, a checkpoint from `save`
-or `convert`) goes through two steps:
+or `convert`, a sweep store) goes through two steps, given the `Owner` of what
+is written. Each owner is defined by the code that knows its files
+(`hydra_jax.report.schema.REPORT`, `hydra_jax.loaders.checkpoint.CHECKPOINT`,
+`hydra_jax.sweeps.store.STORE`, `hydra_jax.bench.report.BENCH`); this module
+knows none of them by name and imports none of their packages.
 
-    out = check_out(out, kind="report", inputs={"--model": model_dir}, overwrite=False)
+    out = check_out(out, REPORT, inputs={"--model": model_dir}, overwrite=False)
     ...                                            # then, and only then, the work
-    with atomic_dir(out, kind="report") as tmp:    # a fresh directory beside `out`
+    with atomic_dir(out, REPORT) as tmp:           # a fresh directory beside `out`
         write everything into tmp                  # `out` is untouched until the end
     # here `out` holds the complete new directory; on any exception it is as it was
 
@@ -16,9 +20,17 @@ or `convert`) goes through two steps:
 * the current directory or one of its parents, and any directory that is or
   contains one of the `inputs` (the model being read, the data file);
 * an existing file, or a non-empty directory, unless `overwrite`; and even with
-  `overwrite`, anything hydra_jax cannot recognise as its own: a report whose
-  summary.json carries the schema id and which holds nothing but report files,
-  or a checkpoint whose MANIFEST.json lists every file in it.
+  `overwrite`, anything its owner does not recognise as its own
+  (`Owner.foreign` says why: a report's summary.json without the schema id, a
+  file a checkpoint's MANIFEST.json does not list).
+
+An owner of `files` (benchmark results) writes just those files into a
+directory that may hold others: only they are checked, each must be one
+hydra_jax wrote, and the directory itself is never replaced.
+
+`refuse_other_run` is the one "resume the same run, refuse another" check (a
+training run directory, a sweep store): it names each setting that differs
+between what the directory records and what this run wants.
 
 `replace_atomically` moves the old directory aside (into a temporary
 directory in the same parent), renames the new one in, and removes the old one
@@ -29,41 +41,49 @@ last, so a failure at any step leaves either the old or the new directory at
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
-from typing import Literal
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Any
 
 from hydra_jax import interrupts
-from hydra_jax.report.schema import COMPARE_FIGURE, FIGURES, SCHEMA_ID
-
-Kind = Literal["report", "checkpoint", "bench", "sweep"]
-MANIFEST = (
-    "MANIFEST.json"  # a checkpoint's list of its files and their sha256 (`hydra_jax.loaders.checkpoint`)
-)
-
-# What each kind is called in messages, and the prefix of its temporary directories.
-WHAT = {"report": "report", "checkpoint": "checkpoint", "bench": "benchmark results", "sweep": "sweep store"}
-PREFIX = {
-    "report": ".hydra-report-",
-    "checkpoint": ".saving-",
-    "bench": ".hydra-bench-",
-    "sweep": ".hydra-sweep-",
-}
-BENCH_FILES = ("results.json", "results.md")
 
 
 class OutputError(ValueError):
     """An output path hydra_jax refuses to write or replace."""
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Owner:
+    """One kind of output hydra_jax writes: its name, and how its writer recognises its own.
+
+    Attributes:
+        what: its name in messages ("report", "sweep store").
+        prefix: the prefix of its temporary directories beside the output (".hydra-report-").
+        foreign: path -> why what is there is not one of ours, or None when it is. It is
+            given an existing, non-empty directory, or, for an owner of `files`, each of
+            those files that exists (a link or a directory included). The reason follows
+            "it is not a report hydra_jax wrote (...)": "it has no summary.json; it holds a.txt".
+        files: the files it writes into a directory that may hold others (benchmark results);
+            empty when it owns the whole directory, which `atomic_dir` replaces.
+        stored_as: how `refuse_other_run` names a recorded value ("seed: 0 recorded, 1 now").
+    """
+
+    what: str
+    prefix: str
+    foreign: Callable[[str], str | None]
+    files: tuple[str, ...] = ()
+    stored_as: str = "recorded"
+
+
 def check_out(
     out: str | os.PathLike[str],
+    owner: Owner,
     *,
-    kind: Kind,
     inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
     overwrite: bool = False,
     label: str = "--out",
@@ -72,20 +92,20 @@ def check_out(
 
     Args:
         out: the directory to write.
-        kind: what is written there: "report", "checkpoint", "sweep" (a store) or
-            "bench" (results files written into a directory that may hold other files).
+        owner: what is written there (a whole directory, or its `files` in one that may
+            hold others).
         inputs: name (e.g. "--model") -> path of what the command reads; `out`
             may be neither one of them nor contain one. None values are skipped.
         overwrite: whether an existing `out` that hydra_jax wrote may be replaced.
         label: how messages name `out` (the option or argument).
     Raises:
         OutputError: `out` is a link, the current directory or a parent of it,
-            an input or a parent of one, a file (for "bench"), a directory
-            hydra_jax did not write (with `overwrite`), or under a file.
+            an input or a parent of one, a file (for an owner of `files`), a directory
+            (or one of `files`) hydra_jax did not write, or under a file.
         FileExistsError: `out` exists and is not empty, and not `overwrite`.
     """
     path = os.path.abspath(os.fspath(out))
-    what = WHAT[kind]
+    what = owner.what
     shown = f"{label} {os.fspath(out)!r}" + ("" if os.fspath(out) == path else f" ({path})")
     if os.path.islink(path):
         raise OutputError(
@@ -94,7 +114,7 @@ def check_out(
         )
     real = os.path.realpath(path)
     here = os.path.realpath(os.getcwd())
-    if kind != "bench" and _contains(real, here):
+    if not owner.files and _contains(real, here):  # an owner of files never replaces the directory
         where = "the current directory" if real == here else "a parent of the current directory"
         raise OutputError(
             f"{shown} is {where}; the {what} is written as a directory of its own, which would replace "
@@ -113,8 +133,8 @@ def check_out(
     _check_parent(path, shown, what)
     if not os.path.exists(path):
         return path
-    if kind == "bench":
-        return _check_bench(path, shown)
+    if owner.files:
+        return _check_files(path, owner, shown, label)
     if os.path.isdir(path) and not os.listdir(path):
         return path  # an empty directory: replacing it loses nothing
     if not overwrite:
@@ -123,7 +143,7 @@ def check_out(
             f"{shown} already exists and {state}; pass --overwrite (overwrite=True) to replace a "
             f"{what} hydra_jax wrote there, or choose another {label}."
         )
-    problem = _not_ours(path, kind)
+    problem = owner.foreign(path) if os.path.isdir(path) else "it is a file"
     if problem is not None:
         raise OutputError(
             f"Refusing to replace {shown}: it is not a {what} hydra_jax wrote ({problem}). --overwrite only "
@@ -133,29 +153,32 @@ def check_out(
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str, *, kind: Kind) -> Iterator[str]:
+def atomic_dir(out: str, owner: Owner) -> Iterator[str]:
     """A fresh directory beside `out` to write into; on success it replaces `out` atomically.
 
     Parent directories are created as needed. On any exception (KeyboardInterrupt
     included) the temporary directory, and any parent created for it, is removed
-    and `out` is left as it was.
+    and `out` is left as it was. `owner` names the temporary directories and messages;
+    it must own whole directories (no `files`).
     """
+    if owner.files:
+        raise ValueError(f"atomic_dir replaces a whole directory; {owner.what} are files in a shared one.")
     parent = os.path.dirname(out)
     created: list[str] = []
     tmp: str | None = None
     try:
         try:
             created = _makedirs(parent)
-            tmp = tempfile.mkdtemp(prefix=PREFIX[kind], dir=parent)
+            tmp = tempfile.mkdtemp(prefix=owner.prefix, dir=parent)
             # mkdtemp makes a private directory; the result is an ordinary one.
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)
         except OSError as err:
-            raise OutputError(f"Cannot write the {WHAT[kind]} under {parent!r}: {err.strerror}.") from err
+            raise OutputError(f"Cannot write the {owner.what} under {parent!r}: {err.strerror}.") from err
         yield tmp
         interrupts.check()  # a Ctrl-C / SIGTERM swallowed during the work must not commit it
-        replace_atomically(tmp, out, aside_prefix=PREFIX[kind] + "old-")
+        replace_atomically(tmp, out, aside_prefix=owner.prefix + "old-")
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -204,12 +227,89 @@ def replace_atomically(tmp: str, out: str, *, aside_prefix: str = ".hydra-old-")
         )
 
 
+def refuse_other_run(
+    path: str,
+    owner: Owner,
+    stored: Mapping[str, Any],
+    wanted: Mapping[str, Any],
+    *,
+    fix: str,
+    ignore: Collection[str] = (),
+    error: Callable[[str], Exception] = OutputError,
+) -> None:
+    """Resume the same run, refuse another: raise unless `stored` and `wanted` agree.
+
+    Args:
+        path: the directory being resumed (a training run, a sweep store).
+        owner: what it is; names it in the message, and its recorded values (`stored_as`).
+        stored: the settings recorded there (JSON types; nested mappings are compared key by key).
+        wanted: this run's settings, in the same shape.
+        fix: what the user can do instead, the message's last sentences.
+        ignore: keys that may differ (dotted for nested ones); a key covers everything under it.
+        error: the exception raised, given the message (an `OutputError` by default).
+    Raises:
+        error: naming each differing setting with its recorded and new value.
+    """
+    differing = differences(stored, wanted, stored_as=owner.stored_as, ignore=ignore)
+    if differing:
+        raise error(
+            f"The {owner.what} {path!r} holds another run ({'; '.join(differing)}), so this run cannot "
+            f"resume it. {fix}"
+        )
+
+
+def differences(
+    stored: Mapping[str, Any],
+    wanted: Mapping[str, Any],
+    *,
+    stored_as: str = "recorded",
+    ignore: Collection[str] = (),
+) -> list[str]:
+    """Each setting that differs, sorted by key: 'model.d_model: 64 recorded, 128 now'.
+
+    Nested mappings are compared leaf by leaf under dotted keys; values are compared as
+    JSON (a tuple equals the list it is stored as); a missing key shows as (absent).
+    """
+    old, new = _flat(stored), _flat(wanted)
+    absent = object()
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == k or key.startswith(k + ".") for k in ignore):
+            continue
+        a, b = old.get(key, absent), new.get(key, absent)
+        if a is absent or b is absent or _json(a) != _json(b):
+            shown_a = "(absent)" if a is absent else _short(a)
+            shown_b = "(absent)" if b is absent else _short(b)
+            out.append(f"{key}: {shown_a} {stored_as}, {shown_b} now")
+    return out
+
+
 def listing(path: str, limit: int = 5) -> str:
     """A few entries of a directory, for messages: 'a.txt, b/ and 3 more'."""
     names = sorted(os.listdir(path))
-    shown = [n + ("/" if os.path.isdir(os.path.join(path, n)) else "") for n in names[:limit]]
+    return first_few([n + ("/" if os.path.isdir(os.path.join(path, n)) else "") for n in names], limit)
+
+
+def first_few(names: list[str], limit: int = 5) -> str:
+    """Names for messages: 'a, b, c, d, e and 3 more'."""
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(shown) + more
+    return ", ".join(names[:limit]) + more
+
+
+def holds_only(path: str, names: Collection[str], *, plain_files: bool = False) -> str | None:
+    """Why the directory `path` holds more than `names`, or None when it does not. With
+    `plain_files`, a link or a directory among `names` counts as more too."""
+    foreign = [
+        n
+        for n in sorted(os.listdir(path))
+        if n not in names or (plain_files and not plain_file(os.path.join(path, n)))
+    ]
+    return f"it also holds {first_few(foreign)}, which hydra_jax did not write" if foreign else None
+
+
+def plain_file(path: str) -> bool:
+    """A regular file, not a link to one."""
+    return os.path.isfile(path) and not os.path.islink(path)
 
 
 # --------------------------------------------------------------------------
@@ -231,102 +331,39 @@ def _check_parent(path: str, shown: str, what: str) -> None:
         raise OutputError(f"Cannot write the {what} {shown}: {ancestor!r} is not writable.")
 
 
-def _not_ours(path: str, kind: Kind) -> str | None:
-    """Why `path` is not a `kind` directory hydra_jax wrote, or None when it is."""
+def _check_files(path: str, owner: Owner, shown: str, label: str) -> str:
+    """An owner of `files` writes them into a directory that may hold others: only they are checked."""
     if not os.path.isdir(path):
-        return "it is a file"
-    if kind == "report":
-        return _not_a_report(path)
-    if kind == "sweep":
-        return _not_a_store(path)
-    return _not_a_checkpoint(path)
-
-
-def _not_a_store(path: str) -> str | None:
-    from hydra_jax.sweeps import store
-
-    if not store.is_store(path):
-        return f"it has no zarr.json with schema {store.SCHEMA_ID!r}; it holds {listing(path)}"
-    foreign = [n for n in sorted(os.listdir(path)) if n not in store.ENTRIES]
-    if foreign:
-        return f"it also holds {_names(foreign)}, which hydra_jax did not write"
-    return None
-
-
-def _not_a_report(path: str) -> str | None:
-    names = {"summary.json", "effects.npz", "report.md", COMPARE_FIGURE, *FIGURES.values()}
-    try:
-        with open(os.path.join(path, "summary.json")) as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        return f"it has no summary.json; it holds {listing(path)}"
-    except (OSError, ValueError):
-        return "its summary.json is not readable JSON"
-    # Any version of the schema: reports of older releases are recognised too.
-    family = SCHEMA_ID.split("/")[0] + "/"
-    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith(family):
-        return f"its summary.json has no schema {SCHEMA_ID!r}"
-    foreign = [
-        n for n in sorted(os.listdir(path)) if n not in names or not _plain_file(os.path.join(path, n))
-    ]
-    if foreign:
-        return f"it also holds {_names(foreign)}, which hydra_jax did not write"
-    return None
-
-
-def _not_a_checkpoint(path: str) -> str | None:
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            listed = json.load(f)["files"]
-        if not isinstance(listed, dict) or not listed:
-            raise TypeError
-    except FileNotFoundError:
-        return f"it has no {MANIFEST}; it holds {listing(path)}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"its {MANIFEST} is not a hydra_jax manifest"
-    foreign = []
-    for directory, dirs, files in os.walk(path):
-        for name in dirs + files:
-            full = os.path.join(directory, name)
-            rel = os.path.relpath(full, path)
-            if os.path.islink(full) or (name in files and rel not in listed and rel != MANIFEST):
-                foreign.append(rel)
-    if foreign:
-        return f"{MANIFEST} does not list {_names(foreign)}"
-    return None
-
-
-def _check_bench(path: str, shown: str) -> str:
-    """Benchmark results go into a directory that may hold other files; only ours are replaced."""
-    if not os.path.isdir(path):
-        raise OutputError(f"{shown} is a file; pass a directory for the benchmark results.")
-    for name in BENCH_FILES:
+        raise OutputError(f"{shown} is a file; pass a directory for the {owner.what}.")
+    for name in owner.files:
         file = os.path.join(path, name)
-        if not os.path.lexists(file):
-            continue
-        ours = _plain_file(file)
-        if ours and name.endswith(".json"):
-            try:
-                with open(file) as f:
-                    doc = json.load(f)
-                ours = isinstance(doc, dict) and {"suite", "machine", "sweep"} <= set(doc)
-            except (OSError, ValueError):
-                ours = False
-        if not ours:
+        problem = owner.foreign(file) if os.path.lexists(file) else None
+        if problem is not None:
             raise OutputError(
-                f"{shown} holds a {name} that hydra-jax bench did not write; it would be replaced. "
-                "Move it away or choose another --out."
+                f"{shown} holds a {name} that is not one of hydra_jax's {owner.what} ({problem}); it would "
+                f"be replaced. Move it away or choose another {label}."
             )
     return path
 
 
-def _plain_file(path: str) -> bool:
-    return os.path.isfile(path) and not os.path.islink(path)
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys; an empty mapping is a value of its own."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
-def _names(names: list[str], limit: int = 5) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+def _json(x: Any) -> str:
+    return json.dumps(x, sort_keys=True)
+
+
+def _short(x: Any) -> str:
+    s = _json(x)
+    return s if len(s) <= 80 else s[:77] + "..."
 
 
 def _makedirs(path: str) -> list[str]:

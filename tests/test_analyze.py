@@ -70,19 +70,19 @@ def test_report_files_and_schema(report):
 def test_report_agrees_with_effect_matrix(report, tiny_checkpoint):
     """The report's numbers are hj.effect_matrix's on the same prompts, with resample sources drawn
     once over the whole dataset (seeded), whatever the batch."""
-    from hydra_jax.analyze import Settings, measure, resolve_data
     from hydra_jax.interventions.ablations import resample_sources
     from hydra_jax.interventions.sources import source_activations
+    from hydra_jax.pipeline import Settings, measure_all, select_prompts
 
     model, tokenizer = hj.load(tiny_checkpoint)
     settings = Settings(n_prompts=24, batch_size=12, n_resamples=2)
-    prompts, info = resolve_data("default", tokenizer, model.config, 24, 0)
+    prompts, info = select_prompts("default", tokenizer, model.config, 24, 0)
     # Without a filter the pool is the analysed prompts: sources are drawn over these 24, as before.
     assert info["pool"] == info["prompts"] == 24 and prompts.index.tolist() == list(range(24))
     batch = prompts.batch
     assert batch is prompts.pool
-    em, _ = measure(model, prompts, settings, progress=False)
-    np.testing.assert_array_equal(em.total, measure(model, batch, settings, progress=False)[0].total)
+    em = measure_all(model, prompts, settings)
+    np.testing.assert_array_equal(em.total, measure_all(model, batch, settings).total)
     sites = ("attn_out", "mlp_out")
     first = hj.effect_matrix(
         model,
@@ -159,15 +159,16 @@ def token_rows(batch) -> list[list[int]]:
 def test_filter_correct_resamples_from_the_whole_pool(filtered, monkeypatch):
     """--filter correct chooses the prompts analysed, not their sources: each analysed prompt
     resamples k other prompts of the pool (every usable prompt examined), dropped ones included."""
-    from hydra_jax import analyze
     from hydra_jax.interventions.ablations import resample_sources
+    from hydra_jax.pipeline import Settings, measure_all, select_prompts
+    from hydra_jax.pipeline import measure as module  # the module: its effect_matrix is spied on
 
     model, tokenizer, path, correct = filtered
     n, k, seed = 6, 2, 0
     kept, pool = pool_by_hand(path, correct, seed, n)
     dropped = [j for j, p in enumerate(pool) if not correct[p]]
     assert len(kept) == n and dropped  # the filter drops prompts the analysed ones resample from
-    prompts, info = analyze.resolve_data(
+    prompts, info = select_prompts(
         path, tokenizer, model.config, n, seed, filter="correct", model=model, batch_size=8
     )
     assert token_rows(prompts.pool) == tokenizer.encode_prompts(pool)
@@ -182,10 +183,10 @@ def test_filter_correct_resamples_from_the_whole_pool(filtered, monkeypatch):
         calls.append((batch, extra))
         return real(model, batch, spec, **extra)
 
-    real = analyze.effect_matrix
-    monkeypatch.setattr(analyze, "effect_matrix", spy)
-    settings = analyze.Settings(data=path, filter="correct", n_prompts=n, n_resamples=k, batch_size=4)
-    analyze.measure(model, prompts, settings, progress=False)
+    real = module.effect_matrix
+    monkeypatch.setattr(module, "effect_matrix", spy)
+    settings = Settings(data=path, filter="correct", n_prompts=n, n_resamples=k, batch_size=4)
+    measure_all(model, prompts, settings)
     assert len(calls) == 2  # batches of 4: prompts 0-3, then 4-5 filled up with prompt 5
     ablated = [p for batch, _ in calls for p in token_rows(batch)][:n]
     assert ablated == tokenizer.encode_prompts(kept)
@@ -203,23 +204,23 @@ def test_filter_correct_effects_equal_the_pools_ground_truth(filtered, kind):
     """The analysed prompts' effects are hj.effect_matrix's with ablation values from the pool
     built by hand: the draw over the P pool prompts at the analysed prompts' columns, or the
     pool's mean; whatever the batch size."""
-    from hydra_jax import analyze
     from hydra_jax.interventions.ablations import resample_sources
     from hydra_jax.interventions.sources import source_activations
+    from hydra_jax.pipeline import Settings, measure_all, select_prompts
 
     model, tokenizer, path, correct = filtered
     n, k, seed = 6, 2, 0
     kept, pool = pool_by_hand(path, correct, seed, n)
     assert len(pool) > n
-    prompts, _ = analyze.resolve_data(
+    prompts, _ = select_prompts(
         path, tokenizer, model.config, n, seed, filter="correct", model=model, batch_size=8
     )
-    settings = analyze.Settings(
+    settings = Settings(
         data=path, filter="correct", n_prompts=n, kind=kind, batch_size=4, seed=seed,
         n_resamples=k if kind == "resample" else None,
     )  # fmt: skip
-    em, _ = analyze.measure(model, prompts, settings, progress=False)
-    whole, _ = analyze.measure(model, prompts, dataclasses.replace(settings, batch_size=n), progress=False)
+    em = measure_all(model, prompts, settings)
+    whole = measure_all(model, prompts, dataclasses.replace(settings, batch_size=n))
 
     sites = ("attn_out", "mlp_out")
     source = hj.Batch.from_tokens(tokenizer.encode_prompts(pool), pad_id=tokenizer.pad_id)
@@ -246,7 +247,7 @@ def test_same_seed_same_numbers(report, tiny_checkpoint, tmp_path):
 
 
 def test_compare_and_heads(tiny_checkpoint, tmp_path, monkeypatch):
-    from hydra_jax import analyze as module
+    from hydra_jax.pipeline import inputs as module
 
     reads, read = [], module.load_data  # the prompts are read and checked once (preflight), for both models
     monkeypatch.setattr(module, "load_data", lambda *a: reads.append(a) or read(*a))

@@ -11,9 +11,9 @@ import pytest
 import tokenizers
 
 import hydra_jax as hj
-from hydra_jax.analyze import resolve_data
 from hydra_jax.batch import check_batch
 from hydra_jax.cli import main
+from hydra_jax.pipeline.inputs import select_prompts as resolve_data
 
 CF = {"requested_rewrite": {"prompt": "{} is in", "subject": "Eiffel Tower", "target_true": {"str": "Paris"},
                             "relation_id": "P131"}}  # fmt: skip

@@ -30,8 +30,8 @@ from conftest import random_model
 import hydra_jax as hj
 from hydra_jax import outdir
 from hydra_jax.cli import main
-from hydra_jax.loaders.checkpoint import CheckpointError
-from hydra_jax.report.schema import SCHEMA_ID
+from hydra_jax.loaders.checkpoint import CHECKPOINT, CheckpointError
+from hydra_jax.report.schema import REPORT, SCHEMA_ID
 
 TINY_RUN = ["--model", "tiny_chinchilla", "--n-prompts", "8", "--n-bootstrap", "10", "--batch-size", "8"]
 
@@ -321,6 +321,38 @@ def test_bench_out_is_checked_before_the_suite_runs(tmp_path, capsys):
     assert tree(tmp_path) == before
 
 
+def test_bench_results_replace_only_their_own_files(tmp_path, monkeypatch):
+    """An owner of `files` checks just those, in a directory that may hold others (the current one too)."""
+    from hydra_jax.bench import BENCH
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "results.md").write_text("an earlier run's table")
+    (tmp_path / "results.json").write_text(json.dumps({"suite": {}, "machine": {}, "sweep": {}}))
+    monkeypatch.chdir(tmp_path)
+    assert outdir.check_out(".", BENCH) == str(tmp_path)
+    (tmp_path / "results.json").write_text('{"accuracy": 0.9}')
+    with pytest.raises(outdir.OutputError, match=r"holds a results.json .*no suite, machine and sweep"):
+        outdir.check_out(tmp_path, BENCH)
+    with pytest.raises(ValueError, match="a whole directory"):
+        with outdir.atomic_dir(str(tmp_path), BENCH):
+            pass
+
+
+def test_a_run_of_other_settings_is_refused_naming_each_difference():
+    owner = outdir.Owner(what="sweep store", prefix=".x-", foreign=lambda _: None, stored_as="in the store")
+    stored = {"seed": 0, "model": {"d_model": 64, "n_layers": 2}, "sites": ["attn_out"], "log_every": 1}
+    wanted = {"seed": 1, "model": {"d_model": 64, "n_layers": 4}, "sites": ("attn_out",), "log_every": 5}
+    with pytest.raises(outdir.OutputError) as err:
+        outdir.refuse_other_run("/s", owner, stored, wanted, fix="Pass --overwrite.", ignore={"log_every"})
+    message = str(err.value)
+    assert message == (
+        "The sweep store '/s' holds another run (model.n_layers: 2 in the store, 4 now; seed: 0 in the "
+        "store, 1 now), so this run cannot resume it. Pass --overwrite."
+    )  # a tuple equals the list it was stored as; ignored keys may differ
+    outdir.refuse_other_run("/s", owner, stored, {**stored, "log_every": 9}, fix="", ignore={"log_every"})
+    assert outdir.differences({"a": {"b": 1}}, {}) == ["a.b: 1 recorded, (absent) now"]
+
+
 # ---- atomic replacement ---------------------------------------------------------------
 
 
@@ -345,7 +377,7 @@ def test_a_failed_rename_leaves_the_old_directory_intact(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(os, "replace", flaky)
     with pytest.raises(OSError, match="simulated failure"):
-        with outdir.atomic_dir(out, kind="report") as tmp:
+        with outdir.atomic_dir(out, REPORT) as tmp:
             pathlib.Path(tmp, "new.txt").write_text("new")
     monkeypatch.undo()
     assert len(calls) == failing_call + (failing_call == 2)  # after the second, the old one is put back
@@ -364,7 +396,7 @@ def test_an_interrupt_once_the_new_directory_is_in_place_keeps_it_whole(tmp_path
 
     monkeypatch.setattr(os, "replace", then_interrupted)
     with pytest.raises(KeyboardInterrupt):
-        with outdir.atomic_dir(out, kind="report") as tmp:
+        with outdir.atomic_dir(out, REPORT) as tmp:
             pathlib.Path(tmp, "new.txt").write_text("new")
     monkeypatch.undo()
     assert sorted(os.listdir(out)) == ["new.txt"]
@@ -382,7 +414,7 @@ def test_a_failed_removal_of_the_old_directory_keeps_the_new_one_and_names_the_r
 
     monkeypatch.setattr(shutil, "rmtree", flaky)
     with pytest.warns(UserWarning, match=r"could not be removed from '.*\.hydra-report-old-.*'") as warned:
-        with outdir.atomic_dir(out, kind="report") as tmp:
+        with outdir.atomic_dir(out, REPORT) as tmp:
             pathlib.Path(tmp, "new.txt").write_text("new")
     monkeypatch.undo()
     assert sorted(os.listdir(out)) == ["new.txt"]
@@ -395,11 +427,11 @@ def test_a_failure_while_writing_leaves_out_and_its_parents_as_they_were(tmp_pat
     out = old_and_new(tmp_path)
     before = tree(tmp_path)
     with pytest.raises(RuntimeError, match="disk full"):
-        with outdir.atomic_dir(out, kind="report") as tmp:
+        with outdir.atomic_dir(out, REPORT) as tmp:
             pathlib.Path(tmp, "half.txt").write_text("half")
             raise RuntimeError("disk full")
     with pytest.raises(RuntimeError, match="disk full"):
-        with outdir.atomic_dir(str(tmp_path / "new" / "deeper" / "out"), kind="checkpoint"):
+        with outdir.atomic_dir(str(tmp_path / "new" / "deeper" / "out"), CHECKPOINT):
             raise RuntimeError("disk full")
     assert tree(tmp_path) == before
 
@@ -557,7 +589,7 @@ def test_system_errors_are_one_line_naming_the_path(capsys, monkeypatch, error, 
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("hydra_jax.analyze.analyze", fail)
+    monkeypatch.setattr("hydra_jax.pipeline.analysis.analyze", fail)
     code, err = cli(capsys, "analyze", "--out", "/data/out")
     assert code == 2
     assert one_error(err).startswith(f"hydra-jax: error: {expected}")
@@ -567,7 +599,7 @@ def test_a_bug_still_shows_its_traceback_and_asks_for_a_report(capsys, monkeypat
     def bug(*args, **kwargs):
         raise RuntimeError("an internal invariant broke")
 
-    monkeypatch.setattr("hydra_jax.analyze.analyze", bug)
+    monkeypatch.setattr("hydra_jax.pipeline.analysis.analyze", bug)
     code = main(["analyze", "--out", "/data/out"])
     err = capsys.readouterr().err
     assert code == 1

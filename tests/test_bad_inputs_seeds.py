@@ -14,8 +14,8 @@ import pytest
 
 import hydra_jax as hj
 from hydra_jax import validate
-from hydra_jax.analyze import Settings
 from hydra_jax.interventions.ablations import ablate
+from hydra_jax.pipeline import Settings
 from hydra_jax.train.loop import TrainConfig
 from hydra_jax.train.recipe import DataConfig, RecipeError, read_recipe
 

@@ -4,7 +4,7 @@ Ablation values belong to the dataset, not to a batch: `--kind mean` writes
 the mean over every prompt, `--kind resample` reads sources drawn once over
 the whole dataset with the seed. Batch sizes 16 (one batch), 8 and 5 (a
 ragged split, the last batch filled up) must agree, through the API
-(`hydra_jax.analyze.measure`) and the CLI. The model and prompts are the
+(`hydra_jax.pipeline.measure`) and the CLI. The model and prompts are the
 CLI's own, so the CLI runs reuse the compilations of the API runs.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hydra_jax import analyze
 from hydra_jax.cli import main
 from hydra_jax.loaders.source import open_model
+from hydra_jax.pipeline import Settings, measure_all, select_prompts
 
 N = 16
 FIELDS = ("total", "delta_direct", "norm_term", "direct_clean", "clean_logit", "direct_embed")
@@ -24,16 +24,14 @@ FIELDS = ("total", "delta_direct", "norm_term", "direct_clean", "clean_logit", "
 @pytest.fixture(scope="module")
 def model_and_prompts():
     model, tokenizer, _ = open_model("tiny_chinchilla").load()
-    batch, _ = analyze.resolve_data("default", tokenizer, model.config, N, 0)
+    batch, _ = select_prompts("default", tokenizer, model.config, N, 0)
     assert batch.size == N
     return model, batch
 
 
 def measured(model, batch, kind: str, batch_size: int, seed: int = 0):
-    settings = analyze.Settings(
-        model="tiny_chinchilla", kind=kind, n_prompts=N, batch_size=batch_size, seed=seed
-    )
-    return analyze.measure(model, batch, settings, progress=False)[0]
+    settings = Settings(model="tiny_chinchilla", kind=kind, n_prompts=N, batch_size=batch_size, seed=seed)
+    return measure_all(model, batch, settings)
 
 
 def assert_close(a: dict, b: dict, scale: float) -> None:

@@ -53,8 +53,8 @@ def test_version(capsys):
 
 
 def test_cli_paper_flag_sets_the_protocol_and_keeps_what_the_user_gives():
-    from hydra_jax.analyze import Settings
     from hydra_jax.cli import _settings, build_parser
+    from hydra_jax.pipeline import Settings
 
     def settings(*argv):
         return _settings(build_parser().parse_args(["analyze", *argv]))

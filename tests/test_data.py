@@ -509,7 +509,7 @@ def write_rows(path) -> str:
 
 
 def test_filter_correct_keeps_the_prompts_the_model_completes(planted, tmp_path):
-    from hydra_jax.analyze import resolve_data
+    from hydra_jax.pipeline.inputs import select_prompts as resolve_data
 
     model, tok = planted
     # The planted fact holds in the clean run (checked once here, on every prompt).

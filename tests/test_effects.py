@@ -151,7 +151,7 @@ def test_segments_for_minimises_the_layer_steps():
 def test_the_plan_is_checked_against_its_rows_on_the_host(model, batch):
     """effect_core trusts its static plan, so the host checks it describes the rows it is given."""
     prepared = _prepare_for(model, batch, scan_segments=2)
-    layers = np.asarray(prepared.args[4]["layer"])
+    layers = np.asarray(prepared.inputs.rows["layer"])
     assert prepared.plan.segments is not None and describes(prepared.plan.segments, layers)
     n = model.config.n_layers
     assert not describes(((1, n, len(layers)),), layers)  # rows start at layer 0

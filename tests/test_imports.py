@@ -80,3 +80,17 @@ def test_a_plain_analyze_imports_neither_the_sweeps_nor_the_benches(tmp_path):
     env = {**os.environ, "HYDRA_JAX_COMPILE_CACHE": "0"}
     out = imported_after(ANALYZE, *OPTIONAL, "gguf", "--", *args, env=env)
     assert out == {"rc": 0, "heavy": []}
+
+
+def test_outdir_knows_no_client_by_name():
+    """outdir.py is told what an output is (an `Owner`); it imports none of the packages that write one."""
+    tree = ast.parse(pathlib.Path(hydra_jax.__file__).with_name("outdir.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):  # imports inside functions too
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    clients = ("report", "sweeps", "loaders", "train", "bench")
+    assert "hydra_jax.interrupts" in imported  # the parse sees its imports
+    assert [m for m in sorted(imported) if m.split(".")[:2] in [["hydra_jax", c] for c in clients]] == []

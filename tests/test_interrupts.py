@@ -15,6 +15,7 @@ import signal
 import pytest
 
 from hydra_jax import interrupts, outdir
+from hydra_jax.report.schema import REPORT
 
 
 def swallowed(signum: int) -> None:
@@ -73,7 +74,7 @@ def test_a_swallowed_signal_never_commits_an_output(tmp_path):
     (out / "MANIFEST.json").write_text("old")
     before = sorted(os.listdir(tmp_path))
     with interrupts.handling(), pytest.raises(interrupts.Terminated):
-        with outdir.atomic_dir(str(out), kind="report") as tmp:
+        with outdir.atomic_dir(str(out), REPORT) as tmp:
             (tmp_path / tmp / "summary.json").write_text("new, and never to be seen")
             swallowed(signal.SIGTERM)
     assert sorted(os.listdir(tmp_path)) == before  # no temporary directory left

@@ -206,7 +206,7 @@ def test_a_bad_spec_is_refused_naming_the_flag(tiny_checkpoint, tmp_path, monkey
 
 
 def test_preflight_names_the_compare_flag_and_loads_nothing(tiny_checkpoint, tmp_path, no_weights):
-    from hydra_jax.analyze import Settings, preflight
+    from hydra_jax.pipeline import Settings, preflight
 
     preflight(Settings(model=tiny_checkpoint, compare="tiny_chinchilla", n_prompts=8))
     with pytest.raises(ValueError, match=r"^--compare 'no/such/model' is neither"):

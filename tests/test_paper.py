@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import hydra_jax as hj
-from hydra_jax.analyze import PAPER_PROTOCOL, Settings
 from hydra_jax.effects.paper import ERASER_SHARE, paper_layer, paper_statistics
+from hydra_jax.pipeline import PAPER_PROTOCOL, Settings
 from hydra_jax.report.claims import VERDICTS, paper_claims
 from hydra_jax.report.document import summary_doc
 from hydra_jax.testing import planted_repair_model

@@ -14,10 +14,10 @@ from flax import nnx
 from test_summary import TWO_LAYERS, make_em
 
 import hydra_jax as hj
-from hydra_jax import analyze
 from hydra_jax.data import default_tokenizer, default_world
 from hydra_jax.loaders.describe import display_name, shareable_path
-from hydra_jax.loaders.source import CHECKPOINTS_ENV, open_model
+from hydra_jax.loaders.source import CHECKPOINTS_ENV, DEFAULT_MODEL, open_model
+from hydra_jax.pipeline import Settings
 from hydra_jax.report import document, text
 
 SOURCE_TREE = str(pathlib.Path(hj.__file__).resolve().parent.parent)
@@ -62,19 +62,17 @@ def test_a_report_holds_no_absolute_path_of_the_machine(inputs, tmp_path, monkey
     root, ckpt, data = inputs
     # The default model (--model left out) is the tiny checkpoint, found through $HYDRA_JAX_CHECKPOINTS.
     shipped = pathlib.Path(root) / "shipped"
-    if not (shipped / analyze.DEFAULT_MODEL).exists():
+    if not (shipped / DEFAULT_MODEL).exists():
         model, tokenizer = hj.load(ckpt)
-        hj.save(model, tokenizer, shipped / analyze.DEFAULT_MODEL)
+        hj.save(model, tokenizer, shipped / DEFAULT_MODEL)
     monkeypatch.setenv(CHECKPOINTS_ENV, str(shipped))
-    settings = analyze.Settings(
-        data=data, compare=ckpt, n_prompts=8, batch_size=8, n_resamples=2, n_bootstrap=20
-    )
+    settings = Settings(data=data, compare=ckpt, n_prompts=8, batch_size=8, n_resamples=2, n_bootstrap=20)
     out = tmp_path / "report"
-    analyze.analyze(settings, out, progress=False)
+    hj.analyze(settings=settings, out=out, progress=False)
     assert_shareable(out, root)
     doc = json.loads((out / "summary.json").read_text())
-    assert doc["model"]["name"] == analyze.DEFAULT_MODEL
-    assert doc["model"]["path"] == f"checkpoints/{analyze.DEFAULT_MODEL}"
+    assert doc["model"]["name"] == DEFAULT_MODEL
+    assert doc["model"]["path"] == f"checkpoints/{DEFAULT_MODEL}"
     assert doc["compare"]["model"]["name"] == "tiny" and doc["compare"]["model"]["path"] == "tiny"
     assert len(doc["model"]["manifest_sha256"]) == 64
     assert doc["data"]["source"] == "prompts.jsonl" and len(doc["data"]["sha256"]) == 64
@@ -86,7 +84,7 @@ def test_the_shipped_model_is_described_without_the_source_tree(monkeypatch):
     _, _, info = open_model(None).load()
     described = json.dumps(info)
     assert SOURCE_TREE not in described and os.getcwd() not in described
-    assert info["name"] == analyze.DEFAULT_MODEL and info["path"] == f"checkpoints/{analyze.DEFAULT_MODEL}"
+    assert info["name"] == DEFAULT_MODEL and info["path"] == f"checkpoints/{DEFAULT_MODEL}"
 
 
 def test_a_report_from_a_sweep_store_holds_no_absolute_path(inputs, tmp_path):
@@ -94,7 +92,7 @@ def test_a_report_from_a_sweep_store_holds_no_absolute_path(inputs, tmp_path):
     from hydra_jax.sweeps import sweep
 
     root, ckpt, data = inputs
-    settings = analyze.Settings(model=ckpt, data=data, n_prompts=8, batch_size=8, n_resamples=2)
+    settings = Settings(model=ckpt, data=data, n_prompts=8, batch_size=8, n_resamples=2)
     store = sweep(settings, pathlib.Path(root) / "s.zarr", progress=False, log=lambda _: None)
     out = tmp_path / "report"
     assert main(["analyze", "--from", store.path, "--out", str(out), "--n-bootstrap", "20", "--quiet"]) == 0

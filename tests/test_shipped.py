@@ -7,7 +7,7 @@ import re
 import pytest
 
 import hydra_jax as hj
-from hydra_jax.analyze import checkpoints_dir
+from hydra_jax.loaders.source import checkpoints_dir
 from hydra_jax.train.loop import accuracy
 from hydra_jax.train.recipe import CHECK_PROMPTS
 

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 
 import hydra_jax as hj
-from hydra_jax import analyze
 from hydra_jax.cli import main
 from hydra_jax.effects.summary import STATS
 from hydra_jax.loaders.source import open_model
+from hydra_jax.pipeline import Settings, load_model, measure_all, preflight, select
 from hydra_jax.report.schema import validate_summary
 from hydra_jax.sweeps import StoreError, open_store, sweep
 from hydra_jax.sweeps.store import EFFECTS, store_summary
 
 MODEL = "tiny_gpt2"
-SETTINGS = analyze.Settings(model=MODEL, n_prompts=24, batch_size=8, n_resamples=2)
+SETTINGS = Settings(model=MODEL, n_prompts=24, batch_size=8, n_resamples=2)
 
 
 def assert_same_store(a, b):
@@ -40,9 +40,17 @@ def store(tmp_path_factory):
     return sweep(SETTINGS, tmp_path_factory.mktemp("sweep") / "s.zarr", progress=False, log=lambda _: None)
 
 
+def load_inputs(settings):
+    """The model and the prompts a run with `settings` measures (as analyze and sweep open them)."""
+    inputs = preflight(settings)
+    model, tokenizer, _ = load_model(inputs.model)
+    prompts, info = select(settings, tokenizer, model, inputs.data)
+    return model, prompts, info
+
+
 def test_a_store_holds_analyzes_effect_matrix(store):
-    model, batch, *_ = analyze.load_inputs(MODEL, SETTINGS)
-    ref, _ = analyze.measure(model, batch, SETTINGS, progress=False)
+    model, batch, _ = load_inputs(SETTINGS)
+    ref = measure_all(model, batch, SETTINGS)
     em = store.effect_matrix()
     assert em.labels == ref.labels
     for name in EFFECTS:  # the same program on the same inputs: the same bits
@@ -74,17 +82,17 @@ def test_filter_correct_sweep_resamples_from_the_pool(tmp_path):
     settings = dataclasses.replace(SETTINGS, data=str(path), filter="correct", n_prompts=6, batch_size=4)
     out = tmp_path / "filtered.zarr"
     store = sweep(settings, out, progress=False, log=lambda _: None)
-    model, prompts, _, info, _ = analyze.load_inputs(MODEL, settings)
+    model, prompts, info = load_inputs(settings)
     kept, pool = pool_by_hand(str(path), correct, settings.seed, 6)
     assert info["prompts"] == 6 and info["pool"] == len(pool) > 6
     assert store.source_layout.n_prompts == prompts.pool.size == len(pool)
     draw = prompts.resample_sources(2, settings.seed)  # [K, N] rows of the pool
     assert np.isin(draw, [j for j, p in enumerate(pool) if not correct[p]]).any()
-    ref, _ = analyze.measure(model, prompts, settings, progress=False)
+    ref = measure_all(model, prompts, settings)
     em = store.effect_matrix()
     for name in EFFECTS:
         np.testing.assert_array_equal(np.asarray(getattr(em, name)), np.asarray(getattr(ref, name)), name)
-    whole, _ = analyze.measure(model, prompts, dataclasses.replace(settings, batch_size=6), progress=False)
+    whole = measure_all(model, prompts, dataclasses.replace(settings, batch_size=6))
     scale = float(np.abs(np.asarray(ref.clean_logit)).max())
     for name in ("total", "delta_direct", "norm_term", "direct_clean"):
         x, y = np.asarray(getattr(whole, name)), np.asarray(getattr(ref, name))
@@ -199,9 +207,9 @@ import sys, jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 import hydra_jax as hj
-from hydra_jax import analyze
+from hydra_jax import Settings
 from hydra_jax.sweeps import sweep
-settings = analyze.Settings(model=%r, n_prompts=24, batch_size=8, n_resamples=2)
+settings = Settings(model=%r, n_prompts=24, batch_size=8, n_resamples=2)
 store = sweep(settings, sys.argv[3], progress=False)
 print("mine", sorted(set(range(jax.process_index(), 3, 2))), "done", bool(store.done))
 """

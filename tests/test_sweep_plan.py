@@ -10,9 +10,9 @@ import pytest
 from conftest import ragged_batch, random_model
 
 import hydra_jax as hj
-from hydra_jax import analyze
 from hydra_jax.effects.matrix import EffectSpec, compile_effect_matrix
 from hydra_jax.model.transformer import param_count
+from hydra_jax.pipeline import Settings
 from hydra_jax.sweeps import plan as sweep_plan
 from hydra_jax.sweeps.plan import device_memory_bytes, plan_sweep
 
@@ -71,7 +71,7 @@ def test_a_calibrated_head_plan_fits_chunks_and_estimates_time():
 
 def test_chinchilla_7b_head_sweep_plans_to_fit_80_gb_without_its_parameters():
     config = hj.presets.chinchilla_7b
-    spec = analyze.Settings(granularity="head").spec  # every head, analyze's resamples
+    spec = Settings(granularity="head").spec  # every head, analyze's resamples
     plan = plan_sweep(config, spec, n_prompts=10_000, seq_len=32, budget_bytes=80e9, dtype="bfloat16")
     assert plan.params_bytes == 2 * param_count(config)
     assert plan.params_bytes < plan.memory_bytes <= plan.usable_bytes < 80 * 10**9

@@ -16,7 +16,7 @@ from numpy.testing import assert_array_equal
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 import hydra_jax as hj
-from hydra_jax.analyze import resolve_data
+from hydra_jax.pipeline.inputs import select_prompts as resolve_data
 
 WORDS = ("The", "capital", "of", "France", "is", "Paris", "Lyon")
 PROMPT, ANSWER = "The capital of France is", " Paris"

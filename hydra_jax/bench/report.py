@@ -1,8 +1,37 @@
-"""Render a `run_suite` result as the markdown tables of benchmarks/README.md."""
+"""Render a `run_suite` result as the markdown tables of benchmarks/README.md; `BENCH`, its files' owner."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from hydra_jax import outdir
+
+
+def _not_our_results(path: str) -> str | None:
+    """Why the file `path` (results.json or results.md) is not one `hydra-jax bench` wrote, or None."""
+    if not outdir.plain_file(path):
+        return "it is not a plain file"
+    if not path.endswith(".json"):
+        return None
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return "it is not readable JSON"
+    if not (isinstance(doc, dict) and {"suite", "machine", "sweep"} <= set(doc)):
+        return "it has no suite, machine and sweep"
+    return None
+
+
+BENCH = outdir.Owner(
+    what="benchmark results",
+    prefix=".hydra-bench-",
+    foreign=_not_our_results,
+    files=("results.json", "results.md"),
+)
+"""`hydra-jax bench --out DIR` writes these two files into DIR, which may hold others; only they are
+replaced, and only if `hydra-jax bench` wrote them."""
 
 
 def _s(x: float | None) -> str:

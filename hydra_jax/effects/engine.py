@@ -106,22 +106,17 @@ class Plan:
         return Site.MLP_HIDDEN in self.ablated or self.measure_neurons
 
 
-@functools.partial(jax.jit, static_argnames=("plan",))
-def effect_core(
-    params: Params,
-    tokens: Array,
-    valid: Array,
-    answers: Array,
-    rows: dict[str, Array],
-    perms: Array,
-    source: dict[str, Any] | None,
-    restore: Array | None,
-    *,
-    plan: Plan,
-) -> dict[str, Array]:
-    """All effects of a batch in one compiled call.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CoreInputs:
+    """Everything `effect_core` reads, as one registered pytree (a jit argument).
 
-    Args:
+    Built by `hydra_jax.effects.matrix` from a model, a batch and a run's ablation values
+    (`hydra_jax.pipeline.sources.Sources.arguments`), or as `jax.ShapeDtypeStruct`s by the
+    planner (`hydra_jax.sweeps.plan`), so the compiled program is the same in both.
+
+    Attributes:
+        params: the model's parameters.
         tokens, valid: [B, T] the left-padded batch.
         answers: [B] answer ids (used when plan.target == "answer").
         rows: "layer", "site" (a `CODE`), "head": [A] int32 describing each
@@ -137,12 +132,30 @@ def effect_core(
             Ts = 1 holds only the final position).
         restore: [A] the rows' places in the caller's order (rows sorted for
             the segments), or None when they come in that order.
+    """
+
+    params: Params
+    tokens: Any
+    valid: Any
+    answers: Any
+    rows: dict[str, Any]
+    perms: Any
+    source: dict[str, Any] | None = None
+    restore: Any = None
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def effect_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
+    """All effects of a batch in one compiled call (`CoreInputs` describes the inputs).
+
     Returns:
         total [A, B], norm_term [A, B], delta_direct [A, M, B], direct_clean [M, B],
         target [B], clean_logit [B], direct_embed [B], direct_bias [B]; with
         `plan.linearise` also linear_total [A, B] and linear_delta_direct [A, M, B].
     """
     cfg = plan.config
+    params, tokens, valid, answers = inputs.params, inputs.tokens, inputs.valid, inputs.answers
+    rows, perms, source, restore = inputs.rows, inputs.perms, inputs.source, inputs.restore
     n_ablations = rows["layer"].shape[0]  # the shape contract, checked at trace time
     chex.assert_equal_shape([tokens, valid])
     chex.assert_shape([rows["layer"], rows["site"], rows["head"]], (n_ablations,))

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Int
 
 from hydra_jax import interventions as iv
 from hydra_jax import validate
 from hydra_jax.batch import Batch, check_batch
-from hydra_jax.effects.engine import CODE, Plan, describes, effect_core, segments_for
+from hydra_jax.effects.engine import CODE, CoreInputs, Plan, describes, effect_core, segments_for
 from hydra_jax.effects.results import (
     ABLATABLE,
     MEASURABLE,
@@ -37,10 +38,16 @@ from hydra_jax.interventions.sources import SourceActivations
 from hydra_jax.model import layers
 from hydra_jax.model.sites import Site, as_site
 from hydra_jax.model.transformer import Transformer, unembed
+from hydra_jax.shapes import AnyArray
 
 KINDS = iv.KINDS
 POSITIONS = ("final", "all")
 TARGETS = ("argmax", "answer")
+# The source row each prompt reads in each resample, [n_resamples, B]: an integer array or nested
+# lists. Checked by `_check_source_index`, whose errors name the rule broken (integers, the shape
+# against the batch, rows of the source), not by a type checker on the signature; the result's
+# shapes are checked when its `EffectMatrix` is built (`hydra_jax.shapes`).
+SourceIndex = Int[AnyArray, "resample prompt"] | Sequence[Sequence[int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +233,7 @@ def effect_matrix(
     spec: EffectSpec | None = None,
     *,
     source: Batch | SourceActivations | None = None,
-    source_index: Any = None,
+    source_index: SourceIndex | None = None,
     mesh: jax.sharding.Mesh | None = None,
     shard_params: bool = False,
     axes: Mapping[str, str] | None = None,
@@ -273,14 +280,14 @@ def effect_matrix(
     """
     spec = _spec(spec, settings, "effect_matrix")
     prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params, axes)
-    return prepared.finish(effect_core(*prepared.args, plan=prepared.plan))
+    return prepared.finish(effect_core(prepared.inputs, plan=prepared.plan))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
     """effect_core's arguments and static plan, and how to turn its output into an EffectMatrix."""
 
-    args: tuple
+    inputs: CoreInputs
     plan: Plan
     labels: Labels
     n_ablations: int  # before padding the rows for a mesh
@@ -372,11 +379,20 @@ def _prepare(
     else:
         perms = source_index
     answers = batch.answers if batch.answers is not None else np.zeros(batch.size, np.int32)
-    args = (model.params, batch.tokens, batch.valid, answers, rows, perms, _source_arrays(source), restore)
+    inputs = CoreInputs(
+        params=model.params,
+        tokens=batch.tokens,
+        valid=batch.valid,
+        answers=answers,
+        rows=rows,
+        perms=perms,
+        source=_source_arrays(source),
+        restore=restore,
+    )
     if layout is not None:
-        args = _place(layout, spec.kind, *args)
+        inputs = _place(layout, spec.kind, inputs)
     labels = Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured))
-    return _Prepared(args=args, plan=plan, labels=labels, n_ablations=len(ablated))
+    return _Prepared(inputs=inputs, plan=plan, labels=labels, n_ablations=len(ablated))
 
 
 def _unit(c: Component) -> int:
@@ -407,7 +423,7 @@ class CompiledEffectMatrix:
 
     def __call__(self) -> EffectMatrix:
         """The effect matrix (the same numbers `effect_matrix` returns for the same arguments)."""
-        return self.prepared.finish(self.compiled(*self.prepared.args))
+        return self.prepared.finish(self.compiled(self.prepared.inputs))
 
 
 def compile_effect_matrix(
@@ -417,7 +433,7 @@ def compile_effect_matrix(
     *,
     fresh: bool = False,
     source: Batch | SourceActivations | None = None,
-    source_index: Any = None,
+    source_index: SourceIndex | None = None,
     mesh: jax.sharding.Mesh | None = None,
     shard_params: bool = False,
     axes: Mapping[str, str] | None = None,
@@ -436,7 +452,7 @@ def compile_effect_matrix(
     if fresh:  # JAX reuses an identical program compiled earlier in this process
         jax.clear_caches()
     start = time.perf_counter()
-    compiled = effect_core.lower(*prepared.args, plan=prepared.plan).compile()
+    compiled = effect_core.lower(prepared.inputs, plan=prepared.plan).compile()
     return CompiledEffectMatrix(compiled=compiled, compile_s=time.perf_counter() - start, prepared=prepared)
 
 
@@ -446,7 +462,7 @@ def naive_effect_matrix(
     spec: EffectSpec | None = None,
     *,
     source: Batch | None = None,
-    source_index: Any = None,
+    source_index: SourceIndex | None = None,
     **settings: Any,
 ) -> EffectMatrix:
     """The reference: one ordinary `run` per ablation (and resample), same quantities.
@@ -598,42 +614,31 @@ def _check(
 _PER_ABLATION = ("total", "norm_term", "delta_direct", "linear_total", "linear_delta_direct")
 
 
-def _place(
-    layout: Layout,
-    kind: str,
-    params: dict,
-    tokens: np.ndarray,
-    valid: np.ndarray,
-    answers: np.ndarray,
-    rows: dict[str, jnp.ndarray],
-    perms: np.ndarray,
-    src: dict[str, Any] | None,
-    restore: None = None,
-) -> tuple:
-    """The arguments of `effect_core` placed on the mesh.
+def _place(layout: Layout, kind: str, inputs: CoreInputs) -> CoreInputs:
+    """The inputs of `effect_core` placed on the mesh.
 
     The ablations are padded to a multiple of the "ablations" axis size (so
     the N = ablations x resamples rows split evenly) by repeating the last
     one; the caller drops the padding's results.
     """
+    rows = {k: np.asarray(v) for k, v in inputs.rows.items()}
     n = len(rows["layer"])
     n_padded = -(-n // layout.size(ABLATIONS)) * layout.size(ABLATIONS)
-    rows = {k: np.asarray(v) for k, v in rows.items()}
     rows = {k: np.concatenate([v, np.repeat(v[-1:], n_padded - n)]) for k, v in rows.items()}
+    src = inputs.source
     if src is not None:  # patch prompts split like the batch's; other source sets are replicated
         split = PROMPTS if kind == "patch" and "tokens" in src else None
         src = jax.tree.map(lambda x: layout.put(x, split), src)
-    args = (
-        layout.put_params(params),
-        layout.put(tokens, PROMPTS),
-        layout.put(valid, PROMPTS),
-        layout.put(answers, PROMPTS),
-        {k: layout.put(v, ABLATIONS) for k, v in rows.items()},
-        layout.put(perms),
-        src,
-        None,
+    return CoreInputs(
+        params=layout.put_params(inputs.params),
+        tokens=layout.put(inputs.tokens, PROMPTS),
+        valid=layout.put(inputs.valid, PROMPTS),
+        answers=layout.put(inputs.answers, PROMPTS),
+        rows={k: layout.put(v, ABLATIONS) for k, v in rows.items()},
+        perms=layout.put(inputs.perms),
+        source=src,
+        restore=None,
     )
-    return args
 
 
 def _perms(b: int, k: int, seed: int, kind: str) -> np.ndarray:

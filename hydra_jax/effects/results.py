@@ -28,6 +28,11 @@ Writing s' and z'_L for the ablated run,
 and the sum splits into the ablated component's own change ΔDE(c | c), the
 attention components after c (the Hydra effect) and the MLPs after c
 (anti-erasure); components before c do not move (causality).
+
+Shapes are checked at run time (`hydra_jax.shapes`): the fields of `EffectMatrix`,
+`Decomposition` and `DirectEffects` when one is built, the arguments and results of
+`target_direction`, `direct_effect` and `direct_effects` when called, with the dimension
+names ablated, measured, prompt, layer, head and d_model.
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Float, Int
 
 from hydra_jax.model import layers
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.sites import Site, as_site
 from hydra_jax.model.transformer import Params, Transformer, unembed, unembedding
+from hydra_jax.shapes import AnyArray, checked, checked_pytree
 
 Array = jax.Array
 Norm = Literal["frozen", "own"]
@@ -179,8 +186,13 @@ class Labels:
 # The target direction and direct effects
 
 
-def target_direction(params: Params, config: ModelConfig, target: Array) -> tuple[Array, Array]:
+@checked
+def target_direction(
+    params: Params, config: ModelConfig, target: Int[AnyArray, " prompt"]
+) -> tuple[Float[Array, "prompt d_model"], Float[Array, " prompt"]]:
     """w [B, D] and bias [B] such that the centred target logit is s <z_L, w> + bias.
+
+    Checked when traced inside `effect_core`'s jit: once per compilation, not per call.
 
     Args:
         target: [B] target token ids.
@@ -199,8 +211,16 @@ def target_direction(params: Params, config: ModelConfig, target: Array) -> tupl
     return w, bias
 
 
-def direct_effect(v: Array, w: Array, scale: Array, config: ModelConfig, norm: Norm = "frozen") -> Array:
-    """DE of component outputs `v` [..., B, D] on direction `w` [B, D].
+@checked
+def direct_effect(
+    v: Float[AnyArray, "*rows #prompt d_model"],
+    w: Float[AnyArray, "prompt d_model"],
+    scale: Float[AnyArray, " prompt"],
+    config: ModelConfig,
+    norm: Norm = "frozen",
+) -> Float[Array, "*rows prompt"]:
+    """DE of component outputs `v` [..., B, D] on direction `w` [B, D] (`v`'s B may be 1: one
+    output for every prompt, such as a bias).
 
     `norm="frozen"` multiplies by the clean scale `scale` [B]; `norm="own"`
     normalises each output by its own 1/rms (1/std) instead (paper-literal,
@@ -215,10 +235,10 @@ def direct_effect(v: Array, w: Array, scale: Array, config: ModelConfig, norm: N
     raise ValueError(f"norm must be 'frozen' or 'own', got {norm!r}.")
 
 
-@jax.tree_util.register_dataclass
+@checked_pytree
 @dataclasses.dataclass(frozen=True)
 class DirectEffects:
-    """Direct effects on the target at the final position, each [..., B].
+    """Direct effects on the target at the final position, per prompt (the last axis, B).
 
     Attributes:
         embed: DE of the embeddings z_0.
@@ -229,22 +249,23 @@ class DirectEffects:
         logit: the centred target logit of the run.
     """
 
-    embed: Array
-    attn: Array
-    mlp: Array
-    heads: Array | None
-    bias: Array
-    logit: Array
+    embed: Float[AnyArray, " prompt"]
+    attn: Float[AnyArray, "layer prompt"]
+    mlp: Float[AnyArray, "layer prompt"]
+    heads: Float[AnyArray, "layer head prompt"] | None
+    bias: Float[AnyArray, " prompt"]
+    logit: Float[AnyArray, " prompt"]
 
     def total(self) -> Array:
         """embed + Σ attn + Σ mlp + bias: equals `logit` exactly with the frozen scale."""
         return self.embed + self.attn.sum(0) + self.mlp.sum(0) + self.bias
 
 
+@checked
 def direct_effects(
     model: Transformer,
     cache: dict,
-    target: Array | Literal["argmax"] = "argmax",
+    target: Int[AnyArray, " prompt"] | Literal["argmax"] = "argmax",
     *,
     norm: Norm = "frozen",
 ) -> DirectEffects:
@@ -298,10 +319,13 @@ def direct_effects(
 # The effect matrix
 
 
-@jax.tree_util.register_dataclass
+@checked_pytree
 @dataclasses.dataclass(frozen=True)
 class EffectMatrix:
     """Every ablation's effect on every measured component, for every prompt.
+
+    Building one checks that the fields agree on A, M and B (`hydra_jax.shapes`: a
+    `jaxtyping.TypeCheckError` names the field and the sizes); JAX rebuilding one does not.
 
     Attributes:
         total: [A, B] total effect TE of each ablation on the centred target logit (the
@@ -321,17 +345,17 @@ class EffectMatrix:
             in the edit ĉ − c; None otherwise.
     """
 
-    total: Array
-    direct_clean: Array
-    delta_direct: Array
-    norm_term: Array
-    target: Array
-    clean_logit: Array
-    direct_embed: Array
-    direct_bias: Array
+    total: Float[AnyArray, "ablated prompt"]
+    direct_clean: Float[AnyArray, "measured prompt"]
+    delta_direct: Float[AnyArray, "ablated measured prompt"]
+    norm_term: Float[AnyArray, "ablated prompt"]
+    target: Int[AnyArray, " prompt"]
+    clean_logit: Float[AnyArray, " prompt"]
+    direct_embed: Float[AnyArray, " prompt"]
+    direct_bias: Float[AnyArray, " prompt"]
     labels: Labels = dataclasses.field(metadata=dict(static=True))
-    linear_total: Array | None = None
-    linear_delta_direct: Array | None = None
+    linear_total: Float[AnyArray, "ablated prompt"] | None = None
+    linear_delta_direct: Float[AnyArray, "ablated measured prompt"] | None = None
 
     @property
     def ablated(self) -> list[Component]:
@@ -445,7 +469,7 @@ def _contains(measured: Component, ablated: Component) -> bool:
     return measured.site in (Site.ATTN_OUT, Site.MLP_OUT)
 
 
-@jax.tree_util.register_dataclass
+@checked_pytree
 @dataclasses.dataclass(frozen=True)
 class Decomposition:
     """TE = own + attention + mlp + norm, each [A, B].
@@ -457,10 +481,10 @@ class Decomposition:
         norm: the final-norm scale term.
     """
 
-    own: Array
-    attention: Array
-    mlp: Array
-    norm: Array
+    own: Float[AnyArray, "ablated prompt"]
+    attention: Float[AnyArray, "ablated prompt"]
+    mlp: Float[AnyArray, "ablated prompt"]
+    norm: Float[AnyArray, "ablated prompt"]
 
     @property
     def compensation(self) -> Array:

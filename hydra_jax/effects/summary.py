@@ -72,13 +72,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from hydra_jax import validate
-from hydra_jax.effects.results import Component, EffectMatrix
+from hydra_jax.effects.results import Component, EffectMatrix, Labels
 from hydra_jax.model.sites import Site
 
 MEANS = ("direct", "total", "attention", "mlp", "norm", "compensation")
@@ -227,27 +227,74 @@ def hydra_summary(
             outside (0, 1); when the draws would exceed `MAX_BOOTSTRAP` or
             `MAX_BOOTSTRAP_BYTES`.
     """
-    seed = validate.seed(seed)
-    n_b = int(np.shape(em.total)[-1])
-    check_bootstrap(n_bootstrap, ci, len(em.labels.ablated), len(em.labels.measured), n_b)
-    d = em.decompose()  # raises for unusable measured sites; we want that error as is
-    ablated, measured = em.ablated, em.measured
-    mlp_cols, attn_rows = erasure_axes(ablated, measured)
-    delta = np.asarray(em.delta_direct, np.float64)
-    pairs = delta[np.ix_(attn_rows, mlp_cols)]  # [n_attn, n_mlp, B]
-    per_prompt = {
-        "direct": d.own,
-        "total": em.total,
-        "attention": d.attention,
-        "mlp": d.mlp,
-        "norm": d.norm,
-        "clean_mlp": np.asarray(em.direct_clean)[mlp_cols],
-    }
-    return summarise(
-        {k: np.asarray(v, np.float64) for k, v in per_prompt.items()},
+    return stream_summary(
+        lambda: iter([(slice(None), em)]),
         labels=em.labels,
-        mean_delta=delta.mean(axis=-1),
-        pair_means=lambda weights: weighted_means(pairs.reshape(-1, pairs.shape[-1]), weights),
+        n_prompts=int(np.shape(em.total)[-1]),
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        ci=ci,
+    )
+
+
+def stream_summary(
+    chunks: Callable[[], Iterator[tuple[slice, EffectMatrix]]],
+    *,
+    labels: Labels,
+    n_prompts: int,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> HydraSummary:
+    """`hydra_summary` of effect matrices that arrive in chunks of prompts: the one summariser.
+
+    `chunks()` yields (prompts' slice, their EffectMatrix) over all `n_prompts` prompts once, in
+    any chunking; it is called twice (a sweep store's chunks are read from disk each time). The
+    first pass keeps the [ablated, prompt] decomposition and the means over prompts, the second
+    sums the bootstrap draws of the erasure table's changes, so memory is the [A, N] arrays and
+    the [N, n_bootstrap] draw counts, never [A, M, N]. One chunk of every prompt is
+    `hydra_summary(em)`; any other chunking gives the same numbers within float64 rounding of
+    the sums (`tests/effects/test_summary.py`, the store's report in tests/sweeps).
+    """
+    seed = validate.seed(seed)
+    n_a, n_m, n = len(labels.ablated), len(labels.measured), n_prompts
+    check_bootstrap(n_bootstrap, ci, n_a, n_m, n)
+    ablated = [Component.parse(c) for c in labels.ablated]
+    measured = [Component.parse(c) for c in labels.measured]
+    mlp_cols, attn_rows = erasure_axes(ablated, measured)
+    per_prompt = {k: np.zeros((n_a, n)) for k in ("direct", "total", "attention", "mlp", "norm")}
+    per_prompt["clean_mlp"] = np.zeros((len(mlp_cols), n))
+    sum_delta = np.zeros((n_a, n_m))
+    n_pairs = len(attn_rows) * len(mlp_cols)
+    sum_pairs = np.zeros(n_pairs)
+
+    def pairs(em: EffectMatrix) -> np.ndarray:
+        delta = np.asarray(em.delta_direct, np.float64)
+        return delta[np.ix_(attn_rows, mlp_cols)].reshape(n_pairs, -1)
+
+    for at, em in chunks():
+        d = em.decompose()  # raises for unusable measured sites; we want that error as is
+        parts = {"direct": d.own, "total": em.total, "attention": d.attention, "mlp": d.mlp, "norm": d.norm}
+        for key, x in parts.items():
+            per_prompt[key][:, at] = np.asarray(x, np.float64)
+        per_prompt["clean_mlp"][:, at] = np.asarray(em.direct_clean, np.float64)[mlp_cols]
+        sum_delta += np.asarray(em.delta_direct, np.float64).sum(axis=-1)
+        sum_pairs += pairs(em).sum(axis=-1)
+    centre = (sum_pairs / n)[:, None]
+
+    def pair_means(weights: np.ndarray) -> np.ndarray:  # `weighted_means`, a chunk of prompts at a time
+        if not n_pairs:
+            return weighted_means(np.zeros((0, n)), weights)
+        acc = np.zeros((n_pairs, weights.shape[1]))
+        for at, em in chunks():
+            acc += (pairs(em) - centre) @ weights[at]
+        return centre + acc / weights.sum(axis=0)
+
+    return summarise(
+        per_prompt,
+        labels=labels,
+        mean_delta=sum_delta / n,
+        pair_means=pair_means,
         n_bootstrap=n_bootstrap,
         seed=seed,
         ci=ci,

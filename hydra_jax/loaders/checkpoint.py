@@ -34,12 +34,41 @@ from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.transformer import Transformer, param_count
 
 FORMAT_VERSION = 1
-MANIFEST = outdir.MANIFEST
+MANIFEST = "MANIFEST.json"
 RESERVED = ("config.json", "params", "tokenizer.json", "MODEL_CARD.md", MANIFEST)
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete, corrupted or inconsistent."""
+
+
+def _not_a_checkpoint(path: str) -> str | None:
+    """Why the directory `path` is not a checkpoint hydra_jax wrote: its MANIFEST.json must list
+    every file in it (and there are no links). None when it is one."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            listed = json.load(f)["files"]
+        if not isinstance(listed, dict) or not listed:
+            raise TypeError
+    except FileNotFoundError:
+        return f"it has no {MANIFEST}; it holds {outdir.listing(path)}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is not a hydra_jax manifest"
+    foreign = []
+    for directory, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(directory, name)
+            rel = os.path.relpath(full, path)
+            if os.path.islink(full) or (name in files and rel not in listed and rel != MANIFEST):
+                foreign.append(rel)
+    if foreign:
+        return f"{MANIFEST} does not list {outdir.first_few(foreign)}"
+    return None
+
+
+CHECKPOINT = outdir.Owner(what="checkpoint", prefix=".saving-", foreign=_not_a_checkpoint)
+"""A checkpoint directory, for `hydra_jax.outdir`: written whole, replaced only if its manifest lists
+everything in it."""
 
 
 def save(
@@ -68,7 +97,7 @@ def save(
         OutputError: `path` cannot be written, or (with `overwrite`) is not a
             checkpoint hydra_jax wrote: see `hydra_jax.outdir.check_out`.
     """
-    path = outdir.check_out(path, kind="checkpoint", overwrite=overwrite, label="checkpoint directory")
+    path = outdir.check_out(path, CHECKPOINT, overwrite=overwrite, label="checkpoint directory")
     for name, source in (extra_files or {}).items():
         if name in RESERVED or os.path.basename(name) != name or name in ("", ".", ".."):
             raise ValueError(f"extra_files name {name!r} must be a plain file name other than {RESERVED}.")
@@ -76,7 +105,7 @@ def save(
             raise FileNotFoundError(f"extra_files[{name!r}]: no file at {os.fspath(source)!r}.")
     import orbax.checkpoint as ocp  # here, not at import: only reading and writing weights needs orbax
 
-    with outdir.atomic_dir(path, kind="checkpoint") as tmp:
+    with outdir.atomic_dir(path, CHECKPOINT) as tmp:
         config = model.config
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"format_version": FORMAT_VERSION, "config": config.to_dict()}, f, indent=2)

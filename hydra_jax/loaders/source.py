@@ -37,7 +37,7 @@ from flax import nnx
 
 from hydra_jax import outdir
 from hydra_jax.batch import Tokenizer
-from hydra_jax.loaders.checkpoint import CheckpointError, file_sha256, read_config
+from hydra_jax.loaders.checkpoint import MANIFEST, CheckpointError, file_sha256, read_config
 from hydra_jax.loaders.describe import display_name, shareable_path
 from hydra_jax.loaders.hf import common, hf_config, hub, is_hf_dir
 from hydra_jax.model import presets
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "hydra-8l"
 CHECKPOINTS_ENV = "HYDRA_JAX_CHECKPOINTS"
 
-Kind = Literal["default", "preset", "checkpoint", "huggingface", "gguf", "hub"]
+Kind = Literal["default", "preset", "checkpoint", "huggingface", "gguf", "hub", "memory"]
 
 __all__ = ["CHECKPOINTS_ENV", "DEFAULT_MODEL", "Kind", "ModelSource", "checkpoints_dir", "open_model"]
 
@@ -72,12 +72,27 @@ class ModelSource:
             directory for "default"; None for a preset and for a Hub repo id (whose snapshot
             directory the hub cache gives when first needed).
         flag: the option that named it, "--model" or "--compare", for error messages.
+        loaded: kind "memory" only: the model and tokenizer already in memory (`ModelSource.of`).
     """
 
     kind: Kind
     spec: str | None
     path: str | None
     flag: str = "--model"
+    loaded: tuple[Transformer, Tokenizer] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, model: Transformer, tokenizer: Tokenizer, name: str = "in-memory model") -> ModelSource:
+        """A model already in memory (a notebook's, e.g. `hj.load(...)` or one just trained), with the
+        tokenizer its prompts are read with; `name` is what its report calls it."""
+        if not isinstance(model, Transformer):
+            raise TypeError(f"model must be a hydra_jax.Transformer, got {type(model).__name__}.")
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError(
+                f"tokenizer must be a hydra_jax.Tokenizer (e.g. hj.Tokenizer.from_file(...)), got "
+                f"{type(tokenizer).__name__}."
+            )
+        return cls(kind="memory", spec=name, path=None, loaded=(model, tokenizer))
 
     def config(self) -> ModelConfig:
         """The model's `ModelConfig`, from its config file or header only: no weights are read.
@@ -85,6 +100,8 @@ class ModelSource:
         A Hugging Face model's is in float32 (the stored dtype is known only from its weights);
         every other kind's equals the loaded model's config.
         """
+        if self.kind == "memory":
+            return self.loaded[0].config
         if self.kind == "preset":
             return presets.get(self.spec).replace(d_vocab=self.tokenizer().vocab_size)
         if self.kind == "gguf":
@@ -97,6 +114,8 @@ class ModelSource:
 
     def tokenizer(self) -> Tokenizer:
         """The tokenizer the model reads prompts with (a preset: the default world's)."""
+        if self.kind == "memory":
+            return self.loaded[1]
         if self.kind == "preset":
             from hydra_jax.data import default_tokenizer
 
@@ -121,6 +140,9 @@ class ModelSource:
         the name, the path as typed or its meaningful part, and a fingerprint where one is at
         hand: a hydra_jax checkpoint's MANIFEST.json (the sha256 of every file), a Hub commit.
         """
+        if self.kind == "memory":
+            model, tokenizer = self.loaded
+            return model, tokenizer, {"name": self.spec, "path": None, "format": "in-memory"}
         if self.kind == "preset":
             # Random weights of a preset's shape, reading prompts with the default world's tokenizer.
             config = self.config()
@@ -151,7 +173,7 @@ class ModelSource:
         if tokenizer is None:
             raise self._no_tokenizer()
         info = self._local_info("hydra_jax")
-        info["manifest_sha256"] = file_sha256(os.path.join(self.path, outdir.MANIFEST))
+        info["manifest_sha256"] = file_sha256(os.path.join(self.path, MANIFEST))
         return model, tokenizer, info
 
     @functools.cached_property
@@ -228,7 +250,7 @@ def _directory_kind(spec: str, flag: str) -> Kind:
     """ "checkpoint" or "huggingface": the model a directory holds, its config (and the Hugging Face
     weight files) checked, and its tokenizer.json required."""
     try:
-        if os.path.isfile(os.path.join(spec, outdir.MANIFEST)):
+        if os.path.isfile(os.path.join(spec, MANIFEST)):
             read_config(spec)
             kind: Kind = "checkpoint"
         elif is_hf_dir(spec):

@@ -73,9 +73,9 @@ def write_report(
     out_dir = os.fspath(out_dir)
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"Report directory {out_dir!r} does not exist.")
-    _check_meta(meta, "meta")
+    check_meta(meta, "meta")
     if compare is not None:
-        _check_meta(compare[2], "compare meta")
+        check_meta(compare[2], "compare meta")
     written: list[str] = []
 
     def path(name: str) -> str:
@@ -89,15 +89,15 @@ def write_report(
         json.dump(doc, f, indent=1, allow_nan=False)
         f.write("\n")
 
-    for file, fig in figures.draw(em, summary, doc, compare).items():
-        fig.savefig(path(file), dpi=figures.DPI)
+    written += figures.write(out_dir, em=em, summary=summary, doc=doc, compare=compare)
 
     with open(path("report.md"), "w") as f:
         f.write(report_markdown(doc))
     return written
 
 
-def _check_meta(meta: Any, what: str) -> None:
+def check_meta(meta: Any, what: str) -> None:
+    """Raise a ValueError unless `meta` has the dicts a report needs (see `write_report`)."""
     if not isinstance(meta, Mapping):
         raise ValueError(f"{what} must be a dict, got {type(meta).__name__}.")
     for key in ("model", "data", "settings", "versions", "timings"):

@@ -2,14 +2,19 @@
 
 `validate_summary(doc)` checks a document against `SUMMARY_SCHEMA` (every key, its type, its
 nesting); `schema_markdown()` renders docs/report-format.md from the same tables, so the page
-cannot drift from what `write_report` writes.
+cannot drift from what `write_report` writes. `REPORT` is a report directory's owner for
+`hydra_jax.outdir`: what it may hold, and so what `--overwrite` may replace.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
+
+from hydra_jax import outdir
 
 SCHEMA_ID = "hydra_jax.summary/2"
 UNIT = "centred logit"
@@ -23,6 +28,29 @@ FIGURES = {
     "depth": "depth.png",
 }
 COMPARE_FIGURE = "compare.png"
+FILES = frozenset({"summary.json", "effects.npz", "report.md", COMPARE_FIGURE, *FIGURES.values()})
+"""Every file a report directory may hold."""
+
+
+def _not_a_report(path: str) -> str | None:
+    """Why the directory `path` is not a report hydra_jax wrote, or None when it is one."""
+    try:
+        with open(os.path.join(path, "summary.json")) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return f"it has no summary.json; it holds {outdir.listing(path)}"
+    except (OSError, ValueError):
+        return "its summary.json is not readable JSON"
+    # Any version of the schema: reports of older releases are recognised too.
+    family = SCHEMA_ID.split("/")[0] + "/"
+    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith(family):
+        return f"its summary.json has no schema {SCHEMA_ID!r}"
+    return outdir.holds_only(path, FILES, plain_files=True)
+
+
+REPORT = outdir.Owner(what="report", prefix=".hydra-report-", foreign=_not_a_report)
+"""A report directory, for `hydra_jax.outdir`: replaced only if it holds a summary.json of this
+schema (any version) and nothing but report files."""
 
 
 NPZ_SCHEMA: dict[str, str] = {

@@ -72,13 +72,14 @@ import numpy as np
 
 from hydra_jax.batch import Batch
 from hydra_jax.bench import flops
-from hydra_jax.effects.engine import Plan, effect_core, segments_for
+from hydra_jax.effects.engine import CoreInputs, Plan, effect_core, segments_for
 from hydra_jax.effects.matrix import EffectSpec, compile_effect_matrix, plan_rows
 from hydra_jax.effects.results import Component
 from hydra_jax.interventions.sources import source_activations
 from hydra_jax.model import presets
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.transformer import Params, Transformer, init_params
+from hydra_jax.pipeline.sources import abstract_source, source_prompts
 
 SOURCES = ("dataset", "batch")
 GB = 10**9
@@ -296,7 +297,7 @@ def plan_sweep(
 
     Args:
         config: the model's shape (its parameters are never read or allocated).
-        spec: the effect matrix every batch computes (e.g. `hydra_jax.analyze.Settings.spec`).
+        spec: the effect matrix every batch computes (e.g. `hydra_jax.pipeline.Settings(...).spec`).
         n_prompts: prompts in the sweep.
         seq_len: tokens per prompt after padding (T, at most config.n_ctx).
         budget_bytes: device memory to fit, in bytes; None: `device_memory_bytes()`.
@@ -327,7 +328,7 @@ def plan_sweep(
         )
     if not isinstance(spec, EffectSpec):
         raise TypeError(
-            f"spec must be an EffectSpec (e.g. hydra_jax.analyze.Settings(...).spec), got "
+            f"spec must be an EffectSpec (e.g. hydra_jax.pipeline.Settings(...).spec), got "
             f"{type(spec).__name__}."
         )
     config = _with_dtype(config, dtype)
@@ -471,7 +472,7 @@ def sweep_flops(
         layer_step = flops.forward(c, batch_size, seq_len) / n_layers  # the batch, every position, one layer
         suffix = k * sum(n_layers - f for f in first) * layer_step
         total = flops.forward(c, batch_size, seq_len) + flops.unembed(c, batch_size) + suffix
-    run_inside = _source_prompts(spec, batch_size, source)  # source prompts run clean in the call
+    run_inside = source_prompts(spec, batch_size, source)  # source prompts run clean in the call
     return float(total + (flops.forward(c, run_inside, seq_len) if run_inside else 0.0))
 
 
@@ -552,63 +553,27 @@ def _program(
     seq_len: int,
     n_prompts: int,
     source: str,
-) -> tuple[tuple, Plan]:
-    """`effect_core`'s arguments as `jax.ShapeDtypeStruct`s and its plan, at one (batch, chunk)."""
+) -> tuple[CoreInputs, Plan]:
+    """`effect_core`'s inputs as `jax.ShapeDtypeStruct`s and its plan, at one (batch, chunk)."""
     b, t, k = batch_size, seq_len, spec.n_resamples
     plan, rows, restore = plan_rows(config, spec.replace(chunk_size=chunk_size), ablated, measured)
     sds = jax.ShapeDtypeStruct
-    args = (
-        abstract_params(config),
-        sds((b, t), jnp.int32),  # tokens
-        sds((b, t), jnp.bool_),  # valid
-        sds((b,), jnp.int32),  # answers
-        {name: sds(x.shape, x.dtype) for name, x in rows.items()},
-        sds((k, b), jnp.int32),  # each prompt's resample sources
-        _abstract_source(config, spec, ablated, b, t, n_prompts, source),
-        None if restore is None else sds(restore.shape, restore.dtype),
+    inputs = CoreInputs(
+        params=abstract_params(config),
+        tokens=sds((b, t), jnp.int32),
+        valid=sds((b, t), jnp.bool_),
+        answers=sds((b,), jnp.int32),
+        rows={name: sds(x.shape, x.dtype) for name, x in rows.items()},
+        perms=sds((k, b), jnp.int32),  # each prompt's resample sources
+        source=abstract_source(config, spec, ablated, b, t, n_prompts, source),
+        restore=None if restore is None else sds(restore.shape, restore.dtype),
     )
-    return args, plan
-
-
-def _abstract_source(
-    config: ModelConfig,
-    spec: EffectSpec,
-    ablated: list[Component],
-    b: int,
-    t: int,
-    n_prompts: int,
-    source: str,
-) -> dict[str, Any] | None:
-    """The source set `effect_core` reads (see its docstring), as the sweep (or effect_matrix) passes it."""
-    sds = jax.ShapeDtypeStruct
-    prompts = _source_prompts(spec, b, source)
-    if prompts:  # prompts run clean inside the call
-        return {"tokens": sds((prompts, t), jnp.int32), "valid": sds((prompts, t), jnp.bool_)}
-    if source == "batch" or spec.kind == "zero":
-        return None
-    # The dataset's activations: the K x B prompts a batch resamples from (at most every prompt,
-    # final position), or the one mean row.
-    rows = 1 if spec.kind == "mean" else min(spec.n_resamples * b, n_prompts)
-    width = t if spec.position == "all" else 1
-    sites = sorted({a.site for a in ablated})
-    acts = {
-        s.value: sds((config.n_layers, rows, width, *s.feature_shape(config)), config.compute_dtype)
-        for s in sites
-    }
-    return {"acts": acts, "valid": sds((rows, width), jnp.bool_)}
-
-
-def _source_prompts(spec: EffectSpec, b: int, source: str) -> int:
-    """How many source prompts the call runs clean itself (0: none)."""
-    if spec.kind == "patch":
-        return b
-    if source == "dataset" and spec.kind == "resample" and spec.position == "all":
-        return spec.n_resamples * b
-    return 0
+    return inputs, plan
 
 
 def _real_sources(model: Transformer, spec: EffectSpec, batch: Batch, source: str) -> dict[str, Any]:
-    """`effect_matrix`'s source arguments for a calibration batch, shaped as the sweep's."""
+    """`effect_matrix`'s source arguments for a calibration batch, shaped as the sweep's
+    (`Sources.arguments`): a stand-in for timing, valid for any batch size (rows may repeat)."""
     k, b = spec.n_resamples, batch.size
     if spec.kind == "patch":
         return {"source": batch}
@@ -625,9 +590,9 @@ def _real_sources(model: Transformer, spec: EffectSpec, batch: Batch, source: st
     return {"source": source_activations(model, batch, sites=sites), "source_index": index}
 
 
-def _compile(args: tuple, plan: Plan) -> int:
+def _compile(inputs: CoreInputs, plan: Plan) -> int:
     """Bytes of the compiled program: arguments + outputs + temporaries (XLA's memory analysis)."""
-    compiled = effect_core.lower(*args, plan=plan).compile()
+    compiled = effect_core.lower(inputs, plan=plan).compile()
     m = compiled.memory_analysis()
     if m is None:
         raise RuntimeError(
@@ -644,7 +609,9 @@ def _compile(args: tuple, plan: Plan) -> int:
 class _Programs:
     """The sweep's program compiled at (batch, chunk) points, each once; their bytes."""
 
-    def __init__(self, build: Callable[[int, int | None], tuple[tuple, Plan]], log: Callable[[str], None]):
+    def __init__(
+        self, build: Callable[[int, int | None], tuple[CoreInputs, Plan]], log: Callable[[str], None]
+    ):
         self.build, self.log = build, log
         self.memory: dict[tuple[int, int | None], int] = {}
         self.seconds = 0.0
@@ -653,9 +620,9 @@ class _Programs:
         if (b, c) not in self.memory:
             chunk = "all" if c is None else c
             self.log(f"hydra-jax: plan: compiling batch {b}, chunk {chunk} ({len(self.memory) + 1})")
-            args, plan = self.build(b, c)
+            inputs, plan = self.build(b, c)
             start = time.perf_counter()
-            self.memory[(b, c)] = _compile(args, plan)
+            self.memory[(b, c)] = _compile(inputs, plan)
             self.seconds += time.perf_counter() - start
         return self.memory[(b, c)]
 

@@ -4,11 +4,11 @@
     store = hj.sweep(settings, "runs/heads.zarr")      # the same call again resumes a killed run
     ds = store.to_xarray()                              # dims ablated, measured, prompt
 
-What is computed is exactly `hydra-jax analyze`'s effect matrix (`analyze.measure`): the
-same batches of prompts, the same dataset-wide ablation values (the mean over the pool,
-or resample sources drawn once over the pool: `analyze.resolve_data`'s every usable prompt
-examined, which with --filter correct includes the prompts the filter dropped), one
-compiled program for every batch.
+What is computed is exactly `hydra-jax analyze`'s effect matrix: the same measurement loop
+(`hydra_jax.pipeline.measure`) over the same batches of prompts, with the same dataset-wide
+ablation values (`hydra_jax.pipeline.sources.Sources`: the mean over the pool, or resample
+sources drawn once over the pool, `select_prompts`' every usable prompt examined, which with
+--filter correct includes the prompts the filter dropped), one compiled program for every batch.
 What differs is where it goes: each batch's arrays are written to the store as soon as
 they are computed and then dropped, so memory does not grow with the number of prompts.
 For resampling at the final position the clean activations of every prompt of the pool
@@ -38,22 +38,25 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from hydra_jax import interrupts, outdir
-from hydra_jax.analyze import Prompts, Settings, load_inputs, preflight, versions
 from hydra_jax.batch import Batch
-from hydra_jax.effects.matrix import effect_matrix
 from hydra_jax.effects.results import EffectMatrix
-from hydra_jax.interventions.sources import SourceActivations, source_activations
-from hydra_jax.model.sites import Site
+from hydra_jax.interventions.sources import source_activations
 from hydra_jax.model.transformer import Transformer
+from hydra_jax.pipeline.inputs import Prompts, load_model, paths_read, preflight, select
+from hydra_jax.pipeline.measure import Batches, measure
+from hydra_jax.pipeline.options import Settings
+from hydra_jax.pipeline.record import versions
+from hydra_jax.pipeline.sources import Sources
 from hydra_jax.sweeps import store as stores
 
 # Settings that change no number in the store (the report's bootstrap, a comparison model).
 _NOT_STORED = ("n_bootstrap", "compare")
+# Settings added since stores were first written, with the value older stores were computed with.
+_LEGACY = {"protocol": "paper"}
 
 
 def sweep(
@@ -71,7 +74,7 @@ def sweep(
     """Compute `settings`' effect matrix into the store `out`, resuming it if it exists.
 
     Args:
-        settings: what to measure (`hydra_jax.analyze.Settings`; `compare` and `n_bootstrap`
+        settings: what to measure (`hydra_jax.pipeline.Settings`; `compare` and `n_bootstrap`
             belong to the report and are refused / ignored here).
         out: the store's directory. A new one is created (atomically); an existing store
             hydra_jax wrote with the same settings is resumed; one with other settings is
@@ -103,13 +106,13 @@ def sweep(
     path = os.path.abspath(os.fspath(out))
     resuming = stores.is_store(path) and not os.path.islink(path) and not overwrite
     if not resuming:
-        inputs = {"--model": settings.model, "--data": None if settings.data == "default" else settings.data}
-        path = outdir.check_out(out, kind="sweep", inputs=inputs, overwrite=overwrite)
+        path = outdir.check_out(out, stores.STORE, inputs=paths_read(settings), overwrite=overwrite)
     opened = preflight(settings)  # every input opened and checked once; the run uses these handles
     if resuming:  # different options are refused before the model is loaded; its weights after
         _check_resume(path, _settings_identity(settings), None)
-    model, prompts, model_info, data_info, _ = load_inputs(opened.model, settings, loaded=opened.data)
-    pool, rows = prompts.pool, prompts.index  # ablation values come from the pool; rows are analysed
+    model, tokenizer, model_info = load_model(opened.model)
+    prompts, data_info = select(settings, tokenizer, model, opened.data)
+    pool = prompts.pool  # ablation values come from the pool; its rows prompts.index are analysed
     spec = settings.spec
     ablated, measured = spec.components(model.config)
     size = min(settings.batch_size, prompts.size)
@@ -118,70 +121,56 @@ def sweep(
     identity = _identity(settings, model, prompts)
     if mesh is not None:  # other meshes give the same numbers only within float32 rounding
         identity["mesh"] = {"shape": dict(mesh.shape), "axes": dict(axes or {}), "shard_params": shard_params}
-    final_resample = settings.kind == "resample" and settings.position == "final"
+    # The pool's clean final activations (resampling at the final position) live in the store.
+    sources = Sources.dataset(model, prompts, spec, seed=settings.seed, batch_size=size, table=False)
 
     if resuming:
         _check_resume(path, identity, layout)
     elif rank == 0:
         labels = _labels(ablated, measured)
         meta = {"model": model_info, "data": data_info, "versions": versions()}
-        with outdir.atomic_dir(path, kind="sweep") as tmp:  # the empty store appears whole, or not at all
+        with outdir.atomic_dir(path, stores.STORE) as tmp:  # the empty store appears whole, or not at all
             stores.create_store(tmp, identity=identity, labels=labels, layout=layout, meta=meta)
-            if final_resample:
+            if sources.needs_table:
                 shapes = _source_shapes(model, pool, spec.ablate, pool_layout)
                 stores.create_sources(tmp, shapes, pool_layout)
     _barrier("hydra_jax.sweeps.created", ranks)
     store = stores.SweepStore(path, mode="r+")
-    mine = np.arange(rank, layout.n_batches, ranks)
 
-    if final_resample:  # every prompt of the pool, batched like the effects (the same shape)
+    if sources.needs_table:  # every prompt of the pool, batched like the effects (the same shape)
+        batches = Batches(pool.size, size)
         theirs = np.arange(rank, pool_layout.n_batches, ranks)
         todo = theirs[~store.complete("sources_complete")[theirs]]
         for i in tqdm(todo, disable=not progress or not todo.size, desc="sources", unit="batch"):
-            idx = _batch_rows(pool_layout, i)
-            acts = source_activations(model, pool.take(idx), sites=spec.ablate, batch_size=size)
-            count = pool_layout.batch(i).stop - pool_layout.batch(i).start
+            interrupts.check()
+            acts = source_activations(model, pool.take(batches.rows(i)), sites=spec.ablate, batch_size=size)
+            count = batches[i].stop - batches[i].start
             store.write_sources(
                 i, {s.value: np.asarray(x[:, :count], np.float32) for s, x in acts.acts.items()}
             )
         _barrier("hydra_jax.sweeps.sources", ranks)
+        sources = sources.with_reader(store.read_sources)
 
-    means = draw = None
-    if settings.kind == "mean":
-        means = source_activations(
-            model, pool, sites=spec.ablate, position=settings.position, mean=True, batch_size=size
-        )
-    elif settings.kind == "resample":
-        draw = prompts.resample_sources(settings.n_resamples, settings.seed)  # [K, N] rows of the pool
-
+    mine = np.arange(rank, layout.n_batches, ranks)
     todo = mine[~store.complete()[mine]]
     if max_batches is not None:
         todo = todo[:max_batches]
-    n_todo = int(sum(layout.batch(i).stop - layout.batch(i).start for i in todo))
-    bar = tqdm(total=n_todo, disable=not progress, desc="effects", unit="prompt", unit_scale=False)
     t0, done = time.perf_counter(), 0
-    for i in todo:
-        interrupts.check()  # a Ctrl-C swallowed inside the last batch stops before the next one
-        idx = _batch_rows(layout, i)
-        extra: dict[str, Any] = {}
-        if means is not None:
-            extra["source"] = means
-        elif draw is not None and final_resample:
-            extra["source"], extra["source_index"] = _resample_sources(store, draw[:, idx], model)
-        elif draw is not None:  # every position: this batch's K x B source prompts, in the same call
-            k = settings.n_resamples
-            extra = {
-                "source": pool.take(draw[:, idx].reshape(-1)),
-                "source_index": np.arange(k * size).reshape(k, size),
-            }
-        em = effect_matrix(
-            model, pool.take(rows[idx]), spec, mesh=mesh, axes=axes, shard_params=shard_params, **extra
-        )
-        count = layout.batch(i).stop - layout.batch(i).start
-        store.write_batch(i, _arrays(em.first_prompts(count)))
-        done += count
-        bar.update(count)
-    bar.close()
+    chunks = measure(
+        model,
+        prompts,
+        spec,
+        sources,
+        batch_size=size,
+        batches=todo.tolist(),
+        progress=progress,
+        mesh=mesh,
+        axes=axes,
+        shard_params=shard_params,
+    )
+    for at, em in chunks:
+        store.write_batch(at.start // size, _arrays(em))
+        done += at.stop - at.start
     seconds = time.perf_counter() - t0
     _barrier("hydra_jax.sweeps.done", ranks)
     if done:
@@ -230,16 +219,21 @@ def _check_resume(path: str, identity: dict[str, Any], layout: stores.Layout | N
     """Refuse a store computed otherwise: the keys of `identity` (all, or the options only) and
     the layout (None: not known yet)."""
     existing = stores.SweepStore(path)
-    stored = existing.identity if layout is not None else {k: existing.identity.get(k) for k in identity}
-    diff = stores.differences(stored, identity)
-    if layout is not None and existing.layout != layout and not diff:
-        diff = [f"layout: {existing.layout} in the store, {layout} now"]
-    if diff:
-        raise stores.StoreError(
-            f"The sweep store {path!r} was computed with other settings: " + "; ".join(diff) + ". "
-            "Run with the store's settings to resume it, choose another --out, or pass --overwrite to "
-            "replace it."
-        )
+    stored = {**_LEGACY, **existing.identity}
+    if layout is None:
+        stored = {k: stored.get(k) for k in identity}
+    wanted = dict(identity)
+    if layout is not None:
+        stored["layout"], wanted["layout"] = dataclasses.asdict(existing.layout), dataclasses.asdict(layout)
+    outdir.refuse_other_run(
+        path,
+        stores.STORE,
+        stored,
+        wanted,
+        error=stores.StoreError,
+        fix="Run with the store's settings to resume it, choose another --out, or pass --overwrite to "
+        "replace it.",
+    )
 
 
 def _labels(ablated, measured):
@@ -248,40 +242,11 @@ def _labels(ablated, measured):
     return Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured))
 
 
-def _batch_rows(layout: stores.Layout, i: int) -> np.ndarray:
-    """Batch i's prompt indices, the last batch filled up with its last prompt (one shape, one compile)."""
-    start = layout.batch(i).start
-    return np.minimum(np.arange(start, start + layout.batch_size), layout.n_prompts - 1)
-
-
 def _source_shapes(model: Transformer, batch: Batch, sites, layout: stores.Layout) -> dict[str, tuple]:
     """site -> [L, P, 1, ...] shapes of the source activations of the pool `batch` of P prompts
     (`layout` its batches), from one prompt's."""
     one = source_activations(model, batch.take(np.zeros(1, int)), sites=sites, batch_size=1)
     return {s.value: (x.shape[0], layout.n_prompts, *x.shape[2:]) for s, x in one.acts.items()}
-
-
-def _resample_sources(
-    store: stores.SweepStore, index: np.ndarray, model: Transformer
-) -> tuple[SourceActivations, np.ndarray]:
-    """The stored source activations of the pool prompts `index` [K, B] reads, and `index` into them."""
-    rows, local = np.unique(index, return_inverse=True)
-    acts = store.read_sources(rows)
-    # Padded to K x B rows (repeating the last, never read) whatever the number of distinct
-    # sources: every batch keeps one shape, so one compiled program serves them all.
-    pad = index.size - rows.size
-    dtype = model.config.compute_dtype
-    source = SourceActivations(
-        acts={
-            Site(s): jnp.asarray(np.concatenate([x, np.repeat(x[:, -1:], pad, axis=1)], axis=1), dtype)
-            for s, x in acts.items()
-        },
-        valid=np.ones((index.size, 1), bool),
-        position="final",
-        mean=False,
-        n_prompts=store.source_layout.n_prompts,
-    )
-    return source, local.reshape(index.shape).astype(np.int32)
 
 
 def _arrays(em: EffectMatrix) -> dict[str, np.ndarray]:

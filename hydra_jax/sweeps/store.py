@@ -31,14 +31,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import zarr
 
+from hydra_jax import outdir
 from hydra_jax.effects.results import EffectMatrix, Labels
 from hydra_jax.effects.summary import HydraSummary
+from hydra_jax.pipeline.measure import Batches
 
 SCHEMA_ID = "hydra_jax.sweeps/1"
 PER_PROMPT = ("target", "clean_logit", "direct_embed", "direct_bias")
@@ -70,12 +72,17 @@ class Layout:
     batch_size: int
 
     @property
+    def batches(self) -> Batches:
+        """The prompts in batches, as the measurement loop computes them."""
+        return Batches(self.n_prompts, self.batch_size)
+
+    @property
     def n_batches(self) -> int:
-        return -(-self.n_prompts // self.batch_size)
+        return self.batches.count
 
     def batch(self, i: int) -> slice:
         """The prompts of batch i."""
-        return slice(i * self.batch_size, min((i + 1) * self.batch_size, self.n_prompts))
+        return self.batches[i]
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of effect array `name` (its dims `DIMS[name]`)."""
@@ -162,6 +169,20 @@ def is_store(path: str) -> bool:
     return isinstance(schema, str) and schema.startswith(SCHEMA_ID.split("/")[0] + "/")
 
 
+def _not_a_store(path: str) -> str | None:
+    """Why the directory `path` is not a store hydra_jax wrote, or None when it is one."""
+    if not is_store(path):
+        return f"it has no zarr.json with schema {SCHEMA_ID!r}; it holds {outdir.listing(path)}"
+    return outdir.holds_only(path, ENTRIES)
+
+
+STORE = outdir.Owner(
+    what="sweep store", prefix=".hydra-sweep-", foreign=_not_a_store, stored_as="in the store"
+)
+"""A sweep store, for `hydra_jax.outdir`: created whole, resumed only with the settings it records
+(`outdir.refuse_other_run`), replaced only if it holds nothing but a store's entries."""
+
+
 class SweepStore:
     """An open store (see the module docstring). `mode` "r" reads, "r+" writes batches."""
 
@@ -245,6 +266,14 @@ class SweepStore:
         arrays = {name: np.asarray(self.group[name][..., prompts]) for name in EFFECTS}
         return EffectMatrix(**arrays, labels=self.labels)
 
+    def chunks(self) -> Iterator[tuple[slice, EffectMatrix]]:
+        """(prompts' slice, their EffectMatrix) batch by batch, read from disk as iterated."""
+        layout = self.layout
+        for i in range(layout.n_batches):
+            at = layout.batch(i)
+            arrays = {name: np.asarray(self.group[name][..., at]) for name in EFFECTS}
+            yield at, EffectMatrix(**arrays, labels=self.labels)
+
     def to_xarray(self) -> Any:
         """The store as an `xarray.Dataset` (dims ablated, measured, prompt), read lazily:
         `ds.delta_direct.sel(ablated="attn_out.3", measured="mlp_out.7")`."""
@@ -256,21 +285,6 @@ class SweepStore:
         return ds.drop_vars(drop).drop_dims("batch", errors="ignore")
 
 
-def differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """The settings that differ between a store and a sweep, as 'key: stored -> wanted'."""
-    out = []
-    for key in sorted(set(stored) | set(wanted)):
-        a, b = stored.get(key, "<absent>"), wanted.get(key, "<absent>")
-        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-            out.append(f"{key}: {_short(a)} in the store, {_short(b)} now")
-    return out
-
-
-def _short(x: Any) -> str:
-    s = json.dumps(x, sort_keys=True)
-    return s if len(s) <= 80 else s[:77] + "..."
-
-
 def open_store(path: str | os.PathLike[str]) -> SweepStore:
     """Open the store of a `hydra-jax sweep` for reading."""
     return SweepStore(os.fspath(path))
@@ -279,64 +293,19 @@ def open_store(path: str | os.PathLike[str]) -> SweepStore:
 def store_summary(
     store: SweepStore, *, n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95
 ) -> HydraSummary:
-    """`hydra_summary` of a complete store, streaming its [ablated, measured, prompt] array.
+    """`hydra_summary` of a complete store: the one summariser (`stream_summary`) over its chunks.
 
-    Reads the store one batch of prompts at a time, twice: the first pass keeps the
-    [ablated, prompt] decomposition and the means over prompts, the second sums the
-    bootstrap draws of the erasure table's changes. Memory is the [A, N] arrays and the
-    [N, n_bootstrap] draw counts, never [A, M, N]. Equals `hydra_summary(store.effect_matrix())`
-    within float64 rounding of the sums (`tests/test_sweep.py`).
+    Reads the store one batch of prompts at a time (twice), so memory never holds the
+    [ablated, measured, prompt] array. Equals `hydra_summary(store.effect_matrix())` within
+    float64 rounding of the sums.
     """
-    from hydra_jax import validate
-    from hydra_jax.effects.results import Component
-    from hydra_jax.effects.summary import check_bootstrap, erasure_axes, summarise, weighted_means
+    from hydra_jax.effects.summary import stream_summary
 
     store.require_complete()
-    seed = validate.seed(seed)
-    layout, labels = store.layout, store.labels
-    n_a, n_m, n = layout.n_ablated, layout.n_measured, layout.n_prompts
-    check_bootstrap(n_bootstrap, ci, n_a, n_m, n)
-    ablated = [Component.parse(c) for c in labels.ablated]
-    measured = [Component.parse(c) for c in labels.measured]
-    mlp_cols, attn_rows = erasure_axes(ablated, measured)
-    per_prompt = {k: np.zeros((n_a, n)) for k in ("direct", "total", "attention", "mlp", "norm")}
-    per_prompt["clean_mlp"] = np.zeros((len(mlp_cols), n))
-    sum_delta = np.zeros((n_a, n_m))
-    sum_pairs = np.zeros(len(attn_rows) * len(mlp_cols))
-
-    def chunks():
-        for i in range(layout.n_batches):
-            at = layout.batch(i)
-            arrays = {name: np.asarray(store.group[name][..., at]) for name in EFFECTS}
-            yield at, EffectMatrix(**arrays, labels=labels)
-
-    def pairs(em: EffectMatrix) -> np.ndarray:
-        delta = np.asarray(em.delta_direct, np.float64)
-        return delta[np.ix_(attn_rows, mlp_cols)].reshape(len(sum_pairs), -1)
-
-    for at, em in chunks():
-        d = em.decompose()
-        parts = {"direct": d.own, "total": em.total, "attention": d.attention, "mlp": d.mlp, "norm": d.norm}
-        for key, x in parts.items():
-            per_prompt[key][:, at] = np.asarray(x, np.float64)
-        per_prompt["clean_mlp"][:, at] = np.asarray(em.direct_clean, np.float64)[mlp_cols]
-        sum_delta += np.asarray(em.delta_direct, np.float64).sum(axis=-1)
-        sum_pairs += pairs(em).sum(axis=-1)
-    centre = (sum_pairs / n)[:, None]
-
-    def pair_means(weights: np.ndarray) -> np.ndarray:  # `weighted_means`, a batch of prompts at a time
-        if not len(sum_pairs):
-            return weighted_means(np.zeros((0, n)), weights)
-        acc = np.zeros((len(sum_pairs), weights.shape[1]))
-        for at, em in chunks():
-            acc += (pairs(em) - centre) @ weights[at]
-        return centre + acc / weights.sum(axis=0)
-
-    return summarise(
-        per_prompt,
-        labels=labels,
-        mean_delta=sum_delta / n,
-        pair_means=pair_means,
+    return stream_summary(
+        store.chunks,
+        labels=store.labels,
+        n_prompts=store.layout.n_prompts,
         n_bootstrap=n_bootstrap,
         seed=seed,
         ci=ci,

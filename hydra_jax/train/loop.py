@@ -40,9 +40,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from hydra_jax import validate
+from hydra_jax import outdir, validate
 from hydra_jax.batch import Tokenizer
-from hydra_jax.loaders.checkpoint import MANIFEST
+from hydra_jax.loaders.checkpoint import CHECKPOINT, MANIFEST
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.transformer import Params, Transformer, forward, param_count
 
@@ -380,7 +380,7 @@ def prepare_run(out: str | os.PathLike[str], record: dict[str, Any], *, restart:
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if not entries:
         return
-    foreign = _foreign(out)
+    foreign = RUN.foreign(out)
     recognised = os.path.isfile(os.path.join(out, RECORD)) or os.path.isfile(
         os.path.join(out, "model", MANIFEST)
     )
@@ -392,8 +392,8 @@ def prepare_run(out: str | os.PathLike[str], record: dict[str, Any], *, restart:
             )
         if foreign:
             raise RunDirectoryError(
-                f"Cannot restart in {out!r}: it holds files hydra_jax did not write ({_listed(foreign)}), "
-                "so nothing was removed; move them out, or pass a new or empty run directory."
+                f"Cannot restart in {out!r}: {foreign}, so nothing was removed; move them out, or pass a "
+                "new or empty run directory."
             )
         for name in entries:
             path = os.path.join(out, name)
@@ -402,8 +402,7 @@ def prepare_run(out: str | os.PathLike[str], record: dict[str, Any], *, restart:
     if not os.path.isfile(os.path.join(out, RECORD)):
         if foreign:
             raise RunDirectoryError(
-                f"{out!r} holds files hydra_jax did not write ({_listed(foreign)}); pass a new or empty "
-                "run directory."
+                f"Cannot use {out!r} for a run: {foreign}; pass a new or empty run directory."
             )
         fix = "pass --restart (restart=True) to start over" if recognised else "remove it yourself"
         raise RunDirectoryError(
@@ -411,13 +410,18 @@ def prepare_run(out: str | os.PathLike[str], record: dict[str, Any], *, restart:
             f"it is this run; use another run directory, or {fix}."
         )
     recorded = _read_record(out)
-    differing = _differences(recorded, json.loads(json.dumps(record)))
-    if differing:
-        raise RunDirectoryError(
-            f"{out!r} holds a run of another recipe ({'; '.join(differing)}); resuming it would not train "
-            "this one. Use another run directory for this recipe, or pass --restart (restart=True) to "
-            "discard that run and start over."
-        )
+    # The stream's digest is compared once both have one (not before the data exists).
+    ignore = RESUMABLE if "stream" in recorded and "stream" in record else RESUMABLE | {"stream"}
+    outdir.refuse_other_run(
+        out,
+        RUN,
+        recorded,
+        record,
+        ignore=ignore,
+        error=RunDirectoryError,
+        fix="Use another run directory for this recipe, or pass --restart (restart=True) to discard that "
+        "run and start over.",
+    )
 
 
 def _read_record(out: str) -> dict[str, Any]:
@@ -435,33 +439,6 @@ def _read_record(out: str) -> dict[str, Any]:
             "--restart (restart=True) to start the run over."
         )
     return record
-
-
-def _differences(recorded: dict[str, Any], record: dict[str, Any]) -> list[str]:
-    old, new = _flat(recorded), _flat(record)
-    if "stream" not in recorded or "stream" not in record:  # checked before the data exists
-        old = {k: v for k, v in old.items() if not k.startswith("stream.")}
-        new = {k: v for k, v in new.items() if not k.startswith("stream.")}
-    absent = object()
-    return [
-        f"{key}: {_shown(old.get(key, absent), absent)} recorded, {_shown(new.get(key, absent), absent)} now"
-        for key in sorted(old.keys() | new.keys())
-        if key not in RESUMABLE and old.get(key, absent) != new.get(key, absent)
-    ]
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _shown(value: Any, absent: object) -> str:
-    return "(absent)" if value is absent else json.dumps(value)
 
 
 def _foreign(out: str) -> list[str]:
@@ -483,7 +460,7 @@ def _foreign(out: str) -> list[str]:
             ]
         elif name == "model" and os.path.isdir(path):
             foreign += [f"model/{rel}" for rel in _unlisted(path)]
-        elif not (name.startswith(".saving-") and os.path.isdir(path)):  # an interrupted model save
+        elif not (name.startswith(CHECKPOINT.prefix) and os.path.isdir(path)):  # an interrupted model save
             foreign.append(name)
     return foreign
 
@@ -501,8 +478,15 @@ def _unlisted(model_dir: str) -> list[str]:
     return sorted(rel for rel in found if rel not in listed) or ([] if listed else ["(no MANIFEST.json)"])
 
 
-def _listed(paths: list[str]) -> str:
-    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+def _not_a_run(out: str) -> str | None:
+    """Why the run directory `out` holds more than hydra_jax's runs write, or None."""
+    foreign = _foreign(out)
+    return f"it holds files hydra_jax did not write ({outdir.first_few(foreign)})" if foreign else None
+
+
+# A run is written in place, step by step (never through `outdir.atomic_dir`); its model/ is a
+# `CHECKPOINT`. The owner names it in `outdir.refuse_other_run`'s message.
+RUN = outdir.Owner(what="run directory", prefix=".hydra-run-", foreign=_not_a_run)
 
 
 def run_record(

@@ -20,7 +20,7 @@ import jax
 
 from hydra_jax import outdir
 from hydra_jax.batch import Tokenizer
-from hydra_jax.loaders.checkpoint import CheckpointError, save
+from hydra_jax.loaders.checkpoint import CHECKPOINT, CheckpointError, save
 from hydra_jax.loaders.describe import display_name, shareable_path
 from hydra_jax.loaders.hf import common, gemma, gpt2, gpt_neox, hub, llama
 from hydra_jax.model.config import ModelConfig
@@ -124,9 +124,7 @@ def convert(
     the complete checkpoint or is left as it was.
     """
     # Before anything is read: `out` may not be (or contain) the source, nor hold others' files.
-    out = outdir.check_out(
-        out, kind="checkpoint", inputs={"HF_DIR": path}, overwrite=overwrite, label="OUT_DIR"
-    )
+    out = outdir.check_out(out, CHECKPOINT, inputs={"HF_DIR": path}, overwrite=overwrite, label="OUT_DIR")
     if os.fspath(path).lower().endswith(".gguf"):  # a llama.cpp file (hydra_jax.loaders.gguf)
         from hydra_jax.loaders.gguf import from_gguf
 

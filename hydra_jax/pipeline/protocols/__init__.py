@@ -1,0 +1,94 @@
+"""Protocols: what a run ablates, which instances it measures, what it computes and reports.
+
+A protocol is one module in this folder that defines `PROTOCOL`, an instance of a `Protocol`
+subclass; its name is the module's name. `hydra-jax analyze --protocol NAME`, `hydra-jax
+sweep --protocol NAME`, the sweep store and the planner (`--dry-run`) find it here without
+being edited: they ask the protocol for its `EffectSpec` (the rows ablated and the components
+measured; the effect matrix engine and the one measurement loop, `hydra_jax.pipeline.measure`,
+do the rest), and hand its `summarise` a stream of effect-matrix chunks and its `write` the
+report directory. docs/architecture.md says step by step how to add one.
+
+    paper   every attention and MLP layer (or head) ablated at the final position of each
+            prompt; the paper's direct, total and compensation statistics (McGrath et al. 2023)
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from hydra_jax.effects.matrix import EffectSpec
+    from hydra_jax.effects.results import EffectMatrix, Labels
+    from hydra_jax.pipeline.options import Settings
+    from hydra_jax.pipeline.record import RunRecord
+
+Chunks = Callable[[], Iterator[tuple[slice, "EffectMatrix"]]]
+"""A re-iterable stream of effect-matrix chunks: each call yields (the prompts' slice, their
+EffectMatrix) over every prompt once, in order (from memory, or from a store's chunks)."""
+
+
+class Protocol(abc.ABC):
+    """One analysis, as a plug-in of the measurement pipeline.
+
+    Attributes:
+        name: the module's name (`--protocol NAME`).
+        instances: what one measured instance is ("the final position of each prompt").
+        summary_type: the class `summarise` returns.
+    """
+
+    name: ClassVar[str]
+    instances: ClassVar[str]
+
+    @abc.abstractmethod
+    def spec(self, settings: Settings) -> EffectSpec:
+        """The effect matrix each batch computes: the rows ablated and the components measured, with
+        the settings' kind, position, target, resamples and chunk size."""
+
+    @abc.abstractmethod
+    def summarise(
+        self, chunks: Chunks, *, labels: Labels, n_prompts: int, n_bootstrap: int, seed: int
+    ) -> Any:
+        """The protocol's statistics from a stream of chunks over `n_prompts` prompts (one matrix in
+        memory, or a sweep store read chunk by chunk: the same numbers either way)."""
+
+    @abc.abstractmethod
+    def write(
+        self,
+        out_dir: str,
+        *,
+        em: EffectMatrix,
+        summary: Any,
+        record: RunRecord,
+        compare: tuple[EffectMatrix, Any, RunRecord] | None = None,
+    ) -> list[str]:
+        """Write the report's files into the (empty, temporary) directory `out_dir`; the paths."""
+
+    @abc.abstractmethod
+    def figure(self, name: str, *, em: EffectMatrix, summary: Any, record: RunRecord, compare=None) -> Any:
+        """One of the report's figures as a matplotlib Figure."""
+
+    @abc.abstractmethod
+    def html(self, *, em: EffectMatrix, summary: Any, record: RunRecord) -> str:
+        """A notebook's display of the result: well-formed HTML naming every ablated component."""
+
+
+def names() -> tuple[str, ...]:
+    """The protocols in this folder, by module name (no module is imported)."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+
+@functools.cache
+def get(name: str) -> Protocol:
+    """The protocol `name` (its module's `PROTOCOL`)."""
+    known = names()
+    if name not in known:
+        raise ValueError(f"Unknown protocol {name!r} (--protocol); choose one of {', '.join(known)}.")
+    protocol = importlib.import_module(f"{__name__}.{name}").PROTOCOL
+    if not isinstance(protocol, Protocol) or protocol.name != name:
+        raise TypeError(f"{__name__}.{name}.PROTOCOL must be a Protocol named {name!r}.")
+    return protocol
