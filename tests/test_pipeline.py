@@ -301,3 +301,26 @@ def test_a_protocol_is_one_module_picked_up_by_settings_cli_analyze_and_sweep(
 def test_an_unknown_protocol_is_named_with_the_known_ones():
     with pytest.raises(ValueError, match=r"Unknown protocol 'tokenz' \(--protocol\); choose one of paper"):
         Settings(protocol="tokenz")
+
+
+def test_selection_tokenises_only_the_records_it_examines(small, tmp_path, monkeypatch):
+    """Without a filter, 3 prompts of a 3,000-record file tokenise one block of records, not all
+    of them; the prompts chosen are the first usable ones in the seeded order either way."""
+    from hydra_jax.pipeline import inputs
+
+    model, tokenizer = small
+    path = tmp_path / "many.txt"
+    path.write_text("\n".join(PROMPTS[i % len(PROMPTS)] for i in range(3000)) + "\n")
+    seen = []
+    encode = type(tokenizer).encode_prompts
+    monkeypatch.setattr(
+        type(tokenizer), "encode_prompts", lambda self, p: seen.append(len(p)) or encode(self, p)
+    )
+    prompts, info = inputs.select_prompts(str(path), tokenizer, model.config, 3, 0)
+    seen = [n for n in seen if n]  # (answer_tokens encodes the answered records: none here)
+    assert seen == [inputs.ENCODE_BLOCK] and info["examined"] == 3 and info["available"] == 3000
+    seen = []
+    monkeypatch.setattr(inputs, "ENCODE_BLOCK", 1)  # blocks of 2 x 3 records: the same selection
+    again, _ = inputs.select_prompts(str(path), tokenizer, model.config, 3, 0)
+    np.testing.assert_array_equal(again.pool.tokens, prompts.pool.tokens)
+    assert sum(seen) < 3000

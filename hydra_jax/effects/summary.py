@@ -228,7 +228,7 @@ def hydra_summary(
             `MAX_BOOTSTRAP_BYTES`.
     """
     return stream_summary(
-        lambda: iter([(slice(None), em)]),
+        em,
         labels=em.labels,
         n_prompts=int(np.shape(em.total)[-1]),
         n_bootstrap=n_bootstrap,
@@ -238,7 +238,7 @@ def hydra_summary(
 
 
 def stream_summary(
-    chunks: Callable[[], Iterator[tuple[slice, EffectMatrix]]],
+    chunks: EffectMatrix | Callable[[], Iterator[tuple[slice, EffectMatrix]]],
     *,
     labels: Labels,
     n_prompts: int,
@@ -248,14 +248,21 @@ def stream_summary(
 ) -> HydraSummary:
     """`hydra_summary` of effect matrices that arrive in chunks of prompts: the one summariser.
 
-    `chunks()` yields (prompts' slice, their EffectMatrix) over all `n_prompts` prompts once, in
-    any chunking; it is called twice (a sweep store's chunks are read from disk each time). The
-    first pass keeps the [ablated, prompt] decomposition and the means over prompts, the second
-    sums the bootstrap draws of the erasure table's changes, so memory is the [A, N] arrays and
-    the [N, n_bootstrap] draw counts, never [A, M, N]. One chunk of every prompt is
-    `hydra_summary(em)`; any other chunking gives the same numbers within float64 rounding of
-    the sums (`tests/effects/test_summary.py`, the store's report in tests/sweeps).
+    `chunks` is one EffectMatrix of all `n_prompts` prompts, or a function whose call yields
+    (prompts' slice, their EffectMatrix) over all of them once, in any chunking; it is called
+    twice (a sweep store's chunks are read from disk each time). The first pass keeps the
+    [ablated, prompt] decomposition and the means over prompts, the second sums the bootstrap
+    draws of the erasure table's changes, so memory is the [A, N] arrays and the
+    [N, n_bootstrap] draw counts, never [A, M, N]. One matrix is `hydra_summary(em)`; any
+    chunking gives the same numbers within float64 rounding of the sums (tested on three
+    chunks in memory and on a sweep store's batches).
     """
+    if isinstance(chunks, EffectMatrix):
+        em = chunks
+
+        def chunks() -> Iterator[tuple[slice, EffectMatrix]]:
+            yield slice(None), em
+
     seed = validate.seed(seed)
     n_a, n_m, n = len(labels.ablated), len(labels.measured), n_prompts
     check_bootstrap(n_bootstrap, ci, n_a, n_m, n)

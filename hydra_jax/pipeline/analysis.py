@@ -22,19 +22,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra_jax import outdir
-from hydra_jax.batch import Tokenizer
-from hydra_jax.effects.results import EffectMatrix
-from hydra_jax.loaders.source import ModelSource
-from hydra_jax.model.transformer import Transformer
 from hydra_jax.pipeline import protocols
 from hydra_jax.pipeline.inputs import Inputs, load_model, model_source, paths_read, preflight, select
 from hydra_jax.pipeline.measure import measure_all
 from hydra_jax.pipeline.options import Settings
 from hydra_jax.pipeline.record import RunRecord, Timings, record_of
 from hydra_jax.report.schema import REPORT
+
+if TYPE_CHECKING:
+    from hydra_jax.batch import Tokenizer
+    from hydra_jax.effects.results import EffectMatrix
+    from hydra_jax.loaders.source import ModelSource
+    from hydra_jax.model.transformer import Transformer
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -168,7 +170,7 @@ def _measure(source: ModelSource, settings: Settings, inputs: Inputs, progress: 
     t2 = time.time()
     protocol = protocols.get(settings.protocol)
     summary = protocol.summarise(
-        lambda: iter([(slice(None), em)]),
+        em,
         labels=em.labels,
         n_prompts=prompts.size,
         n_bootstrap=settings.n_bootstrap,
@@ -179,6 +181,7 @@ def _measure(source: ModelSource, settings: Settings, inputs: Inputs, progress: 
         model_info,
         data_info,
         Timings(load_s=t_load, effect_matrix_s=t2 - t1, summary_s=time.time() - t2),
+        deviations=settings.deviations(data_info.get("available")),
     )
     return Analysis(settings=settings, em=em, summary=summary, record=record)
 

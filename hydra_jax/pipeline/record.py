@@ -81,9 +81,18 @@ class RunRecord:
         }
 
 
-def record_of(settings: Settings, model: Mapping, data: Mapping, timings: Timings, **extra: Any) -> RunRecord:
+def record_of(
+    settings: Settings,
+    model: Mapping,
+    data: Mapping,
+    timings: Timings,
+    *,
+    deviations: list[str],
+    **extra: Any,
+) -> RunRecord:
     """The record of a run with `settings` on a model and prompts so described (`data` with its
-    "skipped" counts); `extra` settings are recorded too (a store's report: "from_store")."""
+    "skipped" counts), which deviates so from the paper's protocol (`Settings.deviations`);
+    `extra` settings are recorded too (a store's report: "from_store")."""
     data = dict(data)
     skipped = data.pop("skipped", {})
     return RunRecord(
@@ -91,7 +100,7 @@ def record_of(settings: Settings, model: Mapping, data: Mapping, timings: Timing
         data=data,
         skipped=skipped,
         settings=shareable_settings(dataclasses.asdict(settings)) | extra,
-        deviations=tuple(settings.deviations(data.get("available"))),
+        deviations=tuple(deviations),
         versions=versions(),
         timings=timings,
     )

@@ -55,11 +55,13 @@ def report_from_store(
     )
     em = opened.effect_matrix()  # effects.npz and the figures hold every array
     # A report holds no absolute path of this machine (stores of older releases may).
+    data = shareable_settings(opened.meta["data"], ("source",))
     record = record_of(
         settings,
         shareable_settings(opened.meta["model"], ("path",)),
-        shareable_settings(opened.meta["data"], ("source",)),
+        data,
         Timings(load_s=t1 - t0, summary_s=time.time() - t1, total_s=time.time() - t0),
+        deviations=settings.deviations(data.get("available")),
         from_store=shareable_path(store),
     )
     result = Analysis(settings=settings, em=em, summary=summary, record=record)

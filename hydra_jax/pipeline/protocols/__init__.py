@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 Chunks = Callable[[], Iterator[tuple[slice, "EffectMatrix"]]]
 """A re-iterable stream of effect-matrix chunks: each call yields (the prompts' slice, their
-EffectMatrix) over every prompt once, in order (from memory, or from a store's chunks)."""
+EffectMatrix) over every prompt once, in order (a sweep store's chunks, `SweepStore.chunks`)."""
 
 
 class Protocol(abc.ABC):
@@ -51,10 +51,10 @@ class Protocol(abc.ABC):
 
     @abc.abstractmethod
     def summarise(
-        self, chunks: Chunks, *, labels: Labels, n_prompts: int, n_bootstrap: int, seed: int
+        self, chunks: EffectMatrix | Chunks, *, labels: Labels, n_prompts: int, n_bootstrap: int, seed: int
     ) -> Any:
-        """The protocol's statistics from a stream of chunks over `n_prompts` prompts (one matrix in
-        memory, or a sweep store read chunk by chunk: the same numbers either way)."""
+        """The protocol's statistics over `n_prompts` prompts from one matrix in memory or a stream
+        of chunks (a sweep store read chunk by chunk): the same numbers either way."""
 
     @abc.abstractmethod
     def write(

@@ -47,7 +47,7 @@ class Paper(Protocol):
         )
 
     def summarise(
-        self, chunks: Chunks, *, labels: Labels, n_prompts: int, n_bootstrap: int, seed: int
+        self, chunks: EffectMatrix | Chunks, *, labels: Labels, n_prompts: int, n_bootstrap: int, seed: int
     ) -> HydraSummary:
         from hydra_jax.effects.summary import stream_summary
 
