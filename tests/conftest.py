@@ -1,14 +1,25 @@
-"""Shared fixtures. JAX runs strict here: no implicit rank promotion, fp32 matmuls."""
+"""Shared fixtures. JAX runs strict here: no implicit rank promotion, fp32 matmuls.
+
+Helpers (random models, effect-matrix comparisons, file writers) are in `support/`; fixtures
+used by one folder only are in that folder's conftest.py.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-import zlib
 
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+from support.models import (
+    FAMILIES,
+    ragged_batch,
+    random_model,
+    save_tiny_checkpoint,
+    strict_jax,
+    suite_xla_flags,
+)
 
 import hydra_jax as hj
 
@@ -16,10 +27,30 @@ import hydra_jax as hj
 # tests that exercise the cache choose their own directory.
 os.environ.setdefault("HYDRA_JAX_COMPILE_CACHE", "0")
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
-jax.config.update("jax_default_matmul_precision", "highest")
 
-FAMILIES = sorted(hj.presets.TINY)
+def _compile_without_llvm_optimisation() -> None:
+    """Compile this process's programs with LLVM's optimisation passes off (XLA's own passes still run).
+
+    Compiling dominates the suite: hundreds of distinct programs of tiny models, each run a few
+    times. Without LLVM's passes a compile takes a third to a half of the time; every reference a
+    test compares with is compiled the same way, and no test times a program. XLA reads XLA_FLAGS
+    once, at its first compile, so the flag is set for that compile only: subprocesses (the CLI as
+    users run it) compile as they would without the suite, unless a test's results are compared
+    bit for bit with theirs (sweeps/conftest.py).
+    """
+    before = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = suite_xla_flags(before)
+    try:
+        jax.jit(lambda x: x + 1)(np.float32(0)).block_until_ready()
+    finally:
+        if before is None:
+            del os.environ["XLA_FLAGS"]
+        else:
+            os.environ["XLA_FLAGS"] = before
+
+
+_compile_without_llvm_optimisation()
+strict_jax()
 
 
 def _memory_mappings() -> int:
@@ -45,32 +76,14 @@ def _release_compiled_programs():
         jax.clear_caches()
 
 
-def random_model(config: hj.ModelConfig, seed: int = 0) -> hj.Transformer:
-    """A model whose norms and biases are random too (init leaves them at 1 and 0,
-    which would hide bugs in how they are applied)."""
-    model = hj.Transformer(config, rngs=nnx.Rngs(seed))
-    params = model.params
-    key = jax.random.key(seed + 1)
-
-    def perturb(path, x):
-        name = jax.tree_util.keystr(path)
-        if "ln" in name or "b_" in name:
-            return x + 0.1 * jax.random.normal(jax.random.fold_in(key, zlib.crc32(name.encode())), x.shape)
-        return x
-
-    model.set_params(jax.tree_util.tree_map_with_path(perturb, params))
-    return model
-
-
 @pytest.fixture(scope="session", params=FAMILIES)
 def family_model(request) -> hj.Transformer:
     """A tiny random model of every family preset."""
     return random_model(hj.presets.TINY[request.param])
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> hj.Tokenizer:
-    """A seven-word word-level tokenizer (for checkpoints that need one)."""
+def seven_words() -> hj.Tokenizer:
+    """A seven-word word-level tokenizer."""
     import tokenizers
 
     vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "[UNK]", "the", "cat", "sat"])}
@@ -79,20 +92,61 @@ def tokenizer() -> hj.Tokenizer:
     return hj.Tokenizer(backend)
 
 
+@pytest.fixture(scope="module")
+def tokenizer() -> hj.Tokenizer:
+    """A seven-word word-level tokenizer (for checkpoints that need one)."""
+    return seven_words()
+
+
 @pytest.fixture(scope="session")
 def model() -> hj.Transformer:
     return random_model(hj.presets.tiny_chinchilla)
 
 
-def ragged_batch(config: hj.ModelConfig, lengths=(7, 4, 6, 2), seed: int = 0) -> hj.Batch:
-    """Prompts of different lengths (left-padded), random in-vocabulary tokens."""
-    rng = np.random.default_rng(seed)
-    return hj.Batch.from_tokens([rng.integers(1, config.d_vocab, n).tolist() for n in lengths])
-
-
 @pytest.fixture(scope="session")
 def batch(model) -> hj.Batch:
     return ragged_batch(model.config)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A 2-layer checkpoint with the default world's 2,048-token tokenizer (read-only: copy to edit)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A random tiny_gpt2 (seed 1), the model of `checkpoint`."""
+    return random_model(hj.presets.tiny_gpt2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny, tmp_path_factory) -> str:
+    """`tiny` saved with the seven-word tokenizer (read-only: copy to edit)."""
+    return hj.save(tiny, seven_words(), tmp_path_factory.mktemp("ckpt") / "model")
+
+
+HF_CONFIG = {
+    "model_type": "gpt2",
+    "n_embd": 8,
+    "n_layer": 1,
+    "n_head": 2,
+    "vocab_size": 16,
+    "n_positions": 16,
+}
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory) -> str:
+    """A Hugging Face directory that passes every check up to reading its weights (read-only)."""
+    from safetensors.numpy import save_file
+
+    root = tmp_path_factory.mktemp("hf") / "gpt2"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(HF_CONFIG))
+    seven_words().save(root / "tokenizer.json")
+    save_file({"wte.weight": np.zeros((16, 8), np.float32)}, str(root / "model.safetensors"))
+    return str(root)
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

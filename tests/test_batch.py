@@ -1,10 +1,15 @@
-"""Left-padded batches, the tokenizer wrapper, and batch checks against a model."""
+"""Left-padded batches, the tokenizer wrapper, and batch checks against a model; bad token lists
+and ids are refused naming the input."""
 
 import numpy as np
 import pytest
 import tokenizers
+from hypothesis import given
+from hypothesis import strategies as st
 from numpy.testing import assert_array_equal
+from support.properties import PROPERTY
 
+import hydra_jax as hj
 from hydra_jax import Batch, Tokenizer
 from hydra_jax.batch import check_batch
 from hydra_jax.model import presets
@@ -161,3 +166,63 @@ def test_check_batch_errors(batch, match):
 def test_check_batch_wants_a_batch():
     with pytest.raises(TypeError, match=r"Expected a hydra_jax\.Batch, got list"):
         check_batch(presets.tiny_chinchilla, [[1, 2]])
+
+
+# ---- bad token lists and ids ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("token_lists", "answers", "error", "message"),
+    [
+        ([[[1, 2]], [[3]]], None, TypeError, r"token_lists\[0\]\[0\] is a list, not a token id.*not three"),
+        ([1, 2, 3], None, TypeError, r"flat list of 3 ints.*wrap a single prompt as \[ids\]"),
+        (np.zeros((2, 2, 2), int), None, TypeError, r"token_lists\[0\] must be a 1-D integer array"),
+        ("1 2 3", None, TypeError, "token_lists must be a list of token id lists"),
+        ([[1, 2.0]], None, TypeError, r"token_lists\[0\]\[1\] = 2\.0 is a float, not an integer token id"),
+        ([[1, True]], None, TypeError, r"token_lists\[0\]\[1\] = True is a bool"),
+        ([[1, 2**31]], None, ValueError, r"token_lists\[0\] holds token ids \[2147483648\] outside"),
+        ([[3], [-1, 2]], None, ValueError, r"token_lists\[1\] holds token ids \[-1\] outside \[0, 2\*\*31\)"),
+        ([[1], [2]], ["Paris", "Lyon"], TypeError, r"answers\[0\] = 'Paris' is a str, not an integer"),
+        ([[1], [2]], [1.5, 2], TypeError, r"answers\[0\] = 1\.5 is a float"),
+        ([[1], [2]], [1, -3], ValueError, r"answers holds token ids \[-3\] outside"),
+        ([[1], [2]], 7, TypeError, r"answers must be a list of integer token ids, got int"),
+    ],
+)  # fmt: skip
+def test_bad_token_lists(token_lists, answers, error, message):
+    with pytest.raises(error, match=message):
+        hj.Batch.from_tokens(token_lists, answers)
+
+
+def test_bad_ids_in_a_directly_built_batch():
+    valid = np.ones((1, 2), bool)
+    with pytest.raises(ValueError, match=r"Batch\.tokens holds token ids \[2147483648\] outside"):
+        hj.Batch(np.array([[1, 2**31]], np.int64), valid)
+    with pytest.raises(ValueError, match=r"Batch\.tokens holds token ids \[-5\] outside"):
+        hj.Batch(np.array([[1, -5]]), valid)
+    with pytest.raises(ValueError, match=r"Batch\.answers holds token ids \[-1\] outside"):
+        hj.Batch(np.array([[1, 2]]), valid, np.array([-1]))
+
+
+def test_ids_beyond_the_models_vocabulary():
+    config = hj.presets.tiny_chinchilla  # d_vocab 97
+    message = r"Token ids \[97, 500\] are outside the vocabulary \[0, 97\).*tokenizer"
+    with pytest.raises(ValueError, match=message):
+        check_batch(config, hj.Batch.from_tokens([[5, 97], [500]]))
+    with pytest.raises(ValueError, match=r"Answer token ids must lie in \[0, 97\)"):
+        check_batch(config, hj.Batch.from_tokens([[1], [2]], answers=[3, 97]))
+
+
+# ---- properties -------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(prompts=st.lists(st.lists(st.integers(0, 50), min_size=1, max_size=6), min_size=1, max_size=4))
+def test_batches_are_left_padded(prompts):
+    batch = hj.Batch.from_tokens(prompts, pad_id=99)
+    t = max(map(len, prompts))
+    assert batch.tokens.shape == (len(prompts), t)
+    np.testing.assert_array_equal(batch.lengths, [len(p) for p in prompts])
+    for b, p in enumerate(prompts):
+        assert batch.tokens[b, t - len(p) :].tolist() == p
+        assert (batch.tokens[b, : t - len(p)] == 99).all()
+        np.testing.assert_array_equal(batch.valid[b], np.arange(t) >= t - len(p))

@@ -1,8 +1,10 @@
-"""The `hydra-jax` command line, run in-process."""
+"""The `hydra-jax` command line, run in-process: commands, flags, and how errors are reported."""
 
+import errno
 import json
 
 import pytest
+from support.cli import cli, one_error
 
 import hydra_jax
 from hydra_jax.cli import main
@@ -69,3 +71,45 @@ def test_cli_paper_flag_sets_the_protocol_and_keeps_what_the_user_gives():
     assert settings("--n-prompts", "all").n_prompts is None
     with pytest.raises(SystemExit):
         settings("--n-prompts", "many")
+
+
+# ---- errors: one line for the user's, a traceback for a bug ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/data/out"),
+            "Permission denied: '/data/out'; check",
+        ),
+        (
+            IsADirectoryError(errno.EISDIR, "Is a directory", "/data/x"),
+            "Is a directory: '/data/x'; it is a dir",
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/data/out"),
+            "No space left on device: '/data/out'",
+        ),
+    ],
+)
+def test_system_errors_are_one_line_naming_the_path(capsys, monkeypatch, error, expected):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("hydra_jax.pipeline.analysis.analyze", fail)
+    code, err = cli(capsys, "analyze", "--out", "/data/out")
+    assert code == 2
+    assert one_error(err).startswith(f"hydra-jax: error: {expected}")
+
+
+def test_a_bug_still_shows_its_traceback_and_asks_for_a_report(capsys, monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("an internal invariant broke")
+
+    monkeypatch.setattr("hydra_jax.pipeline.analysis.analyze", bug)
+    code = main(["analyze", "--out", "/data/out"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" in err and "RuntimeError: an internal invariant broke" in err
+    assert "bug in hydra-jax" in err and "please report it" in err

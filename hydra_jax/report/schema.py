@@ -422,7 +422,7 @@ def schema_markdown() -> str:
         "# The report directory",
         "",
         "`hydra-jax analyze` writes these files (generated from `hydra_jax.report.schema`;",
-        "`tests/test_report.py` checks this page is current).",
+        "`tests/report/test_document.py` checks this page is current).",
         "",
         "| file | contents |",
         "|---|---|",

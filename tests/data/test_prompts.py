@@ -1,0 +1,232 @@
+"""Prompt files (--data): plain text, JSONL and JSON, CounterFact and known-facts records, the paper's
+prompts; a bad file, a tokenizer that cannot read it, or answers it lacks are refused naming the
+file and the fix, before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import tokenizers
+from support.models import REPO
+
+import hydra_jax as hj
+import hydra_jax.data as hd
+from hydra_jax.cli import main
+from hydra_jax.data import default_tokenizer
+from hydra_jax.pipeline.inputs import select_prompts as resolve_data
+
+# The paper's 1,209 prompts, beside the project (never copied into it).
+KNOWN_1000 = REPO / ".." / "shared" / "data" / "known_1000.json"
+
+
+CF = {"requested_rewrite": {"prompt": "{} is in", "subject": "Eiffel Tower", "target_true": {"str": "Paris"},
+                            "relation_id": "P131"}}  # fmt: skip
+
+
+KNOWN = {"subject": "Space Needle", "attribute": "Seattle", "template": "{} is in", "prompt": "The Space "
+         "Needle is in", "relation_id": "P131"}  # fmt: skip
+
+
+def write(tmp_path, name: str, content) -> str:
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(path)
+
+
+def with_rw(**changes) -> dict:
+    return {"requested_rewrite": CF["requested_rewrite"] | changes}
+
+
+# ---- reading prompt files -------------------------------------------------------
+
+
+def test_text_jsonl_and_plain_json_files(tmp_path):
+    (tmp_path / "p.txt").write_text("The Eiffel Tower is in  \n\n   \nAda Lovelace was born in\n")
+    facts = hd.load_prompts(tmp_path / "p.txt")
+    assert facts.prompts == ("The Eiffel Tower is in", "Ada Lovelace was born in")
+    assert facts.answers == (None, None) and facts.split == "external"
+    lines = [
+        {"prompt": "The Eiffel Tower is in", "answer": "Paris ", "subject": "Eiffel", "relation_id": "P131"},
+        {"prompt": "Ada Lovelace was born in", "answer": None},
+        {"prompt": "Mount Fuji is in"},
+    ]  # fmt: skip
+    (tmp_path / "p.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n\n")
+    facts = hd.load_prompts(tmp_path / "p.jsonl")
+    assert facts.answers == (" Paris", None, None)
+    assert facts.subjects == ("Eiffel", "", "")
+    assert facts.relations == ("P131", "none") and facts.relation_ids == (0, 1, 1)
+    (tmp_path / "p.json").write_text(json.dumps(lines))
+    assert hd.load_prompts(tmp_path / "p.json") == facts
+    # The three JSON record kinds mix in one file.
+    cf = {"requested_rewrite": {"prompt": "{} is in", "subject": "Big Ben", "target_true": {"str": "London"},
+                                "relation_id": "P131"}}  # fmt: skip
+    known = {"subject": "Space Needle", "attribute": "Seattle", "template": "{} is in",
+             "prompt": "The Space Needle is in", "relation_id": "P131"}  # fmt: skip
+    (tmp_path / "mixed.json").write_text(json.dumps([cf, known, lines[0]]))
+    facts = hd.load_prompts(tmp_path / "mixed.json")
+    assert facts.prompts == ("Big Ben is in", "Space Needle is in", "The Eiffel Tower is in")
+    assert facts.answers == (" London", " Seattle", " Paris")
+    long = hd.load_prompts(tmp_path / "mixed.json", prompt_text="prompt")
+    assert long.prompts[1] == "The Space Needle is in"
+    assert hd.load_counterfact(tmp_path / "mixed.json").prompts == facts.prompts
+
+
+def test_counterfact_and_known_facts_formats(tmp_path):
+    cf = [
+        {"requested_rewrite": {"prompt": "{} is located in the city of", "subject": "Eiffel Tower",
+                               "target_true": {"str": "Paris"}, "relation_id": "P131"}},
+        {"requested_rewrite": {"prompt": "{} was born in", "subject": "Ada Lovelace",
+                               "target_true": {"str": "London"}, "relation_id": "P19"}},
+    ]  # fmt: skip
+    (tmp_path / "cf.json").write_text(json.dumps(cf))
+    facts = hj.data.load_counterfact(tmp_path / "cf.json")
+    assert facts.prompts == ("Eiffel Tower is located in the city of", "Ada Lovelace was born in")
+    assert facts.answers == (" Paris", " London") and facts.relations == ("P131", "P19")
+    assert facts.relation_ids == (0, 1) and facts.split == "external"
+    known = [{"prompt": "The Space Needle is in", "subject": "Space Needle", "attribute": "Seattle",
+              "relation_id": "P131"}]  # fmt: skip
+    (tmp_path / "known.json").write_text(json.dumps(known))
+    facts = hj.data.load_counterfact(tmp_path / "known.json")
+    assert facts.prompts == ("The Space Needle is in",) and facts.answers == (" Seattle",)
+    tokenizer = default_tokenizer(2048)
+    ids, flagged = hj.data.answer_token_ids(facts, tokenizer)
+    assert ids.shape == flagged.shape == (1,)
+    assert flagged[0] == (len(tokenizer.encode(" Seattle", add_special_tokens=False)) > 1)
+    bad = [
+        ([{"requested_rewrite": {"prompt": "no slot", "subject": "x", "target_true": {"str": "y"},
+                                 "relation_id": "r"}}], "has no {} subject slot"),
+        ([{"prompt": "p", "subject": "s", "attribute": "a"}], "missing 'relation_id'"),
+        ([{"something": 1}], "neither 'requested_rewrite'"),
+        ({"a": 1}, "non-empty JSON list"),
+    ]  # fmt: skip
+    for content, message in bad:
+        (tmp_path / "bad.json").write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=message):
+            hj.data.load_counterfact(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        hj.data.load_counterfact(tmp_path / "bad.json")
+
+
+@pytest.mark.skipif(not KNOWN_1000.is_file(), reason="needs ../shared/data/known_1000.json")
+def test_known_1000_template_and_prompt_texts():
+    template = hd.load_prompts(KNOWN_1000)
+    prompt = hd.load_prompts(KNOWN_1000, prompt_text="prompt")
+    assert len(template) == len(prompt) == 1209
+    assert len(template.relations) == 33 and template.answers == prompt.answers
+    differ = [i for i in range(1209) if template.prompts[i] != prompt.prompts[i]]
+    assert len(differ) == 478  # the number docs/data.md and --help quote
+    assert all(
+        p.startswith(t) and len(p) > len(t)
+        for t, p in zip(template.prompts, prompt.prompts, strict=True)
+        if t != p
+    )
+    assert template.prompts[19] == "Honus Wagner professionally plays the sport"
+    assert prompt.prompts[19] == "Honus Wagner professionally plays the sport of"
+    assert template.answers[19] == " baseball"
+
+
+def test_utf8_with_byte_order_mark_is_read(tmp_path):
+    path = write(tmp_path, "bom.txt", "\ufeffZürich is in\n".encode())
+    assert hj.data.load_prompts(path).prompts == ("Zürich is in",)
+
+
+# ---- bad prompt files -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("two.json", [CF, with_rw(prompt="{} is in {}")], r"Record 1 .*two\.json.*has 2 \{\} subject slots"),
+        ("none.json", [with_rw(prompt="Paris is nice")], r"Record 0 .*none\.json.*has no \{\} subject slot"),
+        ("braces.json", [KNOWN | {"template": "{0} is in"}], r"Record 0 .*braces\.json.*has no \{\}"),
+        ("null.json", [with_rw(target_true={"str": None})], r"Record 0 .*null\.json.*true\.str is null"),
+        ("knull.json", [KNOWN, KNOWN | {"attribute": None}], r"Record 1 of .*knull\.json.*attribute is null"),
+        ("num.jsonl", '{"prompt": "WWII ended in", "answer": 1945}', r"Line 1 .*num\.jsonl.*be a string"),
+        ("nokey.json", [KNOWN | {"subject": None}], r"Record 0 .*nokey\.json.*subject must be a str"),
+        ("miss.json", [{"attribute": "x", "subject": "s"}], r"Record 0 .*miss\.json.*missing.*'relation_id'"),
+        ("list.jsonl", '{"prompt": "a"}\n[1, 2]\n', r"Line 2 of .*list\.jsonl.*JSON list, not an object"),
+        ("bad.jsonl", '{"prompt": "a"}\n\n{"prompt": "b", }\n', r"Line 3 of .*bad\.jsonl.* not valid JSON"),
+        ("lines.json", '{"prompt": "a"}\n{"prompt": "b"}\n', r"lines\.json.*not valid JSON \(one.* per line"),
+        ("empty.json", "", r"empty\.json' is empty"),
+        ("empty.jsonl", "\n  \n", r"empty\.jsonl' is empty"),
+        ("empty.txt", "\n\n", r"empty\.txt' is empty"),
+        ("blank.jsonl", '{"prompt": "  "}', r"Line 1 of .*blank\.jsonl.* has an empty prompt"),
+        ("latin1.json", json.dumps([KNOWN | {"subject": "Zürich"}], ensure_ascii=False).encode("latin-1"),
+         r"latin1\.json' is not UTF-8 text: byte b'\\xfc' at offset \d+ \(line 1\).*iconv"),
+        ("data.csv", "prompt,answer\n", r"Cannot tell the format of .*data\.csv.*\.txt.*\.jsonl.*\.json"),
+    ],
+)  # fmt: skip
+def test_bad_dataset_files(tmp_path, name, content, message):
+    path = write(tmp_path, name, content)
+    with pytest.raises(ValueError, match=message):
+        hj.data.load_prompts(path)
+
+
+def test_missing_file_and_bad_prompt_text(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"No dataset file at .*nothing\.json"):
+        hj.data.load_prompts(tmp_path / "nothing.json")
+    with pytest.raises(FileNotFoundError, match=r"No dataset file at .*nothing\.csv"):
+        hj.data.load_prompts(tmp_path / "nothing.csv")
+    path = write(tmp_path, "k.json", [KNOWN])
+    with pytest.raises(ValueError, match=r"--prompt-text must be 'template' .* got 'both'"):
+        hj.data.load_prompts(path, prompt_text="both")
+
+
+def word_tokenizer(tmp_path, words) -> hj.Tokenizer:
+    vocab = {"[UNK]": 0} | {w: i + 1 for i, w in enumerate(words)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    backend.save(str(path))
+    return hj.Tokenizer.from_file(path)
+
+
+def test_a_tokenizer_that_cannot_read_the_data_is_refused(tmp_path):
+    config = hj.ModelConfig(d_model=8, n_layers=1, n_heads=1, d_head=8, d_mlp=8, d_vocab=16, n_ctx=16)
+    rows = [{"prompt": "Der Eiffelturm steht in der Stadt", "answer": "Paris"}, {"prompt": "Paris is in"}]
+    data = write(tmp_path, "facts.jsonl", "\n".join(map(json.dumps, rows)))
+    tok = word_tokenizer(tmp_path, ["Paris", "is", "in", "France"])
+    # 5 of 9 prompt tokens are unknown (> 50%): refused, naming the tokenizer file and the data.
+    message = (r"tokenizer '.*tokenizer\.json' \(vocabulary of 5\) cannot read '.*facts\.jsonl': 5 of its 9 "
+               r"prompt tokens .* unknown token '\[UNK\]'.*tokenizer\.json is its own")  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        resolve_data(data, tok, config, 10, 0)
+    # Most answers unknown: refused too.
+    rows = [{"prompt": "Paris is in", "answer": w} for w in ("Frankreich", "Europa", "France")]
+    data = write(tmp_path, "answers.jsonl", "\n".join(map(json.dumps, rows)))
+    with pytest.raises(ValueError, match=r"cannot read .*answers\.jsonl.* 2 of 3 answers' first tokens"):
+        resolve_data(data, tok, config, 10, 0)
+    # A few unknown answers: kept for argmax, skipped and counted where the answer is needed.
+    rows += [{"prompt": "France is in", "answer": "Paris"}]
+    data = write(tmp_path, "some.jsonl", "\n".join(map(json.dumps, rows[1:])))
+    batch, info = resolve_data(data, tok, config, 10, 0, target="answer")
+    assert batch.size == 2 and info["skipped"]["answer_unknown_token"] == 1
+    assert resolve_data(data, tok, config, 10, 0)[0].size == 3
+
+
+def test_answers_needed_but_absent_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from hydra_jax.loaders.source import ModelSource
+
+    def no_model(source):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(ModelSource, "load", no_model)
+    data = write(tmp_path, "prompts.txt", "The Eiffel Tower is in\nThe Space Needle is in\n")
+    out = tmp_path / "report"
+    for option in (["--filter", "correct"], ["--target", "answer"]):
+        argv = ["analyze", "--model", "tiny_chinchilla", "--data", data, *option, "--out", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(rf"{' '.join(option)} needs answers, but the prompts of .*prompts\.txt", err), err
+        assert not out.exists()
+    bad = write(tmp_path, "bad.json", [with_rw(prompt="{} and {}")])
+    assert main(["analyze", "--model", "tiny_chinchilla", "--data", bad, "--out", str(out)]) == 2
+    assert "has 2 {} subject slots" in capsys.readouterr().err
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".hydra-report-")]
