@@ -153,13 +153,18 @@ def check_out(
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str, owner: Owner) -> Iterator[str]:
+def atomic_dir(out: str, owner: Owner, *, overwrite: bool = False) -> Iterator[str]:
     """A fresh directory beside `out` to write into; on success it replaces `out` atomically.
 
     Parent directories are created as needed. On any exception (KeyboardInterrupt
     included) the temporary directory, and any parent created for it, is removed
     and `out` is left as it was. `owner` names the temporary directories and messages;
     it must own whole directories (no `files`).
+
+    `out` is claimed again at the commit (`claim`), with the `overwrite` the caller checked it
+    with: what appeared there during the work (another run's output, a user's folder) is never
+    replaced without `overwrite`, nor, with it, unless `owner` recognises it as its own; the run's
+    result is then discarded with an `OutputError` naming what happened.
     """
     if owner.files:
         raise ValueError(f"atomic_dir replaces a whole directory; {owner.what} are files in a shared one.")
@@ -178,12 +183,38 @@ def atomic_dir(out: str, owner: Owner) -> Iterator[str]:
             raise OutputError(f"Cannot write the {owner.what} under {parent!r}: {err.strerror}.") from err
         yield tmp
         interrupts.check()  # a Ctrl-C / SIGTERM swallowed during the work must not commit it
+        claim(out, owner, overwrite=overwrite)  # `out` may have changed since check_out
         replace_atomically(tmp, out, aside_prefix=owner.prefix + "old-")
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
+
+
+def claim(out: str, owner: Owner, *, overwrite: bool) -> None:
+    """Refuse to replace what is at `out` now unless `check_out` would allow it: nothing, an empty
+    directory, or with `overwrite` one `owner` recognises as its own. Called at the commit, since
+    `out` may have appeared or changed while the work ran (another run aimed at the same `out`)."""
+    if not os.path.lexists(out) or (_plain_dir(out) and not os.listdir(out)):
+        return
+    lost = f"it was left as it is, and this run's {owner.what} was discarded"
+    if not overwrite:
+        raise OutputError(
+            f"{out!r} appeared while the {owner.what} was being computed (another run aimed at the same "
+            f"output?), and --overwrite was not given: {lost}. Run again with another output, or with "
+            "--overwrite to replace it."
+        )
+    problem = owner.foreign(out) if _plain_dir(out) else "it is a file or a link"
+    if problem is not None:
+        raise OutputError(
+            f"{out!r} changed while the {owner.what} was being computed and is no longer a "
+            f"{owner.what} hydra_jax wrote ({problem}): {lost}. Move it away or choose another output."
+        )
+
+
+def _plain_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
 
 
 def replace_atomically(tmp: str, out: str, *, aside_prefix: str = ".hydra-old-") -> None:

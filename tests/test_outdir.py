@@ -241,6 +241,10 @@ def test_a_run_of_other_settings_is_refused_naming_each_difference():
 # ---- atomic replacement ---------------------------------------------------------------
 
 
+# Recognises anything as its own: the replace mechanics below, apart from what counts as ours.
+OURS = outdir.Owner(what="report", prefix=".hydra-report-", foreign=lambda path: None)
+
+
 def old_and_new(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -262,7 +266,7 @@ def test_a_failed_rename_leaves_the_old_directory_intact(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(os, "replace", flaky)
     with pytest.raises(OSError, match="simulated failure"):
-        with outdir.atomic_dir(out, REPORT) as tmp:
+        with outdir.atomic_dir(out, OURS, overwrite=True) as tmp:
             pathlib.Path(tmp, "new.txt").write_text("new")
     monkeypatch.undo()
     assert len(calls) == failing_call + (failing_call == 2)  # after the second, the old one is put back
@@ -281,7 +285,7 @@ def test_an_interrupt_once_the_new_directory_is_in_place_keeps_it_whole(tmp_path
 
     monkeypatch.setattr(os, "replace", then_interrupted)
     with pytest.raises(KeyboardInterrupt):
-        with outdir.atomic_dir(out, REPORT) as tmp:
+        with outdir.atomic_dir(out, OURS, overwrite=True) as tmp:
             pathlib.Path(tmp, "new.txt").write_text("new")
     monkeypatch.undo()
     assert sorted(os.listdir(out)) == ["new.txt"]
@@ -299,7 +303,7 @@ def test_a_failed_removal_of_the_old_directory_keeps_the_new_one_and_names_the_r
 
     monkeypatch.setattr(shutil, "rmtree", flaky)
     with pytest.warns(UserWarning, match=r"could not be removed from '.*\.hydra-report-old-.*'") as warned:
-        with outdir.atomic_dir(out, REPORT) as tmp:
+        with outdir.atomic_dir(out, OURS, overwrite=True) as tmp:
             pathlib.Path(tmp, "new.txt").write_text("new")
     monkeypatch.undo()
     assert sorted(os.listdir(out)) == ["new.txt"]
@@ -312,7 +316,7 @@ def test_a_failure_while_writing_leaves_out_and_its_parents_as_they_were(tmp_pat
     out = old_and_new(tmp_path)
     before = tree(tmp_path)
     with pytest.raises(RuntimeError, match="disk full"):
-        with outdir.atomic_dir(out, REPORT) as tmp:
+        with outdir.atomic_dir(out, OURS, overwrite=True) as tmp:
             pathlib.Path(tmp, "half.txt").write_text("half")
             raise RuntimeError("disk full")
     with pytest.raises(RuntimeError, match="disk full"):
@@ -365,3 +369,44 @@ def test_a_signal_mid_run_exits_cleanly_and_leaves_nothing_half_written(tmp_path
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"hydra-jax: {word}"
     assert tree(tmp_path) == before
+
+
+def test_what_appears_at_out_during_the_work_is_never_replaced_without_overwrite(tmp_path):
+    """`out` is claimed again at the commit: a folder that appeared meanwhile (a user's, another
+    run's) is left as it is, the run's result discarded with a message, nothing else left behind."""
+    out = tmp_path / "report"
+    with pytest.raises(
+        outdir.OutputError, match=r"appeared while the report was being computed .*--overwrite was not given"
+    ):
+        with outdir.atomic_dir(str(out), REPORT) as tmp:
+            pathlib.Path(tmp, "summary.json").write_text("new")
+            out.mkdir()
+            (out / "mine.txt").write_text("the user's")
+    assert sorted(os.listdir(tmp_path)) == ["report"] and os.listdir(out) == ["mine.txt"]
+
+
+def test_with_overwrite_what_appears_must_still_be_ours(tmp_path):
+    out = tmp_path / "report"
+    with pytest.raises(outdir.OutputError, match=r"no longer a report hydra_jax wrote.*summary\.json"):
+        with outdir.atomic_dir(str(out), REPORT, overwrite=True):
+            out.mkdir()
+            (out / "notes.txt").write_text("the user's")
+    assert sorted(os.listdir(tmp_path)) == ["report"] and os.listdir(out) == ["notes.txt"]
+
+
+def test_two_runs_aimed_at_one_new_out_the_second_to_finish_is_refused(tmp_path):
+    out = str(tmp_path / "report")
+    with pytest.raises(outdir.OutputError, match="appeared while"):
+        with outdir.atomic_dir(out, OURS) as first:
+            pathlib.Path(first, "a.txt").write_text("first")
+            with outdir.atomic_dir(out, OURS) as second:  # finishes first: its output stands
+                pathlib.Path(second, "b.txt").write_text("second")
+    assert os.listdir(out) == ["b.txt"] and sorted(os.listdir(tmp_path)) == ["report"]
+
+
+def test_an_empty_directory_that_appears_is_replaced(tmp_path):
+    out = tmp_path / "report"
+    with outdir.atomic_dir(str(out), REPORT) as tmp:
+        pathlib.Path(tmp, "summary.json").write_text("new")
+        out.mkdir()
+    assert os.listdir(out) == ["summary.json"]

@@ -105,7 +105,7 @@ def save(
             raise FileNotFoundError(f"extra_files[{name!r}]: no file at {os.fspath(source)!r}.")
     import orbax.checkpoint as ocp  # here, not at import: only reading and writing weights needs orbax
 
-    with outdir.atomic_dir(path, CHECKPOINT) as tmp:
+    with outdir.atomic_dir(path, CHECKPOINT, overwrite=overwrite) as tmp:
         config = model.config
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"format_version": FORMAT_VERSION, "config": config.to_dict()}, f, indent=2)

@@ -80,13 +80,14 @@ class Analysis:
         """Write the report directory `out` (checked first; written beside it and moved into place
         whole; `overwrite` replaces only a report hydra_jax wrote). Returns its path."""
         out = outdir.check_out(out, REPORT, inputs=paths_read(self.settings), overwrite=overwrite)
-        self.write_checked(out)
+        self.write_checked(out, overwrite=overwrite)
         return out
 
-    def write_checked(self, out: str) -> None:
-        """Write the report directory `out` that `outdir.check_out(out, REPORT, ...)` already
-        returned (a run checks its output before the work, and writes it after)."""
-        with outdir.atomic_dir(out, REPORT) as tmp:
+    def write_checked(self, out: str, *, overwrite: bool = False) -> None:
+        """Write the report directory `out` that `outdir.check_out(out, REPORT, overwrite=...)`
+        already returned (a run checks its output before the work, and writes it after; what
+        appeared there meanwhile is replaced only as that check allows, `outdir.claim`)."""
+        with outdir.atomic_dir(out, REPORT, overwrite=overwrite) as tmp:
             self.protocol.write(tmp, em=self.em, summary=self.summary, record=self.record, **self._other())
 
     def _other(self) -> dict[str, Any]:
@@ -155,7 +156,7 @@ def analyze(
     timings = dataclasses.replace(result.record.timings, total_s=time.time() - t0)
     result = dataclasses.replace(result, record=result.record.replace(timings=timings))
     if out is not None:
-        result.write_checked(out)
+        result.write_checked(out, overwrite=overwrite)
     return result
 
 

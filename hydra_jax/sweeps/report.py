@@ -65,5 +65,5 @@ def report_from_store(
         from_store=shareable_path(store),
     )
     result = Analysis(settings=settings, em=em, summary=summary, record=record)
-    result.write_checked(out)
+    result.write_checked(out, overwrite=overwrite)
     return result

@@ -129,7 +129,9 @@ def sweep(
     elif rank == 0:
         labels = _labels(ablated, measured)
         meta = {"model": model_info, "data": data_info, "versions": versions()}
-        with outdir.atomic_dir(path, stores.STORE) as tmp:  # the empty store appears whole, or not at all
+        with outdir.atomic_dir(
+            path, stores.STORE, overwrite=overwrite
+        ) as tmp:  # the empty store appears whole, or not at all
             stores.create_store(tmp, identity=identity, labels=labels, layout=layout, meta=meta)
             if sources.needs_table:
                 shapes = _source_shapes(model, pool, spec.ablate, pool_layout)
