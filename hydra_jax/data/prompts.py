@@ -72,11 +72,12 @@ def load_prompts(path: str | os.PathLike[str], prompt_text: str = "template") ->
         )
     text = read_text(path)
     if ext == ".txt":
-        rows = [(line.rstrip(), None, "", NO_RELATION) for line in text.splitlines() if line.strip()]
+        # Lines end at a line feed only: str.splitlines would also split at U+2028, U+0085, form feeds.
+        rows = [(line.rstrip(), None, "", NO_RELATION) for line in text.split("\n") if line.strip()]
         return to_dataset(rows)
     if ext == ".jsonl":
         rows = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # JSON strings may hold a raw U+2028
             if not line.strip():
                 continue
             try:

@@ -24,14 +24,13 @@ import shutil
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from hydra_jax import outdir
 from hydra_jax.batch import Tokenizer
 from hydra_jax.model.config import ModelConfig
-from hydra_jax.model.transformer import Transformer, param_count
+from hydra_jax.model.transformer import Transformer, nonfinite_params, param_count
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -167,49 +166,6 @@ def load(path: str | os.PathLike[str]) -> tuple[Transformer, Tokenizer | None]:
     tok_path = os.path.join(path, "tokenizer.json")
     tokenizer = Tokenizer.from_file(tok_path) if os.path.exists(tok_path) else None
     return model, tokenizer
-
-
-def nonfinite_params(params: Any) -> list[str]:
-    """The parameters holding NaN or inf, named by path, with their layers for stacked block weights.
-
-    E.g. ``["blocks/W_Q (layers [1])", "W_U"]``; empty when every value is finite.
-    """
-    flat = [
-        (keys, x)
-        for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]
-        if np.issubdtype(np.dtype(x.dtype), np.inexact)
-    ]
-    arrays = [x for _, x in flat]
-    if all(_on_host(x) for x in arrays):
-        # numpy reads host arrays in place: nothing to compile (eager jnp here compiled ~3 programs per
-        # parameter shape, seconds of a first load) and nothing to copy.
-        rows = [np.isfinite(np.asarray(x).reshape(_rows(x), -1)).all(axis=1) for x in arrays]
-    else:  # on an accelerator: one compiled program for the whole tree, no transfer of the weights
-        rows = [np.asarray(r) for r in _finite_rows(arrays)]
-    bad = []
-    for (keys, _), finite in zip(flat, rows, strict=True):  # finite: [L] (or [1])
-        if finite.all():
-            continue
-        names = [str(getattr(k, "key", k)) for k in keys]
-        label = "/".join(names)
-        if names[0] == "blocks":  # leading [L] axis
-            label += f" (layers {np.flatnonzero(~finite).tolist()})"
-        bad.append(label)
-    return bad
-
-
-def _rows(x: Any) -> int:
-    return x.shape[0] if x.ndim else 1
-
-
-def _on_host(x: Any) -> bool:
-    return not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.devices())
-
-
-@jax.jit
-def _finite_rows(arrays: list[jax.Array]) -> list[jax.Array]:
-    """Whether each row (leading-axis slice) of each array is finite: [rows] bool per array."""
-    return [jnp.isfinite(x.reshape(_rows(x), -1)).all(axis=1) for x in arrays]
 
 
 def read_config(path: str | os.PathLike[str]) -> ModelConfig:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hydra_jax.model import layers
@@ -278,13 +279,20 @@ class Transformer(nnx.Module):
 
     @classmethod
     def from_params(cls, config: ModelConfig, params: Params) -> Transformer:
-        """A model holding `params` (checked against `config`), without a random initialisation."""
+        """A model holding `params` (checked against `config`, and refused if any value is NaN or
+        inf, naming the tensors), without a random initialisation."""
         model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
         want = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), model.params)
         got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), params)
         if want != got:
             raise ValueError(
                 f"Parameters do not match the config (shape, dtype): expected {want}, got {got}."
+            )
+        bad = nonfinite_params(params)
+        if bad:
+            raise ValueError(
+                f"Parameters hold NaN or inf: {', '.join(bad)}. Every effect computed from them would be "
+                "NaN; the weights come from a diverged run or a damaged file. Check their source."
             )
         model.set_params(params)
         return model
@@ -373,3 +381,46 @@ def clean_cache(
         params, batch.tokens, batch.valid, {}, {}, config=config, capture=sites, stacked=False
     )
     return cache
+
+
+def nonfinite_params(params: Any) -> list[str]:
+    """The parameters holding NaN or inf, named by path, with their layers for stacked block weights.
+
+    E.g. ``["blocks/W_Q (layers [1])", "W_U"]``; empty when every value is finite.
+    """
+    flat = [
+        (keys, x)
+        for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]
+        if np.issubdtype(np.dtype(x.dtype), np.inexact)
+    ]
+    arrays = [x for _, x in flat]
+    if all(_on_host(x) for x in arrays):
+        # numpy reads host arrays in place: nothing to compile (eager jnp here compiled ~3 programs per
+        # parameter shape, seconds of a first load) and nothing to copy.
+        rows = [np.isfinite(np.asarray(x).reshape(_rows(x), -1)).all(axis=1) for x in arrays]
+    else:  # on an accelerator: one compiled program for the whole tree, no transfer of the weights
+        rows = [np.asarray(r) for r in _finite_rows(arrays)]
+    bad = []
+    for (keys, _), finite in zip(flat, rows, strict=True):  # finite: [L] (or [1])
+        if finite.all():
+            continue
+        names = [str(getattr(k, "key", k)) for k in keys]
+        label = "/".join(names)
+        if names[0] == "blocks":  # leading [L] axis
+            label += f" (layers {np.flatnonzero(~finite).tolist()})"
+        bad.append(label)
+    return bad
+
+
+def _rows(x: Any) -> int:
+    return x.shape[0] if x.ndim else 1
+
+
+def _on_host(x: Any) -> bool:
+    return not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.devices())
+
+
+@jax.jit
+def _finite_rows(arrays: list[jax.Array]) -> list[jax.Array]:
+    """Whether each row (leading-axis slice) of each array is finite: [rows] bool per array."""
+    return [jnp.isfinite(x.reshape(_rows(x), -1)).all(axis=1) for x in arrays]

@@ -230,3 +230,15 @@ def test_answers_needed_but_absent_fail_before_the_model_loads(tmp_path, capsys,
     assert main(["analyze", "--model", "tiny_chinchilla", "--data", bad, "--out", str(out)]) == 2
     assert "has 2 {} subject slots" in capsys.readouterr().err
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".hydra-report-")]
+
+
+def test_lines_end_at_line_feeds_only(tmp_path):
+    """A prompt holding U+2028 (or U+0085, a form feed) is one prompt, not two; a JSONL line whose
+    string holds a raw U+2028 (valid JSON) is one record; CRLF files read as LF files."""
+    txt = tmp_path / "p.txt"
+    txt.write_text("The line\u2028separator is in\r\nThe next\u0085line\x0c is\n", encoding="utf-8")
+    assert hd.load_prompts(str(txt)).prompts == ("The line\u2028separator is in", "The next\u0085line\x0c is")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "A\u2028B is", "answer": " C"}\r\n{"prompt": "D is"}\n', encoding="utf-8")
+    facts = hd.load_prompts(str(jsonl))
+    assert facts.prompts == ("A\u2028B is", "D is") and facts.answers == (" C", None)

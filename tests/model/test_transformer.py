@@ -185,3 +185,12 @@ def test_capture_returns_only_requested_per_layer_site(model, batch, site):
     assert list(cache) == [site]
     cfg = model.config
     assert cache[site].shape == (cfg.n_layers, batch.size, batch.length, *Site(site).feature_shape(cfg))
+
+
+def test_from_params_refuses_non_finite_weights_naming_them():
+    config = hj.presets.tiny_gpt2
+    params = random_model(config).params
+    params["blocks"]["W_Q"] = params["blocks"]["W_Q"].at[1, 0, 0, 0].set(jnp.nan)
+    params["W_E"] = params["W_E"].at[0, 0].set(jnp.inf)  # tied to the unembedding
+    with pytest.raises(ValueError, match=r"NaN or inf: W_E, blocks/W_Q \(layers \[1\]\)"):
+        hj.Transformer.from_params(config, params)
