@@ -53,7 +53,13 @@ Compare = tuple[EffectMatrix, HydraSummary, dict]
 
 
 def figure(
-    name: str, *, em: EffectMatrix, summary: HydraSummary, meta: dict, compare: Compare | None = None
+    name: str,
+    *,
+    em: EffectMatrix,
+    summary: HydraSummary,
+    meta: dict,
+    compare: Compare | None = None,
+    doc: dict[str, Any] | None = None,
 ) -> Figure:
     """One figure of the report as a matplotlib `Figure`, the one `write_report` saves as a PNG.
 
@@ -62,6 +68,8 @@ def figure(
             "erasure", "repair", "depth", "compare") or its file name ("depth.png").
         em, summary, meta: as `hydra_jax.report.document.write_report` takes them.
         compare: a second model's (em, summary, meta); "compare" draws the two side by side.
+        doc: the report's `summary_doc`, if the caller has it already ("paper_fig7" and "depth"
+            draw from it; computed here otherwise, which bootstraps the paper's statistics).
 
     Returns:
         A `Figure` not attached to pyplot: nothing is rendered until it is shown or saved
@@ -81,7 +89,8 @@ def figure(
             "second model (analyze --compare); the other figures need one model only."
         )
     document.check_meta(meta, "meta")
-    doc = document.summary_doc(em, summary, meta) if key in _FROM_DOC else None
+    if key in _FROM_DOC and doc is None:
+        doc = document.summary_doc(em, summary, meta)
     return _build(key, em=em, summary=summary, doc=doc, name=str(meta["model"]["name"]), compare=compare)
 
 

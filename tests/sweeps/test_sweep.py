@@ -249,3 +249,21 @@ def test_dry_run_plans_without_running(tmp_path, capsys):
     assert not out.exists()
     assert main([*args[:-4], "--memory", "0.000001", "--out", str(out)]) == 2
     assert "hydra-jax: error:" in capsys.readouterr().err
+
+
+def test_a_store_of_a_release_without_protocols_reads_as_the_paper_protocol(tmp_path, store):
+    """Stores written before `--protocol` existed record no protocol: they were computed as the
+    `paper` protocol, so the same sweep resumes them and `analyze --from` reports them as such."""
+    import shutil
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(store.path, old)
+    meta = json.loads((old / "zarr.json").read_text())
+    del meta["attributes"]["identity"]["protocol"]
+    (old / "zarr.json").write_text(json.dumps(meta))
+    assert "protocol" not in open_store(old).identity
+    resumed = sweep(SETTINGS, old, progress=False, log=lambda _: None)  # not refused as another run
+    assert resumed.done
+    out = tmp_path / "report"
+    assert main(["analyze", "--from", str(old), "--out", str(out), "--n-bootstrap", "20", "--quiet"]) == 0
+    assert json.loads((out / "summary.json").read_text())["settings"]["protocol"] == "paper"

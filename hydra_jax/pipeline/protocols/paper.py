@@ -89,11 +89,11 @@ class Paper(Protocol):
         from hydra_jax.report.html import summary_html
 
         meta = record.meta()
-        fig = figures.figure(figures.HEADLINE, em=em, summary=summary, meta=meta)
+        doc = summary_doc(em, summary, meta)  # the paper's statistics, bootstrapped once for both
+        fig = figures.figure(figures.HEADLINE, em=em, summary=summary, meta=meta, doc=doc)
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=figures.DPI)
-        paper = summary_doc(em, summary, meta)["paper"]
-        return summary_html(summary, meta, paper=paper, headline_png=png.getvalue())
+        return summary_html(summary, meta, paper=doc["paper"], headline_png=png.getvalue())
 
 
 PROTOCOL = Paper()
