@@ -20,8 +20,12 @@
     generated words. A record without "template" has only its "prompt" (docs/data.md).
   - Plain: ``{"prompt": ..., "answer": ...}`` as in JSONL.
 
-Conventions: files are UTF-8 (a byte-order mark is allowed), as JSON requires;
-anything else is refused with the byte and line it fails at. Prompts lose
+Conventions: files are UTF-8 (a byte-order mark is allowed and dropped), as JSON
+requires, or UTF-16 or UTF-32 when they start with that encoding's byte-order mark
+(as Windows editors save "Unicode" text). Anything else is refused with the byte
+offset and line it fails at, and a conversion into a new UTF-8 file that keeps
+the text: a file with NUL bytes and no mark is named as the UTF-16 (or UTF-32) it
+looks like, since converting it from a single-byte encoding would garble it. Prompts lose
 trailing whitespace (a prompt ends right before its answer); answers are
 stripped and given one leading space (" Paris"), since the answer follows the
 prompt after a space. A Counterfact or known-facts record must have its
@@ -31,6 +35,7 @@ answer is needed (``--target argmax`` without ``--filter correct``).
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from typing import Any
@@ -40,6 +45,14 @@ from hydra_jax.data.facts import FactDataset
 PROMPT_TEXTS = ("template", "prompt")
 FORMATS = (".txt", ".jsonl", ".json")
 NO_RELATION = "none"  # relation name of prompts whose file gives none
+# Byte-order marks and what they mean, UTF-32's first: UTF-32-LE's (FF FE 00 00) starts with UTF-16-LE's.
+BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32LE"),
+    (codecs.BOM_UTF32_BE, "UTF-32BE"),
+    (codecs.BOM_UTF8, "UTF-8"),
+    (codecs.BOM_UTF16_LE, "UTF-16LE"),
+    (codecs.BOM_UTF16_BE, "UTF-16BE"),
+)
 
 
 def load_prompts(path: str | os.PathLike[str], prompt_text: str = "template") -> FactDataset:
@@ -90,23 +103,77 @@ def load_prompts(path: str | os.PathLike[str], prompt_text: str = "template") ->
 
 
 def read_text(path: str) -> str:
-    """The file's text, read as UTF-8; a clear error if it is missing, not UTF-8 or empty."""
+    """The file's text: UTF-8, or UTF-16 / UTF-32 after their byte-order mark (any mark is dropped).
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: empty, or not text in those encodings: naming the file, the byte offset and
+            line, and a conversion to UTF-8 that does not garble it.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No dataset file at {path!r}.")
     with open(path, "rb") as f:
         raw = f.read()
+    bom, encoding = next(((b, e) for b, e in BOMS if raw.startswith(b)), (b"", None))
+    if encoding is None and b"\x00" in raw:
+        # NUL is valid UTF-8, so UTF-16 text saved without a mark would decode -- as garbage.
+        raise ValueError(_nul_bytes(path, raw))
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw[len(bom) :].decode(encoding or "utf-8")
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
+        at = len(bom) + err.start
+        line = raw[len(bom) : at].decode(encoding or "utf-8").count("\n") + 1
+        if encoding not in (None, "UTF-8"):
+            raise ValueError(
+                f"{path!r} starts with a {encoding} byte-order mark but is not {encoding} text: {err.reason} "
+                f"at byte offset {at} (line {line}); the file is damaged or cut short. Save it again, as "
+                "UTF-8."
+            ) from None
+        enc, name = (
+            ("cp1252", "Windows-1252") if any(0x80 <= b < 0xA0 for b in raw) else ("latin1", "Latin-1")
+        )
         raise ValueError(
-            f"{path!r} is not UTF-8 text: byte {raw[err.start : err.start + 1]!r} at offset {err.start} "
-            f"(line {line}) does not decode. hydra_jax reads dataset files as UTF-8 (as JSON requires); "
-            f"convert it, e.g. `iconv -f latin1 -t utf-8 {os.path.basename(path)}` for a Latin-1 file."
+            f"{path!r} is not UTF-8 text: byte {raw[at : at + 1]!r} at offset {at} (line {line}) does not "
+            "decode. hydra_jax reads dataset files as UTF-8 (as JSON requires), or UTF-16 or UTF-32 after a "
+            f"byte-order mark; convert it into a new file from the encoding it was saved in, e.g. "
+            f"{_iconv(path, enc)} for a {name} file."
         ) from None
     if not text.strip():
         raise ValueError(f"{path!r} is empty; it must hold at least one prompt.")
     return text
+
+
+def _nul_bytes(path: str, raw: bytes) -> str:
+    """Why a file without a byte-order mark that holds NUL bytes is refused, and what it looks like.
+
+    In UTF-16 text every ASCII character has a NUL high byte (the second of its two in little-endian
+    order, the first in big-endian); in UTF-32 the three high bytes of every BMP character are NUL.
+    """
+    first = raw.index(b"\x00")
+    head = raw[:4096]
+    lanes = [head[i::4].count(0) / max(1, len(head[i::4])) for i in range(4)]
+    pairs = [head[i::2].count(0) / max(1, len(head[i::2])) for i in range(2)]
+    guess = (
+        "UTF-32LE" if min(lanes[2:]) > 0.9 and lanes[0] < 0.5
+        else "UTF-32BE" if min(lanes[:2]) > 0.9 and lanes[3] < 0.5
+        else "UTF-16LE" if pairs[1] > 0.1 and pairs[1] > 3 * pairs[0]
+        else "UTF-16BE" if pairs[0] > 0.1 and pairs[0] > 3 * pairs[1]
+        else None
+    )  # fmt: skip
+    where = f"NUL bytes (the first at offset {first})"
+    if guess is None:
+        return f"{path!r} is not text: it holds {where}. Save the prompts as UTF-8 text."
+    return (
+        f"{path!r} is not UTF-8 text: it holds {where} the way {guess} text saved without a byte-order "
+        f"mark does. Save it again as UTF-8, e.g. {_iconv(path, guess)}."
+    )
+
+
+def _iconv(path: str, encoding: str) -> str:
+    """The command converting `path` from `encoding` into a new UTF-8 file beside it (never over it)."""
+    name = os.path.basename(path)
+    stem, ext = os.path.splitext(name)
+    return f"`iconv -f {encoding} -t UTF-8 {name} > {stem}.utf8{ext}`"
 
 
 def parse_json_list(text: str, path: str, prompt_text: str) -> list[tuple[str, str | None, str, str]]:

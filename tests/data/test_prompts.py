@@ -137,6 +137,41 @@ def test_utf8_with_byte_order_mark_is_read(tmp_path):
     assert hj.data.load_prompts(path).prompts == ("Zürich is in",)
 
 
+# Non-ASCII prompts, one outside the BMP (a surrogate pair in UTF-16), in each prompt file format.
+UNICODE = [{"prompt": "Zürich is in", "answer": "Switzerland"}, {"prompt": "東京 is the capital of"},
+           {"prompt": "The 🙂 emoji is", "answer": "a smile"}]  # fmt: skip
+UNICODE_TEXTS = {
+    "p.txt": "".join(r["prompt"] + "\n" for r in UNICODE),
+    "p.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in UNICODE),
+    "p.json": json.dumps(UNICODE, ensure_ascii=False, indent=1),
+}
+
+
+def same_prompts(a: str, b: str) -> bool:
+    x, y = hd.load_prompts(a), hd.load_prompts(b)
+    return (x.prompts, x.answers) == (y.prompts, y.answers)
+
+
+@pytest.mark.parametrize("name", list(UNICODE_TEXTS))
+@pytest.mark.parametrize(
+    "encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]
+)
+def test_a_byte_order_mark_says_the_encoding_and_is_dropped(tmp_path, name, encoding):
+    """Windows editors save "Unicode" text as UTF-16 with a byte-order mark. Python's utf-8-sig, utf-16
+    and utf-32 codecs write the mark themselves; the -le / -be ones are given it as U+FEFF."""
+    text = UNICODE_TEXTS[name]
+    plain = tmp_path / "utf8" / name
+    plain.parent.mkdir()
+    plain.write_text(text, encoding="utf-8")
+    path = tmp_path / name
+    path.write_text(
+        text if encoding in ("utf-8-sig", "utf-16", "utf-32") else "\ufeff" + text, encoding=encoding
+    )
+    assert path.read_bytes().startswith(tuple(bom for bom, _ in hd.prompts.BOMS))
+    assert same_prompts(str(path), str(plain))
+    assert hd.load_prompts(str(path)).prompts[0] == "Zürich is in"  # the mark is not part of the first prompt
+
+
 # ---- bad prompt files -------------------------------------------------------------
 
 
@@ -177,6 +212,79 @@ def test_missing_file_and_bad_prompt_text(tmp_path):
     path = write(tmp_path, "k.json", [KNOWN])
     with pytest.raises(ValueError, match=r"--prompt-text must be 'template' .* got 'both'"):
         hj.data.load_prompts(path, prompt_text="both")
+
+
+def follow_the_advice(path, message: str) -> str:
+    """Run the message's `iconv -f ENC -t UTF-8 NAME > NEW` (with Python's codec of that name) beside
+    `path`; returns the new file."""
+    enc, name, new = re.search(r"`iconv -f (\S+) -t UTF-8 (\S+) > (\S+)`", message).groups()
+    assert name == os.path.basename(path) and new != name  # the original is never written over
+    out = os.path.join(os.path.dirname(path), new)
+    with open(path, "rb") as f, open(out, "w", encoding="utf-8") as g:
+        g.write(f.read().decode(enc))
+    return out
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("name", list(UNICODE_TEXTS))
+def test_utf16_or_utf32_without_a_byte_order_mark_is_named_as_such(tmp_path, encoding, name):
+    """NUL is valid UTF-8, so such a file would decode, as garbage: it is refused, named as what it
+    looks like, with a conversion that gives back the text (a single-byte one would garble it)."""
+    text = UNICODE_TEXTS[name]
+    path = tmp_path / name
+    path.write_text(text, encoding=encoding)
+    plain = write(tmp_path, "utf8" + os.path.splitext(name)[1], text)
+    with pytest.raises(ValueError) as err:
+        hd.load_prompts(str(path))
+    message, label = str(err.value), encoding.upper().replace("-LE", "LE").replace("-BE", "BE")
+    first = path.read_bytes().index(0)
+    assert message.startswith(
+        f"{str(path)!r} is not UTF-8 text: it holds NUL bytes (the first at offset {first}) the way {label} "
+        "text saved without a byte-order mark does. Save it again as UTF-8, e.g. `iconv -f "
+    ), message
+    assert same_prompts(follow_the_advice(str(path), message), plain)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "text", "advice"),
+    [
+        ("latin-1", "Zürich is in\nCafé au lait is from\n",
+         r"byte b'\\xfc' at offset 1 \(line 1\) does not decode\..* e\.g\. "
+         r"`iconv -f latin1 -t UTF-8 p\.txt > p\.utf8\.txt` for a Latin-1 file\.$"),
+        ("cp1252", "Zürich is in\n“Café” is from\n",
+         r"byte b'\\xfc' at offset 1 \(line 1\) does not decode\..* e\.g\. "
+         r"`iconv -f cp1252 -t UTF-8 p\.txt > p\.utf8\.txt` for a Windows-1252 file\.$"),
+    ],
+)  # fmt: skip
+def test_a_single_byte_encoding_is_refused_with_a_conversion_that_keeps_the_text(
+    tmp_path, encoding, text, advice
+):
+    # Both fail at the ü; Latin-1 would read Windows-1252's curly quotes (0x93, 0x94) further on as
+    # invisible control characters, so the advice reads the whole file.
+    path = tmp_path / "p.txt"
+    path.write_text(text, encoding=encoding)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=rf"^'.*p\.txt' is not UTF-8 text: {advice}") as err:
+        hd.load_prompts(str(path))
+    assert same_prompts(follow_the_advice(str(path), str(err.value)), write(tmp_path, "u.txt", text))
+    assert path.read_bytes() == before
+
+
+def test_a_damaged_utf16_file_or_a_binary_one_is_refused_naming_the_offset(tmp_path):
+    cut = tmp_path / "cut.txt"
+    data = ("\ufeff" + UNICODE_TEXTS["p.txt"]).encode("utf-16-le")[:-1]  # half of the last "\n" is lost
+    cut.write_bytes(data)
+    with pytest.raises(ValueError) as err:
+        hd.load_prompts(str(cut))
+    assert str(err.value) == (
+        f"{str(cut)!r} starts with a UTF-16LE byte-order mark but is not UTF-16LE text: truncated data at "
+        f"byte offset {len(data) - 1} (line 3); the file is damaged or cut short. Save it again, as UTF-8."
+    )
+    binary = write(tmp_path, "binary.txt", b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(
+        ValueError, match=r"binary\.txt' is not text: it holds NUL bytes \(the first at offset 4\)"
+    ):
+        hd.load_prompts(binary)
 
 
 def word_tokenizer(tmp_path, words) -> hj.Tokenizer:

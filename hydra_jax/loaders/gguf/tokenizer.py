@@ -38,6 +38,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from hydra_jax.batch import Tokenizer
 from hydra_jax.loaders.checkpoint import CheckpointError
+from hydra_jax.loaders.gguf.metadata import Metadata
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 MODELS = ("gpt2", "llama")
@@ -65,9 +66,11 @@ PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
 
 
 def tokenizer_from_gguf(metadata: dict[str, Any], source: str) -> Tokenizer:
-    """The file's tokenizer; `source` names the file in error messages."""
-    kind = metadata.get("tokenizer.ggml.model")
-    tokens = metadata.get("tokenizer.ggml.tokens")
+    """The file's tokenizer; `source` names the file in error messages (each value is checked for its
+    type as it is read, `hydra_jax.loaders.gguf.metadata`)."""
+    meta = Metadata(metadata, source)
+    kind = meta.string("tokenizer.ggml.model")
+    tokens = meta.strings("tokenizer.ggml.tokens")
     if kind is None or tokens is None:
         raise CheckpointError(
             f"{source!r} has no tokenizer (tokenizer.ggml.model / tokenizer.ggml.tokens); hydra_jax needs "
@@ -79,16 +82,14 @@ def tokenizer_from_gguf(metadata: dict[str, Any], source: str) -> Tokenizer:
             f"{list(MODELS)} (byte-level BPE and SentencePiece)."
         )
     n = len(tokens)
-    types = metadata.get("tokenizer.ggml.token_type")
-    types = np.full(n, NORMAL) if types is None else np.asarray(types)
+    types = meta.numbers("tokenizer.ggml.token_type", "iu")
+    types = np.full(n, NORMAL) if types is None else types
     if types.shape != (n,):
         raise CheckpointError(
             f"{source!r} has {types.size} token types for {n} tokens; the file is corrupted."
         )
-    ids = {name: _id(metadata, key, n, source) for name, key in _SPECIAL_IDS.items()}
-    backend = (
-        _gpt2(metadata, tokens, types, source) if kind == "gpt2" else _llama(metadata, tokens, types, ids)
-    )
+    ids = {name: _id(meta, key, n) for name, key in _SPECIAL_IDS.items()}
+    backend = _gpt2(meta, tokens, types) if kind == "gpt2" else _llama(meta, tokens, types, ids)
 
     # Matched whole in the text, as llama.cpp does (the padding token only pads).
     special = set(np.flatnonzero(np.isin(types, (CONTROL, UNKNOWN))).tolist())
@@ -104,7 +105,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any], source: str) -> Tokenizer:
             f"{source!r}: the special tokens {[tokens[i] for i in moved[:5]]} appear twice in the "
             "vocabulary, so their ids are ambiguous; the file's tokenizer is inconsistent."
         )
-    backend.post_processor = _post_processor(metadata, kind, tokens, ids, source)
+    backend.post_processor = _post_processor(meta, kind, tokens, ids)
     pad = ids["pad"] if ids["pad"] is not None else ids["eos"] if ids["eos"] is not None else 0
     return Tokenizer(backend, pad_id=pad, source=source)
 
@@ -117,28 +118,25 @@ _SPECIAL_IDS = {
 }
 
 
-def _id(metadata: dict[str, Any], key: str, n: int, source: str) -> int | None:
-    value = metadata.get(key)
-    if value is None:
-        return None
-    if not 0 <= int(value) < n:
+def _id(meta: Metadata, key: str, n: int) -> int | None:
+    value = meta.integer(key, low=0, high=None)
+    if value is not None and value >= n:
         raise CheckpointError(
-            f"{source!r} sets {key}={value}, outside its {n} tokens; the file is corrupted."
+            f"{meta.source!r} sets {key}={value}, outside its {n} tokens; the file is corrupted."
         )
-    return int(value)
+    return value
 
 
-def _gpt2(
-    metadata: dict[str, Any], tokens: Sequence[str], types: np.ndarray, source: str
-) -> tokenizers.Tokenizer:
+def _gpt2(meta: Metadata, tokens: Sequence[str], types: np.ndarray) -> tokenizers.Tokenizer:
     """Byte-level BPE: the file's tokens (already in GPT-2's byte alphabet) and merges."""
-    pre = metadata.get("tokenizer.ggml.pre", "default")
+    source = meta.source
+    pre = meta.string("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise CheckpointError(
             f"{source!r} has tokenizer.ggml.pre={pre!r}, a text split hydra_jax does not know; it knows "
             f"{sorted(PRE_TOKENIZERS)}."
         )
-    merges = metadata.get("tokenizer.ggml.merges")
+    merges = meta.strings("tokenizer.ggml.merges")
     if merges is None:
         raise CheckpointError(f"{source!r} is a 'gpt2' tokenizer without tokenizer.ggml.merges.")
     alphabet = _byte_alphabet()
@@ -172,12 +170,16 @@ def _gpt2(
 
 
 def _llama(
-    metadata: dict[str, Any], tokens: Sequence[str], types: np.ndarray, ids: dict[str, int | None]
+    meta: Metadata, tokens: Sequence[str], types: np.ndarray, ids: dict[str, int | None]
 ) -> tokenizers.Tokenizer:
     """SentencePiece pieces as a byte-fallback BPE whose merges are ranked by piece score."""
-    scores = metadata.get("tokenizer.ggml.scores")
+    scores = meta.numbers("tokenizer.ggml.scores")
+    if scores is not None and scores.shape != (len(tokens),):
+        raise CheckpointError(
+            f"{meta.source!r} has {scores.size} token scores for {len(tokens)} tokens; the file is corrupted."
+        )
     # Without scores the file order stands in for them (earlier pieces were learned first).
-    scores = -np.arange(len(tokens), dtype=np.float64) if scores is None else np.asarray(scores, np.float64)
+    scores = -np.arange(len(tokens), dtype=np.float64) if scores is None else scores.astype(np.float64)
     vocab: dict[str, int] = {}
     for i, token in enumerate(tokens):
         vocab.setdefault(token, i)
@@ -193,7 +195,7 @@ def _llama(
             byte_fallback=True,
         )
     )
-    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    prefix = meta.flag("tokenizer.ggml.add_space_prefix", True)
     replace = normalizers.Replace(" ", "▁")
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if prefix else replace
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -222,17 +224,17 @@ def spm_merges(tokens: Sequence[str], scores: np.ndarray) -> list[tuple[str, str
 
 
 def _post_processor(
-    metadata: dict[str, Any], kind: str, tokens: Sequence[str], ids: dict[str, int | None], source: str
+    meta: Metadata, kind: str, tokens: Sequence[str], ids: dict[str, int | None]
 ) -> processors.TemplateProcessing:
     """Adds BOS / EOS exactly when the file's add_bos_token / add_eos_token say so."""
     add = {
-        "bos": bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")),
-        "eos": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        "bos": meta.flag("tokenizer.ggml.add_bos_token", kind == "llama"),
+        "eos": meta.flag("tokenizer.ggml.add_eos_token", False),
     }
     for name, wanted in add.items():
         if wanted and ids[name] is None:
             raise CheckpointError(
-                f"{source!r} sets tokenizer.ggml.add_{name}_token but no tokenizer.ggml.{name}_token_id."
+                f"{meta.source!r} sets tokenizer.ggml.add_{name}_token but no tokenizer.ggml.{name}_token_id."
             )
     first = [tokens[ids["bos"]]] if add["bos"] else []
     last = [tokens[ids["eos"]]] if add["eos"] else []

@@ -85,6 +85,7 @@ import jax
 import numpy as np
 
 from hydra_jax.loaders.checkpoint import CheckpointError
+from hydra_jax.loaders.gguf.metadata import Metadata, few
 from hydra_jax.loaders.gguf.reader import GGUFFile
 from hydra_jax.loaders.hf import llama
 from hydra_jax.loaders.hf.common import Tensors
@@ -150,7 +151,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def architecture(f: GGUFFile) -> Architecture:
     """The `Architecture` of a file, refusing any other with the list of supported ones."""
-    name = f.metadata.get("general.architecture")
+    name = Metadata(f.metadata, f.path).string("general.architecture")
     if name not in ARCHITECTURES:
         llamas = sorted(a for a, arch in ARCHITECTURES.items() if not arch.gemma)
         gemmas = sorted(a for a, arch in ARCHITECTURES.items() if arch.gemma)
@@ -163,47 +164,49 @@ def architecture(f: GGUFFile) -> Architecture:
 
 
 def config_from_gguf(f: GGUFFile, dtype: str | None) -> ModelConfig:
-    """The `ModelConfig` of a llama-family GGUF file (metadata and tensor shapes; no values read)."""
+    """The `ModelConfig` of a llama-family GGUF file (metadata and tensor shapes; no values read).
+
+    Every value is checked for its type as it is read, and every count against the tensor table
+    (the blocks it holds, then the shapes of token_embd and of block 0's attention and MLP) before
+    anything is sized by it; once the config is built, every tensor's shape is checked against it.
+    """
     arch = architecture(f)
-    m, a = f.metadata, arch.name
-
-    def key(name: str, default: Any = None) -> Any:
-        value = m.get(f"{a}.{name}", default)
-        if isinstance(value, np.ndarray):  # per-layer values (some files store head counts per layer)
-            if value.size == 0 or not np.all(value == value.reshape(-1)[0]):
-                raise CheckpointError(
-                    f"{f.path!r} sets {a}.{name} per layer ({value.tolist()}); hydra_jax models have the "
-                    "same shape in every layer."
-                )
-            value = value.reshape(-1)[0].item()
-        return value
-
+    a = arch.name
+    m = Metadata(f.metadata, f.path, prefix=f"{a}.")
     required = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
     required += ("attention.layer_norm_rms_epsilon", "context_length")
-    missing = [f"{a}.{k}" for k in required if key(k) is None]
+    missing = [m.key(k) for k in required if f.metadata.get(m.key(k)) is None]
     if missing:
         raise CheckpointError(
             f"{f.path!r} is missing the metadata {missing}; a {a} GGUF file needs them to build the model."
         )
-    experts = key("expert_count", 0)
+    experts = m.integer("expert_count", 0, low=0)
     if experts:
         raise CheckpointError(
             f"{f.path!r} is a mixture-of-experts model ({a}.expert_count={experts}); hydra_jax loads "
             "dense models only."
         )
-    d, n_layers, n_heads = (
-        int(key("embedding_length")),
-        int(key("block_count")),
-        int(key("attention.head_count")),
-    )
-    n_kv = int(key("attention.head_count_kv", n_heads))
-    d_head = int(key("attention.key_length", d // max(n_heads, 1)))  # ModelConfig refuses n_heads 0
-    d_value = int(key("attention.value_length", d_head))
+    n_layers = m.integer("block_count", high=None)
+    _check_blocks(f, m, n_layers)  # first: per-layer structures are sized by it
+    d = m.integer("embedding_length")
+    n_heads = m.integer("attention.head_count", per_layer=True)
+    n_kv = m.integer("attention.head_count_kv", n_heads, per_layer=True)
+    d_head = m.integer("attention.key_length", d // n_heads)  # llama.cpp's default head size
+    d_mlp = m.integer("feed_forward_length", per_layer=True)
+    v_embed, d_embed = _shape(f, "token_embd.weight", 2)
+    vocab = m.integer("vocab_size", v_embed)
+    if d_embed != d or vocab != v_embed:
+        raise CheckpointError(
+            f"{f.path!r}: token_embd.weight is {[v_embed, d_embed]} but the metadata says vocabulary {vocab} "
+            f"and {a}.embedding_length {d}; the file is inconsistent."
+        )
+    _check_widths(f, m, n_heads, n_kv, d_head, d_mlp)
+    d_value = m.integer("attention.value_length", d_head)
     if d_value != d_head:
         raise CheckpointError(
             f"{f.path!r} has key length {d_head} but value length {d_value}; hydra_jax heads have one width."
         )
-    rotary = int(key("rope.dimension_count", d_head))
+    rotary = m.integer("rope.dimension_count", d_head)
     if rotary != d_head:
         raise CheckpointError(
             f"{f.path!r} rotates {rotary} of each head's {d_head} dims ({a}.rope.dimension_count); hydra_jax "
@@ -215,54 +218,50 @@ def config_from_gguf(f: GGUFFile, dtype: str | None) -> ModelConfig:
             "hydra_jax does not map them from GGUF. Load the Hugging Face checkpoint with hj.from_hf "
             "instead, which reads its 'llama3' rope scaling."
         )
-    v_embed, d_embed = _shape(f, "token_embd.weight", 2)
-    vocab = int(key("vocab_size", v_embed))
-    if d_embed != d or vocab != v_embed:
-        raise CheckpointError(
-            f"{f.path!r}: token_embd.weight is {[v_embed, d_embed]} but the metadata says vocabulary {vocab} "
-            f"and {a}.embedding_length {d}; the file is inconsistent."
-        )
-    tokens = m.get("tokenizer.ggml.tokens")
+    tokens = Metadata(f.metadata, f.path).strings("tokenizer.ggml.tokens")
     if tokens is not None and len(tokens) > vocab:
         raise CheckpointError(
             f"{f.path!r} lists {len(tokens)} tokens but has only {vocab} embeddings; the file is "
             "inconsistent."
         )
-    gemma_fields = _gemma_fields(f, arch, key, n_layers, d, n_heads, d_head) if arch.gemma else {}
+    gemma_fields = _gemma_fields(f, arch, m, n_layers, d, n_heads, d_head) if arch.gemma else {}
+    n_ctx, eps = m.integer("context_length"), m.number("attention.layer_norm_rms_epsilon")
+    base, scaling = m.number("rope.freq_base", 10_000.0), _rope_scaling(f, m)
     stored = {f.type_name(n) for n in f.names if len(f.shape(n)) == 2}
     if dtype is None:
         dtype = _FLOAT_TYPES.get(stored.pop(), "float32") if len(stored) == 1 else "float32"
     elif dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES)} or None, got {dtype!r}.")
     try:
-        return ModelConfig(
+        config = ModelConfig(
             d_model=d,
             n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=n_kv,
             d_head=d_head,
-            d_mlp=int(key("feed_forward_length")),
+            d_mlp=d_mlp,
             d_vocab=vocab,
-            n_ctx=int(key("context_length")),
+            n_ctx=n_ctx,
             norm="rms",
-            norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+            norm_eps=eps,
             mlp="geglu" if arch.gemma else "swiglu",
             positions="rotary",
-            rotary_base=float(key("rope.freq_base", 10_000.0)),
+            rotary_base=base,
             use_bias=not arch.gemma and (arch.qkv_bias or "blk.0.attn_q.bias" in f.names),
             tie_embeddings="output.weight" not in f.names,
             dtype=dtype,
             param_dtype=dtype,
-            **_rope_scaling(f, key),
+            **scaling,
             **gemma_fields,
         )
     except ValueError as err:
         raise CheckpointError(f"{f.path!r} describes a model hydra_jax cannot build: {err}") from err
+    check_tensors(f, config, arch)
+    return config
 
 
-def params_from_gguf(f: GGUFFile, c: ModelConfig) -> dict[str, Any]:
-    """The parameter tree of `c` (in `c.param_dtype`): every tensor dequantised, checked and mapped."""
-    arch = architecture(f)
+def check_tensors(f: GGUFFile, c: ModelConfig, arch: Architecture) -> None:
+    """Every tensor `c` needs is in the file with its shape, and nothing else is (no values read)."""
     expected = expected_shapes(c)
     present = set(f.names)
     required = {n for n in expected if not n.endswith("attn_output.bias")}
@@ -286,6 +285,14 @@ def params_from_gguf(f: GGUFFile, c: ModelConfig) -> dict[str, Any]:
             f"Tensor {name!r} of {f.path!r} has shape {list(f.shape(name))} (numpy order), but the "
             f"metadata implies {list(expected[name])}; the file is inconsistent."
         )
+
+
+def params_from_gguf(f: GGUFFile, c: ModelConfig) -> dict[str, Any]:
+    """The parameter tree of `c` (in `c.param_dtype`): every tensor dequantised, checked and mapped."""
+    arch = architecture(f)
+    check_tensors(f, c, arch)  # again: `c` may come from elsewhere than config_from_gguf(f)
+    expected = expected_shapes(c)
+    present = set(f.names)
     names = [n for n in expected if n in present]
 
     def load(name: str) -> np.ndarray:  # cast at once, so a bfloat16 load never holds all of it in float32
@@ -375,8 +382,51 @@ def _shape(f: GGUFFile, name: str, ndim: int) -> tuple[int, ...]:
     return shape
 
 
+def _check_blocks(f: GGUFFile, m: Metadata, n_layers: int) -> None:
+    """The block count must name exactly the blocks blk.0 ... blk.{n-1} of the tensor table."""
+    held = sorted(
+        {int(n.split(".")[1]) for n in f.names if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    )
+    if len(held) == n_layers and held[-1] == n_layers - 1:  # never a list sized by the header's count
+        return
+    if not held:
+        shown = "no blocks"
+    elif held[-1] == len(held) - 1:
+        shown = f"{len(held)} blocks (blk.0 to blk.{held[-1]})"
+    else:
+        shown = f"blocks {few(held)}"
+    raise m.error("block_count", f"is {n_layers}, but the tensor table holds {shown}")
+
+
+def _check_widths(f: GGUFFile, m: Metadata, n_heads: int, n_kv: int, d_head: int, d_mlp: int) -> None:
+    """The head counts and widths against block 0's Q, K and MLP up matrices (the other blocks are
+    checked against the config by `check_tensors`)."""
+    head = "key_length" if m.key("attention.key_length") in f.metadata else "embedding_length / head_count"
+    for key, count, name in (
+        ("attention.head_count", n_heads, "blk.0.attn_q.weight"),
+        ("attention.head_count_kv", n_kv, "blk.0.attn_k.weight"),
+    ):
+        rows = _rows(f, name)
+        if rows is not None and rows != count * d_head:
+            raise m.error(
+                key,
+                f"is {count}: {count} heads of {d_head} dims ({head}) make {count * d_head} rows, but "
+                f"{name} has {rows}",
+            )
+    rows = _rows(f, "blk.0.ffn_up.weight")
+    if rows is not None and rows != d_mlp:
+        raise m.error("feed_forward_length", f"is {d_mlp}, but blk.0.ffn_up.weight has {rows} rows")
+
+
+def _rows(f: GGUFFile, name: str) -> int | None:
+    """The rows of matrix `name`; None if absent or not a matrix (`check_tensors` names it then)."""
+    if name not in f.names or len(f.shape(name)) != 2:
+        return None
+    return f.shape(name)[0]
+
+
 def _gemma_fields(
-    f: GGUFFile, arch: Architecture, key: Any, n_layers: int, d: int, n_heads: int, d_head: int
+    f: GGUFFile, arch: Architecture, m: Metadata, n_layers: int, d: int, n_heads: int, d_head: int
 ) -> dict[str, Any]:
     """The Gemma 2/3 fields of `ModelConfig`, with llama.cpp's defaults and hard-coded choices."""
     a = arch.name
@@ -386,39 +436,45 @@ def _gemma_fields(
             "and never reads it; hydra_jax will not guess which one the file means."
         )
     if arch.gemma == 2:
-        window = int(key("attention.sliding_window", 4096))
-        attn_cap, final_cap = key("attn_logit_softcapping", 50.0), key("final_logit_softcapping", 30.0)
+        window = m.integer("attention.sliding_window", 4096, low=0)
+        attn_cap, final_cap = (
+            m.number("attn_logit_softcapping", 50.0),
+            m.number("final_logit_softcapping", 30.0),
+        )
     else:
-        window = int(key("attention.sliding_window", 0))
-        attn_cap, final_cap = None, key("final_logit_softcapping", None)
-        if final_cap is not None and float(final_cap) == 0.0:  # llama.cpp: 0 means no cap
+        window = m.integer("attention.sliding_window", 0, low=0)
+        attn_cap, final_cap = None, m.number("final_logit_softcapping")
+        if final_cap == 0.0:  # llama.cpp: 0 means no cap
             final_cap = None
     p = arch.swa_pattern
     local = tuple(i % p < p - 1 for i in range(n_layers)) if window > 0 else (False,) * n_layers
-    stated = f.metadata.get(f"{a}.attention.sliding_window_pattern")  # an int or per-layer booleans
+    stated = f.metadata.get(m.key("attention.sliding_window_pattern"))  # a period or per-layer booleans
     if stated is not None:
-        pattern = (
-            tuple(bool(x) for x in np.asarray(stated).reshape(-1))
-            if isinstance(stated, np.ndarray | list)
-            else tuple(i % int(stated) < int(stated) - 1 for i in range(n_layers))
-        )
+        if isinstance(stated, np.ndarray):
+            pattern = tuple(bool(x) for x in m.numbers("attention.sliding_window_pattern", "biu"))
+            stated = few(stated.tolist())
+        else:
+            period = m.integer("attention.sliding_window_pattern")
+            pattern = tuple(i % period < period - 1 for i in range(n_layers))
         if window > 0 and pattern != local:
             raise CheckpointError(
-                f"{f.path!r} sets {a}.attention.sliding_window_pattern={np.asarray(stated).tolist()}, but "
-                f"llama.cpp runs {a} with its own pattern (layer i local when i % {p} < {p - 1}) and ignores "
-                "the key; hydra_jax will not guess which one the file means."
+                f"{f.path!r} sets {a}.attention.sliding_window_pattern={stated}, "
+                f"but llama.cpp runs {a} with its own pattern (layer i local when i % {p} < {p - 1}) and "
+                "ignores the key; hydra_jax will not guess which one the file means."
             )
     # gemma3's local layers rotate with a hard-coded base; gemma2's with the one base of every layer.
-    local_base = _GEMMA_LOCAL_BASE if arch.gemma == 3 else float(key("rope.freq_base", 10_000.0))
-    swa_base = key("rope.freq_base_swa")
-    if swa_base is not None and float(swa_base) != local_base:
+    local_base = _GEMMA_LOCAL_BASE if arch.gemma == 3 else m.number("rope.freq_base", 10_000.0)
+    swa_base = m.number("rope.freq_base_swa")
+    if swa_base is not None and swa_base != local_base:
         raise CheckpointError(
             f"{f.path!r} sets {a}.rope.freq_base_swa={swa_base}, but hydra_jax runs {a}'s local layers with "
             f"base {local_base:g}, as llama.cpp does for {a}; it will not guess which one the file means."
         )
     for name, cap in (("attn_logit_softcapping", attn_cap), ("final_logit_softcapping", final_cap)):
-        if cap is not None and not float(cap) > 0:
+        if cap is not None and not cap > 0:
             raise CheckpointError(f"{f.path!r} sets {a}.{name}={cap}; a soft-cap must be positive.")
+    if n_layers == arch.big_layers and d < n_heads:
+        raise m.error("attention.head_count", f"is {n_heads}, more than {m.key('embedding_length')}={d}")
     # llama.cpp: 1/sqrt(n_embd / n_head) for the 27B models, 1/sqrt(n_embd_head_k) otherwise.
     scale = (d // n_heads) ** -0.5 if n_layers == arch.big_layers else d_head**-0.5
     out: dict[str, Any] = {
@@ -436,21 +492,21 @@ def _gemma_fields(
     return out
 
 
-def _rope_scaling(f: GGUFFile, key: Any) -> dict[str, Any]:
+def _rope_scaling(f: GGUFFile, m: Metadata) -> dict[str, Any]:
     """Rotary scaling fields: none and "linear" are reproduced; anything else is refused."""
-    kind = key("rope.scaling.type")
-    factor = key("rope.scaling.factor")
-    if kind is None and key("rope.scale_linear") is not None:  # the older spelling of linear scaling
-        kind, factor = "linear", key("rope.scale_linear")
-    attn_factor = key("rope.scaling.attn_factor", 1.0)
-    if float(attn_factor) != 1.0:
+    kind = m.string("rope.scaling.type")
+    factor = m.number("rope.scaling.factor")
+    if kind is None and m.number("rope.scale_linear") is not None:  # the older spelling of linear scaling
+        kind, factor = "linear", m.number("rope.scale_linear")
+    attn_factor = m.number("rope.scaling.attn_factor", 1.0)
+    if attn_factor != 1.0:
         raise CheckpointError(
             f"{f.path!r} scales attention by rope.scaling.attn_factor={attn_factor}; hydra_jax does not."
         )
-    if kind in (None, "none") or (kind == "linear" and factor is not None and float(factor) == 1.0):
+    if kind in (None, "none") or (kind == "linear" and factor == 1.0):
         return {}
     if kind == "linear" and factor is not None:
-        return {"rotary_scaling": "linear", "rotary_scaling_factor": float(factor)}
+        return {"rotary_scaling": "linear", "rotary_scaling_factor": factor}
     raise CheckpointError(
         f"{f.path!r} sets rope scaling {kind!r} (factor {factor}); hydra_jax reproduces no scaling and "
         "'linear' scaling of GGUF files only."
@@ -463,4 +519,12 @@ def _order(name: str) -> tuple[int, str]:
     return (int(parts[1]) if parts[0] == "blk" and parts[1].isdigit() else -1, name)
 
 
-__all__ = ["ARCHITECTURES", "config_from_gguf", "expected_shapes", "hf_name", "params_from_gguf", "unpermute"]
+__all__ = [
+    "ARCHITECTURES",
+    "check_tensors",
+    "config_from_gguf",
+    "expected_shapes",
+    "hf_name",
+    "params_from_gguf",
+    "unpermute",
+]
