@@ -118,8 +118,6 @@ def _settings(args: argparse.Namespace):
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from hydra_jax.report.text import terminal_table
-
     if args.from_store is not None:
         from hydra_jax.sweeps.report import report_from_store  # zarr: only a store's report needs it
 
@@ -134,16 +132,14 @@ def _analyze(args: argparse.Namespace) -> int:
         result = report_from_store(
             args.from_store, args.out, n_bootstrap=args.n_bootstrap, overwrite=args.overwrite
         )
-        print(terminal_table(result.summary))
-        print(_claims_digest(args.out))
+        print(result.protocol.digest(result.summary, args.out))
         print(f"Report of {args.from_store} written to {os.path.abspath(args.out)}/.")
         return 0
     from hydra_jax.pipeline.analysis import analyze
 
     settings = _settings(args)
     result = analyze(settings=settings, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(terminal_table(result.summary))
-    print(_claims_digest(args.out))
+    print(result.protocol.digest(result.summary, args.out))
     record = result.record
     skipped = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in record.skipped.items())
     multi = record.data.get("multi_token_answers")
@@ -152,18 +148,9 @@ def _analyze(args: argparse.Namespace) -> int:
         f"\n{record.name}: {record.n_prompts} prompts ({multi}skipped {skipped}); "
         f"effect matrix {record.timings.effect_matrix_s:.1f} s, total {record.timings.total_s:.1f} s."
     )
-    print(f"Report written to {os.path.abspath(args.out)}/ (report.md, summary.json, effects.npz, figures).")
+    files = ", ".join(sorted(os.listdir(args.out)))
+    print(f"Report written to {os.path.abspath(args.out)}/ ({files}).")
     return 0
-
-
-def _claims_digest(out: str) -> str:
-    """The paper's claims with their verdicts and the run's deviations, from the report just written."""
-    import json
-
-    from hydra_jax.report.text import claims_digest
-
-    with open(os.path.join(out, "summary.json")) as f:
-        return claims_digest(json.load(f)["paper"])
 
 
 def build_parser_defaults() -> dict[str, Any]:
@@ -209,15 +196,14 @@ def _dry_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     inputs = preflight(settings)  # the model and the prompts, checked; no weights are read
     config, tokenizer = inputs.model.config(), inputs.model.tokenizer()
-    facts, _ = inputs.data
-    # The longest prompt bounds the padded length whichever prompts the sweep keeps.
-    lengths = [len(ids) for ids in tokenizer.encode_prompts(list(facts.prompts))]
-    seq_len = min(max(lengths), config.n_ctx)
-    n_prompts = len(lengths) if settings.n_prompts is None else min(settings.n_prompts, len(lengths))
+    from hydra_jax.pipeline import protocols
+
+    protocol = protocols.get(settings.protocol)
+    n_prompts, seq_len = protocol.shape(settings, inputs.data, tokenizer, config)
     budget = None if args.memory is None else int(args.memory * 10**9)
     plan = plan_sweep(
         config,
-        settings.spec,
+        settings.spec_for(config),
         n_prompts=n_prompts,
         seq_len=seq_len,
         budget_bytes=budget,

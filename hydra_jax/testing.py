@@ -237,3 +237,109 @@ def planted_repair_model(
     lengths = rng.integers(1, c.n_ctx + 1, n_prompts)
     batch = Batch.from_tokens([rng.integers(1, v, n).tolist() for n in lengths])
     return Transformer.from_params(c, params), batch
+
+
+# --------------------------------------------------------------------------
+# A planted ground truth for the tokens protocol: a backup head, and repair by the final norm
+
+# Residual-stream layout of `planted_backup_model` (D = 16; dims 10-15 stay zero).
+_B_CONST = 0  # the constant direction every token embedding carries
+_B_TOKEN = slice(1, 5)  # the token embeddings' variable part
+_B_FLAG = 5  # 1 at position 0 only (a learned position embedding): what both heads attend to
+_B_SIGNAL = slice(6, 10)  # the primary head writes here; the backup reads and writes here
+BACKUP_CONFIG = ModelConfig(
+    d_model=16, n_layers=2, n_heads=2, d_head=4, d_mlp=8, d_vocab=16, n_ctx=8, positions="learned"
+)
+
+
+def planted_backup_model(
+    alpha: float = 1.0,
+    *,
+    norm_repair: bool = False,
+    n_sequences: int = 8,
+    seed: int = 0,
+) -> tuple[Transformer, Batch]:
+    """A two-layer model with a planted backup head, or with repair by the final norm only.
+
+    The model (`BACKUP_CONFIG`: RMSNorm, learned positions, no biases, no MLP weights) and
+    its residual stream, in orthogonal subspaces (a tokens-protocol ground truth: sequences
+    of `n_ctx` tokens, every position measured on its next token):
+
+        z_0(t) = C e_0 + E_{x_t} + [t = 0] e_flag
+        head_out.0.0 (primary P):  attends to position 0 only (its query reads e_0, its key
+                                   e_flag: a score of C·K/2 >> 0 there, so the softmax is
+                                   one-hot in float32) and writes a_P = A E_{x_0} into the
+                                   signal subspace S (A orthogonal): the same at every t
+        head_out.1.0 (backup):     attends to position 0 too and writes
+                                   alpha (A E_{x_0} − z_S(0)), z_S(0) = a_P(0) what S holds
+                                   there: 0 in the clean run, alpha (a_P^clean − â_P) when P
+                                   is ablated to â_P
+        the other heads and every MLP write nothing; W_U reads the token and signal subspaces.
+
+    With `norm_repair=False` the constant is C = 1e4 and every norm gain C / sqrt(D), so
+    each norm is the identity up to a relative 1e-7 (as `planted_repair_model`) and, for any
+    ablation of P at every position and every next-token target,
+
+        ΔDE(head_out.1.0 | head_out.0.0) = −alpha · ΔDE(head_out.0.0 | head_out.0.0),
+
+    nothing else moves, and the norm term is 0 (to ~1e-6 relative): the backup repairs
+    exactly the fraction alpha of P's own loss, and its self-repair is alpha · (−own ΔDE).
+
+    With `norm_repair=True` there is no backup (alpha is ignored), C = 2 and every gain 1, so
+    the final norm's scale s_t = (mean_d z_t² + eps)^(-1/2) depends on a_P: ablating P moves
+    s, the other components' logit contributions with it, and the only self-repair is the
+    norm term (s'_t − s_t) <z'_t, w_t>, known in closed form from the residuals (zero
+    ablation: z' = z − a_P).
+
+    Returns:
+        (model, batch): `n_sequences` sequences of n_ctx random tokens 1 .. d_vocab − 1.
+    """
+    if not np.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
+    c = BACKUP_CONFIG
+    d, v, k = c.d_model, c.d_vocab, c.d_head
+    big = 2.0 if norm_repair else 1e4
+    key_scale = 1e4 if norm_repair else 1.0  # the score at position 0: big * key_scale / sqrt(d_head)
+    gain = 1.0 if norm_repair else big / np.sqrt(d)
+    rng = np.random.default_rng(seed)
+    a_map, _ = np.linalg.qr(rng.normal(size=(k, k)))
+    w_e = np.zeros((v, d))
+    w_e[:, _B_CONST] = big
+    w_e[:, _B_TOKEN] = rng.uniform(-1.0, 1.0, (v, k))
+    w_pos = np.zeros((c.n_ctx, d))
+    w_pos[0, _B_FLAG] = 1.0
+    shape = (c.n_layers, d, c.n_heads, k)
+    w_q, w_k, w_v = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    w_o = np.zeros((c.n_layers, c.n_heads, k, d))
+    heads = [0] if norm_repair else [0, 1]  # layer 0: the primary; layer 1: the backup
+    for layer in heads:
+        w_q[layer, _B_CONST, 0, 0] = 1.0
+        w_k[layer, _B_FLAG, 0, 0] = key_scale
+    w_v[0, _B_TOKEN, 0, :] = np.eye(k)  # P: v = E_{x_0}
+    w_o[0, 0, :, _B_SIGNAL] = a_map  # a_P = E_{x_0} A
+    if not norm_repair:
+        w_v[1, _B_TOKEN, 0, :] = a_map  # backup: v = E_{x_0} A − z_S(0)
+        w_v[1, _B_SIGNAL, 0, :] = -np.eye(k)
+        w_o[1, 0, :, _B_SIGNAL] = alpha * np.eye(k)
+    w_u = np.zeros((d, v))
+    w_u[_B_TOKEN] = rng.normal(size=(k, v))
+    w_u[_B_SIGNAL] = rng.normal(size=(k, v))
+    params = {
+        "W_E": w_e,
+        "W_pos": w_pos,
+        "blocks": {
+            "ln1_g": np.full((c.n_layers, d), gain),
+            "W_Q": w_q,
+            "W_K": w_k,
+            "W_V": w_v,
+            "W_O": w_o,
+            "ln2_g": np.full((c.n_layers, d), gain),
+            "W_in": np.zeros((c.n_layers, d, c.d_mlp)),
+            "W_out": np.zeros((c.n_layers, c.d_mlp, d)),
+        },
+        "ln_final_g": np.full(d, gain),
+        "W_U": w_u,
+    }
+    params = jax.tree.map(lambda x: jnp.asarray(x, c.storage_dtype), params)
+    batch = Batch.from_tokens(rng.integers(1, v, (n_sequences, c.n_ctx)).tolist())
+    return Transformer.from_params(c, params), batch

@@ -129,3 +129,43 @@ def account(
     return FlopAccount(
         clean=clean, suffix_minimal=rows * minimal, suffix_engine=rows * engine, peer_per_ablation=peer
     )
+
+
+def per_position_account(
+    c: ModelConfig,
+    batch: int,
+    tokens: int,
+    ablated: Sequence[tuple[str, int]],
+    n_resamples: int = 1,
+    scan_segments: int = 4,
+) -> FlopAccount:
+    """The FLOP account of a per-position matrix (target "next", the tokens protocol).
+
+    Every ablation writes at every position, so every position is recomputed from the
+    ablated layer on. Minimal work: one clean forward of the batch (causal attention), the
+    resample sources' clean forwards (n_resamples x batch sequences, which a resample reads
+    at every position), and for each row (ablation x resample) the rest of its layer and every
+    later layer over all T tokens; direct and total effects are dot products with one [D]
+    direction per position, and no logits are needed (the frozen direction and the final
+    norm's scale give the next token's centred logit). The engine runs each row from the first
+    layer of its scan segment (`segments_for`) with dense T x T attention. The peer is the
+    research scripts' loop: one full forward with logits ([B, T, V]) per ablation row, plus
+    the clean one.
+    """
+    causal = attention_proj(c) + attention_mix(c, (tokens + 1) / 2) + mlp(c)  # a token through a layer
+    dense = attention_proj(c) + attention_mix(c, tokens) + mlp(c)
+    segments = segments_for([layer for _, layer in ablated], c.n_layers, scan_segments)
+    minimal = engine = 0.0
+    for site, layer in ablated:
+        rest_of_layer = 0.0 if site == "mlp_out" else mlp(c)
+        minimal += tokens * (rest_of_layer + (c.n_layers - 1 - layer) * causal)
+        first = next(a for a, stop, _ in segments if layer < stop)
+        engine += tokens * (c.n_layers - first) * dense
+    rows = batch * n_resamples
+    sources = forward(c, rows, tokens, causal=True) if n_resamples else 0.0
+    clean = forward(c, batch, tokens, causal=True) + sources
+    one_run = forward(c, batch, tokens) + unembed(c, batch * tokens)
+    peer = one_run + len(ablated) * n_resamples * one_run
+    return FlopAccount(
+        clean=clean, suffix_minimal=rows * minimal, suffix_engine=rows * engine, peer_per_ablation=peer
+    )

@@ -22,10 +22,13 @@ Public names:
     load_counterfact           Counterfact / known-facts JSON -> FactDataset (split "external")
     load_prompts               a .txt, .jsonl or .json prompt file -> FactDataset (answers optional)
     answer_token_ids           first answer token per prompt, flagging multi-token answers
+    load_corpus, Corpus        python-docs, a .txt or .jsonl text -> [N, seq_len] token sequences
+    python_docs_text           the Python documentation topics as one text (offline English)
 
 Importing this package needs only numpy and tokenizers (beyond hydra_jax itself).
 """
 
+from hydra_jax.data.corpus import Corpus, load_corpus, python_docs_text
 from hydra_jax.data.counterfact import answer_token_ids, load_counterfact
 from hydra_jax.data.defaults import default_facts, default_tokenizer, default_world
 from hydra_jax.data.facts import FactDataset
@@ -39,6 +42,7 @@ __all__ = [
     "RELATIONS",
     "RELATION_NAMES",
     "SPLITS",
+    "Corpus",
     "FactDataset",
     "Relation",
     "Subject",
@@ -48,7 +52,9 @@ __all__ = [
     "default_facts",
     "default_tokenizer",
     "default_world",
+    "load_corpus",
     "load_counterfact",
     "load_prompts",
+    "python_docs_text",
     "train_tokenizer",
 ]

@@ -23,6 +23,15 @@ Inside one `jax.jit`:
 4. direct effects of every measured component (with the frozen clean scale),
    total effects and norm terms, averaged over resamples.
 
+With target "next" (the `tokens` protocol: a corpus, not prompts) every position t
+of a sequence is measured, on the logit of its next token x_{t+1}: direction w_t
+and frozen scale s_t per position. Each ablation row sums its effects over its
+*instances*, the positions whose clean direct effect of the ablated component is
+at least the row's threshold (`rows["threshold"]`: -inf keeps every position), so
+the result keeps the [A, M, B] shape with B the sequences: `instances` [A, B]
+counts them and `instance_direct` [A, B] sums the ablated component's clean DE
+over them. Sums over any set of positions add up exactly like single positions.
+
 With a mesh (`plan.layout`, see `hydra_jax.effects.sharding`) the same computation is
 split over devices by XLA: the clean pass and every per-prompt array over the
 "prompts" axis, the ablation rows over "ablations", pinned with
@@ -105,6 +114,11 @@ class Plan:
     def needs_hidden(self) -> bool:
         return Site.MLP_HIDDEN in self.ablated or self.measure_neurons
 
+    @property
+    def per_position(self) -> bool:
+        """Every position measured on its next token, summed over each row's instances."""
+        return self.target == "next"
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +187,8 @@ def effect_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
     if plan.layout is not None:  # the clean pass stays split over prompts: [B, ...], [L, B, ...]
         z, clean = plan.layout.by_prompt(z, 0), plan.layout.by_prompt(clean, 1)
 
+    if plan.per_position:
+        return _per_position_core(params, cfg, plan, inputs, z, clean)
     # Target direction and the clean run's direct effects (final position).
     logits, scale = unembed(params, cfg, z[:, -1])  # [B, V], [B]
     target = jnp.argmax(logits, axis=-1) if plan.target == "argmax" else answers
@@ -185,7 +201,7 @@ def effect_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
     neuron_w = None
     if plan.measure_neurons:
         neuron_w = _neuron_directions(params, cfg, w, scale)  # [L, B, F]
-        clean_de["neuron"] = jnp.swapaxes(_neuron_de(clean, neuron_w, cfg, slice(-1, None))[:, :, 0], 1, 2)
+        clean_de["neuron"] = jnp.swapaxes(_hidden(clean, cfg)[:, :, -1] * neuron_w, 1, 2)  # [L, F, B]
 
     # The clean activation at each ablated site, and what each ablation writes there.
     k = plan.n_resamples
@@ -252,6 +268,152 @@ def effect_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
     return dict(**result, **per_prompt)
 
 
+def _per_position_core(
+    params: Params,
+    cfg: ModelConfig,
+    plan: Plan,
+    inputs: CoreInputs,
+    z: Array,
+    clean: dict[Any, Array],
+) -> dict[str, Array]:
+    """`effect_core` with target "next": every position measured, summed over each row's instances.
+
+    The same steps as the final-position path (ablation values, the suffix of every row,
+    direct effects with the frozen clean scale, total effect and norm term), with a target
+    direction and a frozen scale per position, and every per-position effect summed with the
+    row's instance weights (see the module docstring).
+    """
+    tokens, valid, rows, restore = inputs.tokens, inputs.valid, inputs.rows, inputs.restore
+    chex.assert_shape(rows["threshold"], (rows["layer"].shape[0],))
+    has_next, w, bias, scale = next_token_directions(params, cfg, tokens, valid, z)
+    clean_de, score = _clean_position_de(params, cfg, plan, clean, rows, w, scale)
+    inst = (has_next[None] & (score >= rows["threshold"][:, None, None])).astype(jnp.float32)  # [A, B, T]
+    clean_logit = _position_de(z, w, scale) + bias  # [B, T]
+
+    k = plan.n_resamples
+    _, values, write = _ablation_values(params, cfg, plan, clean, valid, rows, inputs.perms, inputs.source)
+    n_rows = rows["layer"].shape[0] * k
+
+    def flat(x: Array) -> Array:  # [A, K, ...] -> [N, ...]
+        return x.reshape(n_rows, *x.shape[2:])
+
+    per_row = {key: jnp.repeat(x, k, axis=0) for key, x in rows.items()}
+    per_row["inst"] = jnp.repeat(inst, k, axis=0)
+    if write is not None:
+        per_row["write"] = flat(write)
+    neuron_w = _neuron_directions(params, cfg, w, scale) if plan.measure_neurons else None  # [L, B, T, F]
+    xs, step = _suffix(params, cfg, plan, clean, valid, w, scale, neuron_w)
+    segments = plan.segments or ((0, cfg.n_layers, rows["layer"].shape[0]),)
+    value = {name: flat(v) for name, v in values.items()}
+    out = _run_rows({**per_row, **value}, xs, step, plan, segments, k)
+    # Total effect and norm term at every position (frozen w_t, moving scale), summed over instances.
+    z_abl = out.pop("z").astype(jnp.float32)  # [N, B, T, D]
+    s_abl = layers.norm_scale(z_abl, cfg)  # [N, B, T]
+    dot = jnp.einsum("nbtd,btd->nbt", z_abl, w, precision="highest")
+    weights = per_row["inst"]
+    out["total"] = ((s_abl * dot + (bias - clean_logit)[None]) * weights).sum(-1)
+    out["norm_term"] = ((s_abl - scale[None]) * dot * weights).sum(-1)
+
+    def in_order(x: Array) -> Array:  # plan's row order -> the caller's
+        return x if restore is None else x[restore]
+
+    def per_ablation(x: Array) -> Array:  # [N, ...] -> [A, ...], mean over resamples
+        return in_order(x.reshape(-1, k, *x.shape[1:]).mean(axis=1))
+
+    o = {key: per_ablation(v) for key, v in out.items()}
+    result = {
+        "total": o.pop("total"),
+        "norm_term": o.pop("norm_term"),
+        "delta_direct": _gather_measured(plan, o, axis=1),  # [A, M, B]
+        "instances": in_order(inst.sum(-1)),  # [A, B]
+        "instance_direct": in_order((inst * score).sum(-1)),
+    }
+    counted = has_next.astype(jnp.float32)  # the measured positions of each sequence
+    summed = {
+        name: (x * jnp.broadcast_to(counted, x.shape)).sum(-1) for name, x in clean_de.items()
+    }  # [L, (U,) B]
+    per_prompt = dict(
+        direct_clean=_gather_measured(plan, summed, axis=0),  # [M, B]
+        target=jnp.full(valid.shape[:1], -1, jnp.int32),  # every position has its own
+        clean_logit=(clean_logit * counted).sum(-1),
+        direct_embed=(_position_de(clean[Site.RESID_PRE][0], w, scale) * counted).sum(-1),
+        direct_bias=(bias * counted).sum(-1),
+    )
+    if plan.layout is not None:
+        result, per_prompt = plan.layout.per_ablation(result), plan.layout.per_prompt(per_prompt)
+    return dict(**result, **per_prompt)
+
+
+def next_token_directions(
+    params: Params, cfg: ModelConfig, tokens: Array, valid: Array, z: Array
+) -> tuple[Array, Array, Array, Array]:
+    """Per-position target directions for the next-token metric.
+
+    Returns:
+        has_next [B, T] (a real token follows: the positions measured), w [B, T, D] and bias
+        [B, T] of the centred logit of the next token x_{t+1}, and the clean final-norm scale
+        s [B, T] (frozen): the centred next-token logit at t is s_t <z_t, w_t> + bias_t.
+    """
+    b, t = valid.shape
+    has_next = jnp.concatenate([valid[:, :-1] & valid[:, 1:], jnp.zeros((b, 1), bool)], axis=1)
+    nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+    nxt = jnp.where(has_next, nxt, 0)  # padding may hold any id
+    w, bias = target_direction(params, cfg, nxt.reshape(-1))
+    scale = layers.norm_scale(z, cfg)  # [B, T]
+    return has_next, w.reshape(b, t, -1), bias.reshape(b, t), scale
+
+
+def _position_de(v: Array, w: Array, scale: Array) -> Array:
+    """[..., B, T] direct effect at every position of outputs v [..., B, T, D] (frozen scale)."""
+    dot = jnp.einsum("...btd,btd->...bt", v.astype(jnp.float32), w, precision="highest")
+    return dot * jnp.broadcast_to(scale, dot.shape)
+
+
+def _clean_position_de(
+    params: Params,
+    cfg: ModelConfig,
+    plan: Plan,
+    clean: dict[Any, Array],
+    rows: dict[str, Array],
+    w: Array,
+    scale: Array,
+) -> tuple[dict[str, Array], Array]:
+    """Clean direct effects at every position: {"attn", "mlp": [L, B, T], "head": [L, H, B, T],
+    "neuron": [L, F, B, T]} as the plan needs them, and each row's own [A, B, T] (its score)."""
+    de = {
+        "attn": _position_de(clean[Site.ATTN_OUT], w, scale),
+        "mlp": _position_de(clean[Site.MLP_OUT], w, scale),
+    }
+    if plan.needs_heads:
+        de["head"] = _position_de(jnp.moveaxis(clean[Site.HEAD_OUT], 3, 1), w, scale)  # [L, H, B, T]
+    if plan.measure_neurons:
+        neuron_w = _neuron_directions(params, cfg, w, scale)  # [L, B, T, F]
+        de["neuron"] = jnp.moveaxis(_hidden(clean, cfg) * neuron_w, -1, 1)  # [L, F, B, T]
+    site, layer = rows["site"][:, None, None], rows["layer"]
+    score = jnp.where(site == CODE[Site.ATTN_OUT], de["attn"][layer], de["mlp"][layer])
+    if "head" in de:
+        score = jnp.where(site == CODE[Site.HEAD_OUT], de["head"][layer, rows["head"]], score)
+    return de, score
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def instance_scores(inputs: CoreInputs, *, plan: Plan) -> Array:
+    """[A, B, T] the clean direct effect of each ablated component at every position of a batch on
+    its next token (NaN where no real token follows): what a row's instances are chosen by.
+
+    One clean pass; the `tokens` protocol's thresholds are quantiles of these over a corpus.
+    """
+    cfg = plan.config
+    params = cast_params(inputs.params, cfg)
+    sites = {Site.ATTN_OUT, Site.MLP_OUT} | ({Site.HEAD_OUT} if plan.needs_heads else set())
+    z, clean = trunk(params, cfg, inputs.tokens, inputs.valid, capture=frozenset(sites))
+    has_next, w, _, scale = next_token_directions(params, cfg, inputs.tokens, inputs.valid, z)
+    plain = dataclasses.replace(plan, measured=(), ablated=plan.ablated - {Site.MLP_HIDDEN})
+    _, score = _clean_position_de(params, cfg, plain, clean, inputs.rows, w, scale)
+    score = jnp.where(has_next[None], score, jnp.nan)
+    return score if inputs.restore is None else score[inputs.restore]
+
+
 _BY_SITE = {Site.ATTN_OUT: "attn", Site.MLP_OUT: "mlp", Site.HEAD_OUT: "head", Site.MLP_HIDDEN: "neuron"}
 
 
@@ -280,7 +442,8 @@ def _gather_measured(plan: Plan, by_name: dict[str, Array], axis: int) -> Array:
 
 
 def _neuron_directions(params: Params, cfg: ModelConfig, w: Array, scale: Array) -> Array:
-    """[L, B, F]: a neuron's direct effect per unit of activation (before an MLP post-norm's factor).
+    """[L, B, (T,) F]: a neuron's direct effect per unit of activation (before an MLP post-norm's
+    factor), for directions w [B, (T,) D] and scales [B, (T,)].
 
     Neuron n of layer l writes h_n W_out[n] (times the post-norm's factor and
     gain, with post-norms), so its direct effect is h_n times this.
@@ -288,15 +451,15 @@ def _neuron_directions(params: Params, cfg: ModelConfig, w: Array, scale: Array)
     w_out = params["blocks"]["W_out"].astype(jnp.float32)  # [L, F, D]
     if cfg.post_norms:
         w_out = w_out * params["blocks"]["ln2_post_g"].astype(jnp.float32)[:, None, :]
-    return jnp.einsum("lfd,bd->lbf", w_out, w, precision="highest") * scale[None, :, None]
+    return jnp.einsum("lfd,...d->l...f", w_out, w, precision="highest") * scale[None, ..., None]
 
 
-def _neuron_de(acts: dict[Any, Array], neuron_w: Array, cfg: ModelConfig, at: slice) -> Array:
-    """[L, B, T', F] direct effect of every neuron at positions `at`, from block outputs."""
-    hidden = acts[Site.MLP_HIDDEN][:, :, at].astype(jnp.float32)  # [L, B, T', F]
+def _hidden(acts: dict[Any, Array], cfg: ModelConfig) -> Array:
+    """[..., F] MLP activations as they reach the output (times an MLP post-norm's factor)."""
+    hidden = acts[Site.MLP_HIDDEN].astype(jnp.float32)
     if cfg.post_norms:
-        hidden = hidden * acts["mlp_post_scale"][:, :, at, None]
-    return hidden * neuron_w[:, :, None]
+        hidden = hidden * acts["mlp_post_scale"][..., None]
+    return hidden
 
 
 # --------------------------------------------------------------------------
@@ -523,6 +686,7 @@ def _suffix(
     causality) and to its own recomputed ones. Position "all": every position.
     """
     final = plan.position == "final"
+    every = plan.per_position  # measured at every position (w [B, T, D]), else the final one
     b, t = valid.shape
     tq = 1 if final else t
     capture = {Site.ATTN_OUT, Site.MLP_OUT}
@@ -531,22 +695,61 @@ def _suffix(
     ctx, _ = context(cfg, valid, frozenset(capture), final=final)
     de = functools.partial(direct_effect, w=w, scale=scale, config=cfg)
     source = jnp.broadcast_to(jnp.arange(b)[:, None], (b, tq))  # prompt b reads bank row b
+    pick = (lambda x: x) if every else (lambda x: x[:, -1])  # [B, Tq, ...] -> what is measured
     xs = {
         "layer": jnp.arange(cfg.n_layers),
         "p": params["blocks"],
         "z": clean[Site.RESID_PRE][:, :, -tq:],  # [L, B, Tq, D]
-        "a": clean[Site.ATTN_OUT][:, :, -1],  # [L, B, D]
-        "m": clean[Site.MLP_OUT][:, :, -1],
+        "a": clean[Site.ATTN_OUT][:, :, -1:] if not every else clean[Site.ATTN_OUT],  # [L, B, (T,) D]
+        "m": clean[Site.MLP_OUT][:, :, -1:] if not every else clean[Site.MLP_OUT],
     }
+    if not every:
+        xs["a"], xs["m"] = xs["a"][:, :, 0], xs["m"][:, :, 0]
     if final:  # [L, B, T-1, G, K]: the earlier positions' clean keys and values
         xs["keys"], xs["values"] = clean["keys"][:, :, :-1], clean["values"][:, :, :-1]
     if layer_flags(cfg) is not None:
         xs["local"] = layer_flags(cfg)
     if plan.measure_heads:
-        xs["heads"] = clean[Site.HEAD_OUT][:, :, -1]  # [L, B, H, D]
+        xs["heads"] = jax.vmap(pick)(clean[Site.HEAD_OUT])  # [L, B, (T,) H, D]
     if plan.measure_neurons:
-        xs["neuron_w"] = neuron_w  # [L, B, F]
-        xs["neurons"] = _neuron_de(clean, neuron_w, cfg, slice(-1, None))[:, :, 0]  # [L, B, F]
+        xs["neuron_w"] = neuron_w  # [L, B, (T,) F]
+        xs["neurons"] = jax.vmap(pick)(_hidden(clean, cfg)) * neuron_w  # [L, B, (T,) F]
+
+    def measure(
+        row: dict[str, Array],
+        cap: dict[str, Array],
+        a: Array,
+        m: Array,
+        attn_clean: Array,
+        before: Array,
+        x: dict[str, Array],
+    ) -> dict[str, Array]:
+        """The row's change of every measured direct effect at this layer ([B], [H, B], [F, B])."""
+        if not every:
+            out = {"attn": de(a - x["a"]), "mlp": de(m - x["m"])}
+            if plan.measure_heads:
+                per_head = jnp.where(attn_clean, x["heads"], cap[Site.HEAD_OUT][:, -1])
+                out["head"] = de(jnp.swapaxes(per_head - x["heads"], 0, 1))  # [H, B]
+            if plan.measure_neurons:
+                change = jnp.where(before, 0.0, pick(_hidden(cap, cfg)) * x["neuron_w"] - x["neurons"])
+                out["neuron"] = change.T  # [F, B]
+            return out
+        # Every position t, on its own next token, summed with the row's instance weights.
+        weights = row["inst"] * scale  # [B, T]: the frozen clean scale, at the row's instances
+
+        def summed(v: Array) -> Array:  # [B, T, D] -> [B]
+            return jnp.einsum("btd,btd,bt->b", v.astype(jnp.float32), w, weights, precision="highest")
+
+        out = {"attn": summed(a - x["a"]), "mlp": summed(m - x["m"])}
+        if plan.measure_heads:
+            per_head = jnp.where(attn_clean, x["heads"], cap[Site.HEAD_OUT]) - x["heads"]  # [B, T, H, D]
+            out["head"] = jnp.einsum(
+                "bthd,btd,bt->hb", per_head.astype(jnp.float32), w, weights, precision="highest"
+            )
+        if plan.measure_neurons:
+            change = jnp.where(before, 0.0, _hidden(cap, cfg) * x["neuron_w"] - x["neurons"])  # [B, T, F]
+            out["neuron"] = jnp.einsum("btf,bt->fb", change, row["inst"], precision="highest")
+        return out
 
     def step(row: dict[str, Array], z: Array, x: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
         here, before = x["layer"] == row["layer"], x["layer"] < row["layer"]
@@ -558,19 +761,9 @@ def _suffix(
         # causality; report them as exactly clean.
         mlp_row = (row["site"] == CODE[Site.MLP_OUT]) | (row["site"] == CODE[Site.MLP_HIDDEN])
         attn_clean = before | (here & mlp_row)
-        a = jnp.where(attn_clean, x["a"], cap[Site.ATTN_OUT][:, -1])
-        m = jnp.where(before, x["m"], cap[Site.MLP_OUT][:, -1])
-        out = {"attn": de(a - x["a"]), "mlp": de(m - x["m"])}
-        if plan.measure_heads:
-            per_head = jnp.where(attn_clean, x["heads"], cap[Site.HEAD_OUT][:, -1])
-            out["head"] = de(jnp.swapaxes(per_head - x["heads"], 0, 1))  # [H, B]
-        if plan.measure_neurons:
-            hidden = cap[Site.MLP_HIDDEN][:, -1].astype(jnp.float32)  # [B, F]
-            if cfg.post_norms:
-                hidden = hidden * cap["mlp_post_scale"][:, -1, None]
-            change = jnp.where(before, 0.0, hidden * x["neuron_w"] - x["neurons"])
-            out["neuron"] = change.T  # [F, B]
-        return z_next, out
+        a = jnp.where(attn_clean, x["a"], pick(cap[Site.ATTN_OUT]))
+        m = jnp.where(before, x["m"], pick(cap[Site.MLP_OUT]))
+        return z_next, measure(row, cap, a, m, attn_clean, before, x)
 
     return xs, step
 

@@ -20,7 +20,15 @@ from jaxtyping import Int
 from hydra_jax import interventions as iv
 from hydra_jax import validate
 from hydra_jax.batch import Batch, check_batch
-from hydra_jax.effects.engine import CODE, CoreInputs, Plan, describes, effect_core, segments_for
+from hydra_jax.effects.engine import (
+    CODE,
+    CoreInputs,
+    Plan,
+    describes,
+    effect_core,
+    instance_scores,
+    segments_for,
+)
 from hydra_jax.effects.results import (
     ABLATABLE,
     MEASURABLE,
@@ -42,7 +50,10 @@ from hydra_jax.shapes import AnyArray
 
 KINDS = iv.KINDS
 POSITIONS = ("final", "all")
-TARGETS = ("argmax", "answer")
+TARGETS = ("argmax", "answer", "next")
+# What a per-position (target "next") matrix may ablate: components with a direct effect to rank
+# instances by.
+PER_POSITION_ABLATE = (Site.ATTN_OUT, Site.HEAD_OUT, Site.MLP_OUT)
 # The source row each prompt reads in each resample, [n_resamples, B]: an integer array or nested
 # lists. Checked by `_check_source_index`, whose errors name the rule broken (integers, the shape
 # against the batch, rows of the source), not by a type checker on the signature; the result's
@@ -71,8 +82,12 @@ class EffectSpec:
             at `source_index`), "zero", "mean" (over the batch, or over
             `source`) or "patch" (prompt b of `source`).
         position: "final" (the last token only; the fast path) or "all".
-        target: "argmax" (the clean run's most likely final token) or
-            "answer" (the batch's answer tokens).
+        target: "argmax" (the clean run's most likely final token),
+            "answer" (the batch's answer tokens) or "next" (every position t
+            of a text sequence, on the logit of its next token x_{t+1}: the
+            `tokens` protocol; needs position="all"). With "next" each ablation's
+            effects are sums over its instances (see `top`) and the matrix has
+            `instances` and `instance_direct`.
         n_resamples: resample sources per prompt, averaged (kind="resample").
         chunk_size: ablation rows processed at once (memory bound); None = all.
             With a mesh: rows processed at once by each device along the
@@ -89,6 +104,10 @@ class EffectSpec:
             every row through every layer. Results do not depend on it. With a
             mesh, and for position="all" with a chunk_size (whose memory bound
             it would loosen), the scan is not cut.
+        top: with target="next": the fraction of positions each ablation's effects are summed
+            over, those where the ablated component's clean direct effect is highest (Rushing &
+            Nanda 2024 take the top 2%: 0.02), ranked within the batch unless `effect_matrix`
+            gets `thresholds=` (a corpus's, `hydra_jax.pipeline.sources`); None: every position.
     """
 
     ablate: tuple[str, ...] = ("attn_out",)
@@ -101,27 +120,35 @@ class EffectSpec:
     seed: int = 0
     linearise: bool = False
     scan_segments: int = 4
+    top: float | None = None
 
     def __post_init__(self) -> None:
         set_ = _setter(self)
         set_("ablate", _names(self.ablate, ABLATABLE, "ablate"))
         set_("measure", _names(self.measure, MEASURABLE, "measure"))
-        sites = {_site_of(n) for n in self.measure}
         for one, other, why in (
             (Site.ATTN_OUT, Site.HEAD_OUT, "the heads sum to the layer"),
             (Site.MLP_OUT, Site.MLP_HIDDEN, "the neurons sum to the MLP"),
         ):
-            if one in sites and other in sites:
+            twice = _overlap(self.measure, one, other)
+            if twice is not None:
                 raise ValueError(
-                    f"measure either {one.value!r} or {other.value!r}, not both: {why}, so the "
-                    "compensation sums would count it twice."
+                    f"measure either {one.value!r} or {other.value!r} of a layer, not both ({twice}): "
+                    f"{why}, so the compensation sums would count it twice."
                 )
         if self.kind not in KINDS:
             raise ValueError(f"Unknown ablation kind {self.kind!r}; choose one of {KINDS}.")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be 'final' or 'all', got {self.position!r}.")
         if self.target not in TARGETS:
-            raise ValueError(f"target must be 'argmax' or 'answer', got {self.target!r}.")
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}.")
+        if self.target == "next":
+            self._check_per_position()
+        elif self.top is not None:
+            raise ValueError(
+                f"top={self.top!r} picks positions of a text by their direct effect on the next token; "
+                "it needs target='next' (the tokens protocol). Drop top= for a final-position matrix."
+            )
         if (
             isinstance(self.n_resamples, bool)
             or not isinstance(self.n_resamples, int)
@@ -146,6 +173,33 @@ class EffectSpec:
             )
         set_("linearise", bool(self.linearise))
 
+    def _check_per_position(self) -> None:
+        """target="next": every position ablated and measured; instances ranked by direct effect."""
+        if self.position != "all":
+            raise ValueError(
+                "target='next' measures every position on its next token, so the ablation must cover "
+                f"every position too: pass position='all' (got {self.position!r})."
+            )
+        bad = [n for n in self.ablate if _site_of(n) not in PER_POSITION_ABLATE]
+        if bad:
+            raise ValueError(
+                f"target='next' ranks each ablation's positions by the ablated component's direct effect, "
+                f"which {bad[:3]} do not have; ablate {[s.value for s in PER_POSITION_ABLATE]}."
+            )
+        if self.linearise:
+            raise ValueError(
+                "linearise=True is not available with target='next'; compute the linear predictions of a "
+                "final-position matrix, or drop linearise."
+            )
+        if self.top is not None and (
+            isinstance(self.top, bool) or not isinstance(self.top, (int, float)) or not 0 < self.top <= 1
+        ):
+            raise ValueError(
+                f"top must be a fraction in (0, 1] (0.02: the top 2% of positions) or None, got {self.top!r}."
+            )
+        if self.top is not None:
+            _setter(self)("top", float(self.top))
+
     def replace(self, **changes: Any) -> EffectSpec:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -161,6 +215,23 @@ def _setter(obj: Any) -> Any:  # a frozen dataclass normalising its own fields i
 
 def _site_of(name: str) -> Site:
     return as_site(name.split(".", 1)[0])
+
+
+def _overlap(names: tuple[str, ...], one: Site, other: Site) -> str | None:
+    """Two measured entries that cover one layer's `one` and `other` site (e.g. "mlp_out" and
+    "mlp_hidden.5.3"), named, or None. A bare site name covers every layer."""
+    layers_of: dict[Site, set[int | None]] = {one: set(), other: set()}
+    for n in names:
+        site = _site_of(n)
+        if site in layers_of:
+            layers_of[site].add(Component.parse(n).layer if "." in n else None)
+    a, b = layers_of[one], layers_of[other]
+    if not a or not b:
+        return None
+    if None in a or None in b:
+        return f"{one.value} and {other.value}"
+    common = sorted(a & b)
+    return f"{one.value}.{common[0]} and {other.value}.{common[0]}" if common else None
 
 
 def _names(names: Any, allowed: tuple[Site, ...], what: str) -> tuple[str, ...]:
@@ -237,6 +308,7 @@ def effect_matrix(
     mesh: jax.sharding.Mesh | None = None,
     shard_params: bool = False,
     axes: Mapping[str, str] | None = None,
+    thresholds: Any = None,
     **settings: Any,
 ) -> EffectMatrix:
     """Every ablation × every measured component × every prompt, in one compiled call.
@@ -274,12 +346,15 @@ def effect_matrix(
             Otherwise parameters are replicated on every device.
         axes: the mesh's own names for those axes, for a mesh built for something else:
             `axes={"prompts": "data", "ablations": "fsdp"}`.
+        thresholds: with target="next": [A] per ablation (in the ablated components' order), the
+            least clean direct effect of a position it counts as an instance (a corpus's quantiles:
+            `instance_thresholds`); None: the batch's own top `spec.top` (every position if None).
 
     Returns:
         An `EffectMatrix` (shapes: total [A, B], delta_direct [A, M, B], ...).
     """
     spec = _spec(spec, settings, "effect_matrix")
-    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params, axes)
+    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params, axes, thresholds)
     return prepared.finish(effect_core(prepared.inputs, plan=prepared.plan))
 
 
@@ -323,7 +398,10 @@ def plan_rows(
     """
     segments = restore = None
     order = np.arange(len(ablated))
-    if layout is None and not (spec.position == "all" and spec.chunk_size is not None):
+    # Position "all" with a chunk size keeps one scan (its memory bound), except per position
+    # (target "next"), whose per-row outputs are reduced over positions as they are made.
+    one_scan = spec.position == "all" and spec.chunk_size is not None and spec.target != "next"
+    if layout is None and not one_scan:
         order = np.argsort([c.layer for c in ablated], kind="stable")  # a segment's rows are a prefix
         segments = segments_for([c.layer for c in ablated], config.n_layers, spec.scan_segments)
         if segments == ((0, config.n_layers, len(ablated)),):
@@ -356,6 +434,8 @@ def plan_rows(
             if c.site is Site.MLP_HIDDEN:
                 neurons[i, slice(None) if c.neurons is None else list(c.neurons)] = True
         rows["neurons"] = neurons
+    if spec.target == "next":  # every position counts until thresholds are given
+        rows["threshold"] = np.full(len(rows_in), -np.inf, np.float32)
     return plan, rows, restore
 
 
@@ -368,9 +448,11 @@ def _prepare(
     mesh: jax.sharding.Mesh | None,
     shard_params: bool,
     axes: Mapping[str, str] | None = None,
+    thresholds: Any = None,
 ) -> _Prepared:
     """Check the inputs against the model, and build the plan and the rows on the host."""
     ablated, measured = _check(model, batch, spec, source)
+    thresholds = _check_thresholds(spec, thresholds, len(ablated))
     source_index = _check_source_index(spec.kind, batch, spec.n_resamples, source, source_index)
     layout = layout_for(mesh, shard_params, batch.size, axes)
     plan, rows, restore = plan_rows(model.config, spec, ablated, measured, layout)
@@ -389,6 +471,13 @@ def _prepare(
         source=_source_arrays(source),
         restore=restore,
     )
+    if spec.target == "next" and (thresholds is not None or spec.top is not None):
+        if thresholds is None:  # the batch's own top fraction
+            scores = instance_scores(inputs, plan=dataclasses.replace(plan, layout=None))
+            thresholds = instance_thresholds(scores, spec.top)
+        order = np.arange(len(ablated)) if restore is None else np.argsort(restore)
+        rows = {**rows, "threshold": np.asarray(thresholds, np.float32)[order]}
+        inputs = dataclasses.replace(inputs, rows=rows)
     if layout is not None:
         inputs = _place(layout, spec.kind, inputs)
     labels = Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured))
@@ -437,6 +526,7 @@ def compile_effect_matrix(
     mesh: jax.sharding.Mesh | None = None,
     shard_params: bool = False,
     axes: Mapping[str, str] | None = None,
+    thresholds: Any = None,
     **settings: Any,
 ) -> CompiledEffectMatrix:
     """`effect_matrix(model, batch, spec, ...)` compiled ahead of time, without running it.
@@ -448,7 +538,7 @@ def compile_effect_matrix(
     measures a real compilation rather than a cache hit.
     """
     spec = _spec(spec, settings, "compile_effect_matrix")
-    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params, axes)
+    prepared = _prepare(model, batch, spec, source, source_index, mesh, shard_params, axes, thresholds)
     if fresh:  # JAX reuses an identical program compiled earlier in this process
         jax.clear_caches()
     start = time.perf_counter()
@@ -463,6 +553,7 @@ def naive_effect_matrix(
     *,
     source: Batch | None = None,
     source_index: SourceIndex | None = None,
+    thresholds: Any = None,
     **settings: Any,
 ) -> EffectMatrix:
     """The reference: one ordinary `run` per ablation (and resample), same quantities.
@@ -484,6 +575,9 @@ def naive_effect_matrix(
         raise TypeError("naive_effect_matrix recomputes from prompts: pass the source as a Batch.")
     ablated, measured = _check(model, batch, spec, source)
     source_index = _check_source_index(spec.kind, batch, spec.n_resamples, source, source_index)
+    if spec.target == "next":
+        thresholds = _check_thresholds(spec, thresholds, len(ablated))
+        return _naive_per_position(model, batch, spec, ablated, measured, source, source_index, thresholds)
     config, params = model.config, model.params
     sites = {c.site for c in measured}
     capture = [
@@ -562,18 +656,117 @@ def naive_effect_matrix(
     )
 
 
-def _neuron_outputs(params: dict, config: Any, cache: dict, layer: int) -> jnp.ndarray:
-    """[F, B, D] what each neuron of `layer` writes into the residual at the final position:
-    h_n W_out[n], times the MLP post-norm's factor (of the whole output) and gain with post-norms."""
-    hidden = cache[Site.MLP_HIDDEN][layer, :, -1].astype(jnp.float32)  # [B, F]
+def _naive_per_position(
+    model: Transformer,
+    batch: Batch,
+    spec: EffectSpec,
+    ablated: list[Component],
+    measured: list[Component],
+    source: Batch | None,
+    source_index: np.ndarray | None,
+    thresholds: np.ndarray | None,
+) -> EffectMatrix:
+    """`naive_effect_matrix` with target "next": one ordinary run per ablation (and resample),
+    every position's effects on its next token's centred logit read from that run, then summed
+    over each ablation's instances (the same definition as `effect_matrix`'s)."""
+    config, params = model.config, model.params
+    capture = ["attn_out", "mlp_out", "resid_pre", "resid_final", "final_scale"]
+    capture += sorted({c.site.value for c in measured} | {c.site.value for c in ablated})
+    _, clean = run(model, batch, capture=capture)
+    tokens, valid = np.asarray(batch.tokens), np.asarray(batch.valid)
+    b, t = tokens.shape
+    has_next = np.zeros((b, t), bool)
+    has_next[:, :-1] = valid[:, :-1] & valid[:, 1:]
+    nxt = np.where(has_next, np.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1), 0)
+    w, bias = target_direction(params, config, jnp.asarray(nxt.reshape(-1)))
+    scale = clean["final_scale"].reshape(-1)  # [B * T], frozen
+
+    def de(v: jnp.ndarray) -> jnp.ndarray:  # [..., B, T, D] -> [..., B, T]
+        lead = v.shape[:-3]
+        return direct_effect(v.reshape(*lead, b * t, v.shape[-1]), w, scale, config).reshape(*lead, b, t)
+
+    def component_de(cache: dict, c: Component) -> jnp.ndarray:  # [B, T]
+        if c.site is Site.MLP_HIDDEN:
+            return de(_neuron_outputs(params, config, cache, c.layer, every=True)[c.neurons[0]])
+        v = cache[c.site][c.layer]
+        return de(v[:, :, c.head] if c.head is not None else v)
+
+    def target_logit(z_final: jnp.ndarray) -> jnp.ndarray:  # [B, T] centred, before any soft-cap
+        lg = unembed(params, config, z_final, capped=False)[0]
+        centred = lg - lg.mean(-1, keepdims=True)
+        return jnp.take_along_axis(centred, jnp.asarray(nxt)[..., None], axis=-1)[..., 0]
+
+    clean_target = target_logit(clean[Site.RESID_FINAL])
+    clean_de = jnp.stack([component_de(clean, c) for c in measured])  # [M, B, T]
+    scores = np.stack([np.where(has_next, component_de(clean, c), np.nan) for c in ablated])  # [A, B, T]
+    if thresholds is None:
+        thresholds = (
+            np.full(len(ablated), -np.inf, np.float32)
+            if spec.top is None
+            else instance_thresholds(scores, spec.top)
+        )
+    inst = (has_next[None] & (np.nan_to_num(scores, nan=-np.inf) >= thresholds[:, None, None])).astype(
+        np.float32
+    )
+    perms = (
+        _perms(batch.size, spec.n_resamples, spec.seed, spec.kind) if source_index is None else source_index
+    )
+    pool = batch if source is None else source
+    dot_w = w.reshape(b, t, -1)
+    total, delta, norm = [], [], []
+    for i, c in enumerate(ablated):
+        runs = []
+        for k in range(spec.n_resamples):
+            value = (
+                dict(kind="patch", source=pool[perms[k]])
+                if spec.kind == "resample"
+                else dict(kind=spec.kind, source=source)
+            )
+            edit = iv.ablate(c.site, c.layer, head=c.head, position="all", **value)
+            _, cache = run(model, batch, edit, capture=capture)
+            z_new, s_new = cache["resid_final"], cache["final_scale"]
+            dot = jnp.einsum("btd,btd->bt", z_new.astype(jnp.float32), dot_w, precision="highest")
+            per_position = (
+                target_logit(z_new) - clean_target,
+                jnp.stack([component_de(cache, m) for m in measured]) - clean_de,
+                (s_new - scale.reshape(b, t)) * dot,
+            )
+            runs.append([(x * jnp.broadcast_to(inst[i], x.shape)).sum(-1) for x in per_position])
+        total.append(np.mean([r[0] for r in runs], 0))
+        delta.append(np.mean([r[1] for r in runs], 0))
+        norm.append(np.mean([r[2] for r in runs], 0))
+    counted = jnp.asarray(has_next, jnp.float32)
+    return EffectMatrix(
+        total=jnp.asarray(np.stack(total)),
+        direct_clean=(clean_de * jnp.broadcast_to(counted, clean_de.shape)).sum(-1),
+        delta_direct=jnp.asarray(np.stack(delta)),
+        norm_term=jnp.asarray(np.stack(norm)),
+        target=jnp.full(b, -1, jnp.int32),
+        clean_logit=(clean_target * counted).sum(-1),
+        direct_embed=(de(clean["resid_pre"][0]) * counted).sum(-1),
+        direct_bias=(bias.reshape(b, t) * counted).sum(-1),
+        labels=Labels(tuple(c.label for c in ablated), tuple(c.label for c in measured)),
+        instances=jnp.asarray(inst.sum(-1)),
+        instance_direct=jnp.asarray((inst * np.nan_to_num(scores)).sum(-1)),
+    )
+
+
+def _neuron_outputs(params: dict, config: Any, cache: dict, layer: int, every: bool = False) -> jnp.ndarray:
+    """[F, B, D] what each neuron of `layer` writes into the residual at the final position
+    ([F, B, T, D] at every position with `every`): h_n W_out[n], times the MLP post-norm's factor
+    (of the whole output) and gain with post-norms."""
+    hidden = cache[Site.MLP_HIDDEN][layer].astype(jnp.float32)  # [B, T, F]
+    hidden = hidden if every else hidden[:, -1]  # [B, (T,) F]
     w_out = params["blocks"]["W_out"][layer].astype(jnp.float32)  # [F, D]
-    out = hidden.T[:, :, None] * w_out[:, None, :]
+    out = jnp.moveaxis(hidden, -1, 0)[..., None] * w_out.reshape(
+        w_out.shape[0], *(1,) * (hidden.ndim - 1), -1
+    )
     if config.post_norms:
         m = hidden @ w_out
         if config.use_bias:
-            m = m + params["blocks"]["b_out"][layer].astype(jnp.float32)[None]
+            m = m + params["blocks"]["b_out"][layer].astype(jnp.float32)
         gain = params["blocks"]["ln2_post_g"][layer].astype(jnp.float32)
-        out = out * layers.norm_scale(m, config)[None, :, None] * gain[None, None]
+        out = out * layers.norm_scale(m, config)[None, ..., None] * gain
     return out
 
 
@@ -589,6 +782,11 @@ def _check(
         raise ValueError(
             "target='answer' needs answer tokens: build the batch with "
             "Batch.from_prompts(tokenizer, prompts, answers=...) or use target='argmax'."
+        )
+    if spec.target == "next" and batch.tokens.shape[1] < 2:
+        raise ValueError(
+            "target='next' measures each position on the token after it: the sequences need at least "
+            f"two tokens, the batch has {batch.tokens.shape[1]}."
         )
     if kind == "resample" and source is None:
         iv.resample_sources(batch.size, spec.n_resamples, 0)  # raises if the batch is too small
@@ -611,7 +809,76 @@ def _check(
     return ablated, measured
 
 
-_PER_ABLATION = ("total", "norm_term", "delta_direct", "linear_total", "linear_delta_direct")
+_PER_ABLATION = (
+    "total",
+    "norm_term",
+    "delta_direct",
+    "linear_total",
+    "linear_delta_direct",
+    "instances",
+    "instance_direct",
+)
+
+
+def clean_instance_scores(model: Transformer, batch: Batch, spec: EffectSpec) -> np.ndarray:
+    """[A, B, T] each ablated component's clean direct effect at every position of `batch` on the
+    next token (NaN where none follows), in `spec.components`' order: what target="next" ranks
+    instances by. One clean pass, compiled once per batch shape."""
+    if spec.target != "next":
+        raise ValueError(f"instance scores rank the positions of target='next', not {spec.target!r}.")
+    ablated, measured = _check(model, batch, spec, None)
+    plan, rows, restore = plan_rows(model.config, spec, ablated, measured)
+    inputs = CoreInputs(
+        params=model.params,
+        tokens=batch.tokens,
+        valid=batch.valid,
+        answers=np.zeros(batch.size, np.int32),
+        rows=rows,
+        perms=np.zeros((spec.n_resamples, batch.size), np.int32),
+        restore=restore,
+    )
+    return np.asarray(instance_scores(inputs, plan=plan))
+
+
+def instance_thresholds(scores: Any, top: float) -> np.ndarray:
+    """[A] the least score of each ablation's top fraction `top` of positions.
+
+    Args:
+        scores: [A, ...] each ablated component's clean direct effect at every position of
+            one batch or a whole corpus (NaN where nothing is measured: `instance_scores`).
+        top: the fraction kept, in (0, 1] (0.02: the top 2%).
+    Returns:
+        The (1 - top) quantile per ablation (linear interpolation, `numpy.nanquantile`): a
+        position is an instance of ablation a when its score is at least thresholds[a].
+    """
+    scores = np.asarray(scores, np.float64)
+    flat = scores.reshape(scores.shape[0], -1)
+    if flat.shape[1] == 0 or np.isnan(flat).all(axis=1).any():
+        raise ValueError(
+            "No position has a next token to measure: the sequences need at least two real tokens."
+        )
+    return np.nanquantile(flat, 1.0 - float(top), axis=1).astype(np.float32)
+
+
+def _check_thresholds(spec: EffectSpec, thresholds: Any, n_ablated: int) -> np.ndarray | None:
+    """`thresholds` as [A] float32 (finite or -inf), checked; None when not given."""
+    if thresholds is None:
+        return None
+    if spec.target != "next":
+        raise ValueError(
+            "thresholds= picks each ablation's instances among every position (target='next'); drop it "
+            f"for target={spec.target!r}."
+        )
+    values = np.asarray(thresholds)
+    if values.dtype.kind not in "fiu" or values.shape != (n_ablated,):
+        raise ValueError(
+            f"thresholds must be {n_ablated} numbers, one per ablated component, got shape "
+            f"{values.shape} of {values.dtype}."
+        )
+    values = values.astype(np.float32)
+    if np.isnan(values).any() or np.isposinf(values).any():
+        raise ValueError("thresholds must be finite (or -inf: every position), not NaN or +inf.")
+    return values
 
 
 def _place(layout: Layout, kind: str, inputs: CoreInputs) -> CoreInputs:

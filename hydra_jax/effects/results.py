@@ -343,6 +343,13 @@ class EffectMatrix:
         linear_total, linear_delta_direct: with `linearise=True`, the first-order
             (forward-mode, `jax.jvp`) predictions of `total` and `delta_direct`
             in the edit ĉ − c; None otherwise.
+        instances, instance_direct: with target "next" (every position of a text measured on
+            its next token; the `tokens` protocol), [A, B] how many positions of sequence b
+            are instances of ablation a, and the sum of the ablated component's clean direct
+            effect over them; None otherwise. Then `total`, `delta_direct` and `norm_term`
+            are sums over each ablation's instances, `direct_clean`, `clean_logit`,
+            `direct_embed` and `direct_bias` sums over every measured position, and `target`
+            is -1 (each position's target is the token after it).
     """
 
     total: Float[AnyArray, "ablated prompt"]
@@ -356,6 +363,13 @@ class EffectMatrix:
     labels: Labels = dataclasses.field(metadata=dict(static=True))
     linear_total: Float[AnyArray, "ablated prompt"] | None = None
     linear_delta_direct: Float[AnyArray, "ablated measured prompt"] | None = None
+    instances: Float[AnyArray, "ablated prompt"] | None = None
+    instance_direct: Float[AnyArray, "ablated prompt"] | None = None
+
+    @property
+    def per_position(self) -> bool:
+        """Whether this is a per-position (target "next") matrix of instance sums."""
+        return self.instances is not None
 
     @property
     def ablated(self) -> list[Component]:
@@ -404,6 +418,8 @@ class EffectMatrix:
             "direct_clean": ("measured", "prompt"),
             "delta_direct": ("ablated", "measured", "prompt"),
             "linear_delta_direct": ("ablated", "measured", "prompt"),
+            "instances": ("ablated", "prompt"),
+            "instance_direct": ("ablated", "prompt"),
         }
         data = {}
         for f in dataclasses.fields(self):

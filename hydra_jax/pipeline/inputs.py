@@ -27,6 +27,7 @@ from hydra_jax.loaders.checkpoint import file_sha256
 from hydra_jax.loaders.describe import shareable_path
 from hydra_jax.loaders.source import DEFAULT_MODEL, ModelSource, checkpoints_dir, open_model
 from hydra_jax.model.transformer import Transformer, param_count
+from hydra_jax.pipeline import protocols
 from hydra_jax.pipeline.options import Settings
 
 SKIP_REASONS = {
@@ -381,18 +382,32 @@ def preflight(settings: Settings, *, model: ModelSource | None = None) -> Inputs
     if model is None:  # every check of the model short of reading weights
         model = open_model(settings.model, "--model")
     compare = None if settings.compare is None else open_model(settings.compare, "--compare")
+    data = protocols.get(settings.protocol).read_data(settings)
+    return Inputs(model=model, compare=compare, data=data)
+
+
+def read_prompts(settings: Settings) -> tuple[FactDataset, dict]:
+    """The prompt file of `--data`, read and checked (a malformed file, answers a setting needs but
+    the file lacks): the data of the prompt protocols (`Protocol.read_data`)."""
     if settings.data != "default" and not os.path.isfile(settings.data):
         raise FileNotFoundError(
             f"No dataset file at {settings.data!r} (--data); pass 'default' or a prompt file: .txt, "
             ".jsonl, or Counterfact / known-facts .json (docs/data.md)."
         )
-    # Read and check the prompts now (a malformed file, answers a setting needs but the file lacks).
     data = load_data(settings.data, settings.prompt_text)
     check_data(data[0], settings.data, target=settings.target, filter=settings.filter)
-    return Inputs(model=model, compare=compare, data=data)
+    return data
 
 
-def select(settings: Settings, tokenizer: Tokenizer, model: Transformer, data: tuple[FactDataset, dict]):
+def select(settings: Settings, tokenizer: Tokenizer, model: Transformer, data: Any) -> tuple[Prompts, dict]:
+    """The analysed prompts (and their pool) and the data's description (with "skipped"), as the
+    settings' protocol selects them from what `preflight` read (`Protocol.select`)."""
+    return protocols.get(settings.protocol).select(settings, tokenizer, model, data)
+
+
+def select_facts(
+    settings: Settings, tokenizer: Tokenizer, model: Transformer, data: tuple[FactDataset, dict]
+):
     """`select_prompts` with a run's settings, on the prompt file `preflight` read: the analysed
     prompts and their pool, and the data's description (with "skipped").
 

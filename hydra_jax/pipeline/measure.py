@@ -127,6 +127,6 @@ def measure_all(
     """
     if not isinstance(prompts, Prompts):
         prompts = Prompts.of(prompts)
-    spec = settings.spec
+    spec = settings.spec_for(model.config)
     sources = Sources.dataset(model, prompts, spec, seed=settings.seed, batch_size=settings.batch_size)
     return collect(measure(model, prompts, spec, sources, batch_size=settings.batch_size, progress=progress))

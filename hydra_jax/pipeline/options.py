@@ -114,7 +114,9 @@ class Settings:
         metadata=option(
             "what is ablated, measured and reported (hydra_jax.pipeline.protocols; docs/architecture.md): "
             "'paper' (default): every attention and MLP layer (or head) ablated at the final position, the "
-            "paper's direct, total and compensation statistics",
+            "paper's direct, total and compensation statistics; 'tokens': every head (or layer) ablated at "
+            "every position of a text corpus, self-repair per head on the next token (Rushing & Nanda "
+            "2024), --data a .txt / .jsonl corpus or 'default' (the Python documentation text)",
             choices=protocols.names,  # read when the parser is built: a protocol added later is listed
         ),
     )
@@ -141,7 +143,10 @@ class Settings:
     )
     n_prompts: int | str | None = dataclasses.field(
         default=256,
-        metadata=option("prompts to analyse, or 'all' (default 256; --paper: all)", type=n_prompts_option),
+        metadata=option(
+            "prompts to analyse (--protocol tokens: text sequences), or 'all' (default 256; --paper: all)",
+            type=n_prompts_option,
+        ),
     )
     kind: str = dataclasses.field(
         default="resample",
@@ -153,14 +158,19 @@ class Settings:
     n_resamples: int | None = dataclasses.field(
         default=None,
         metadata=option(
-            "resample sources per prompt, averaged (--kind resample only; default 5; --paper: 15)", type=int
+            "resample sources per prompt, averaged (--kind resample only; default 5, --protocol tokens 1; "
+            "--paper: 15)",
+            type=int,
         ),
     )
     position: str = dataclasses.field(
         default="final", metadata=option("ablated positions (default final)", choices=("final", "all"))
     )
-    granularity: str = dataclasses.field(
-        default="layer", metadata=option("ablate layers (default) or every head", choices=("layer", "head"))
+    granularity: str | None = dataclasses.field(
+        default=None,
+        metadata=option(
+            "ablate layers (default) or every head (default for --protocol tokens)", choices=("layer", "head")
+        ),
     )
     target: str = dataclasses.field(
         default="argmax",
@@ -179,13 +189,35 @@ class Settings:
     seed: int = dataclasses.field(
         default=0, metadata=option("prompt order, resampling and bootstrap seed", type=int)
     )
-    batch_size: int = dataclasses.field(
-        default=128, metadata=option("prompts per compiled call (default 128)", type=int)
+    batch_size: int | None = dataclasses.field(
+        default=None,
+        metadata=option(
+            "prompts (text sequences) per compiled call (default 128; --protocol tokens 4)", type=int
+        ),
     )
     chunk_size: int | None = dataclasses.field(
         default=None,
         metadata=option(
-            "ablation rows computed at a time within a call (default: all at once); bounds memory", type=int
+            "ablation rows computed at a time within a call (default: all at once; --protocol tokens 16); "
+            "bounds memory",
+            type=int,
+        ),
+    )
+    seq_len: int = dataclasses.field(
+        default=128,
+        metadata=option(
+            "--protocol tokens: tokens per text sequence (default 128, as Rushing & Nanda 2024); the "
+            "corpus is cut into consecutive sequences of this length",
+            type=int,
+        ),
+    )
+    top: float = dataclasses.field(
+        default=0.02,
+        metadata=option(
+            "--protocol tokens: the fraction of (sequence, position) instances each ablated component "
+            "is measured on, those where its clean direct effect is highest over the whole corpus "
+            "(default 0.02: the top 2%, as Rushing & Nanda 2024; 1: every position)",
+            type=float,
         ),
     )
     n_bootstrap: int = dataclasses.field(
@@ -197,14 +229,19 @@ class Settings:
         object.__setattr__(self, "seed", validate.seed(self.seed, "--seed"))
         if self.n_prompts == "all":
             object.__setattr__(self, "n_prompts", None)  # every usable prompt of the file
+        protocol = protocols.get(self.protocol)  # an unknown protocol is named with the known ones
         if self.n_resamples is None:
-            object.__setattr__(self, "n_resamples", 5 if self.kind == "resample" else 1)
+            object.__setattr__(self, "n_resamples", protocol.resamples if self.kind == "resample" else 1)
         elif self.kind != "resample" and self.n_resamples != 1:
             raise ValueError(
                 f"--n-resamples {self.n_resamples} only applies to --kind resample (this run ablates "
                 f"with --kind {self.kind}, which has nothing to resample); drop --n-resamples."
             )
-        for name in ("n_prompts", "batch_size", "n_bootstrap", "n_resamples"):
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", protocol.batch_size)
+        if self.granularity is None:
+            object.__setattr__(self, "granularity", protocol.granularity)
+        for name in ("n_prompts", "batch_size", "n_bootstrap", "n_resamples", "seq_len"):
             v = getattr(self, name)
             if name == "n_prompts" and v is None:
                 continue  # every prompt of the file
@@ -212,7 +249,15 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}.")
         if self.granularity not in ("layer", "head"):
             raise ValueError(f"--granularity must be 'layer' or 'head', got {self.granularity!r}.")
-        protocols.get(self.protocol)  # an unknown protocol is named with the known ones
+        if self.seq_len < 2:
+            raise ValueError(
+                f"--seq-len must be at least 2 (a position and the next token it is measured on), got "
+                f"{self.seq_len}."
+            )
+        top = self.top
+        if isinstance(top, bool) or not isinstance(top, (int, float)) or not 0 < top <= 1:
+            raise ValueError(f"--top must be a fraction in (0, 1] (0.02: the top 2%), got {top!r}.")
+        object.__setattr__(self, "top", float(top))
         _ = self.spec  # the kind, position and target rules are EffectSpec's, checked here up front
         if self.filter not in FILTERS:
             raise ValueError(
@@ -231,10 +276,15 @@ class Settings:
         return cls(**(protocol | overrides))
 
     def deviations(self, available: int | None = None) -> list[str]:
+        """How these settings differ from the protocol's source, one sentence each (the
+        protocol's `deviations`; "paper": `paper_deviations`). `available`: the usable prompts
+        of the data, so that a count that takes them all is not called a deviation."""
+        return protocols.get(self.protocol).deviations(self, available)
+
+    def paper_deviations(self, available: int | None = None) -> list[str]:
         """How these settings differ from the paper's protocol (SPEC §1; McGrath et al. 2023
         §2.4.1, §4.1, App. A), one sentence each; empty for `Settings.paper(data=...)` on the
-        known-facts file. `available`: the usable prompts of the data, so that a count that
-        takes them all is not called a deviation."""
+        known-facts file."""
         out = []
         if self.data == "default":
             out.append("prompts: the synthetic world's held-out prompts, not the 1,209 known facts")
@@ -265,8 +315,13 @@ class Settings:
     @property
     def spec(self) -> EffectSpec:
         """The effect matrix every batch computes: what the protocol ablates and measures, with these
-        settings' kind, position, target and resamples (`hydra_jax.pipeline.protocols`)."""
+        settings' kind, position, target and resamples (`hydra_jax.pipeline.protocols`), for any
+        model (`spec_for` a model's config adds what depends on its shape)."""
         return protocols.get(self.protocol).spec(self)
+
+    def spec_for(self, config: Any) -> EffectSpec:
+        """`spec` on a model with `config` (e.g. the tokens protocol measures its last MLP's neurons)."""
+        return protocols.get(self.protocol).spec(self, config)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated again)."""

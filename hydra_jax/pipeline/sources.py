@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hydra_jax import interrupts
 from hydra_jax.batch import Batch
-from hydra_jax.effects.matrix import EffectSpec
+from hydra_jax.effects.matrix import EffectSpec, clean_instance_scores, instance_thresholds
 from hydra_jax.effects.results import Component
 from hydra_jax.interventions.sources import SourceActivations, source_activations
 from hydra_jax.model.config import ModelConfig
@@ -56,6 +57,9 @@ class Sources:
             (resample, final position), or None.
         read: the pool's clean final activations read by rows from elsewhere (a sweep store)
             instead of `table`; `dtype` is what they are computed in.
+        thresholds: with target "next" and a `top` fraction, [A] each ablated component's
+            least clean direct effect of an instance, ranked over every analysed sequence
+            (the whole corpus, not a batch: `hydra_jax.effects.matrix.instance_thresholds`).
     """
 
     spec: EffectSpec
@@ -64,6 +68,7 @@ class Sources:
     table: SourceActivations | None = None
     read: Reader | None = None
     dtype: Any = None
+    thresholds: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         kind, k = self.spec.kind, self.spec.n_resamples
@@ -94,18 +99,19 @@ class Sources:
         the final position, with `table`) the pool's clean final activations, computed here once.
         `table=False` leaves the table to a `reader` (`with_reader`: a sweep store's)."""
         pool, ablate = prompts.pool, spec.ablate
+        more = {"thresholds": corpus_thresholds(model, prompts, spec, batch_size)}
         if spec.kind == "mean":
             acts = source_activations(
                 model, pool, sites=ablate, position=spec.position, mean=True, batch_size=batch_size
             )
-            return cls(spec=spec, pool=pool, table=acts)
+            return cls(spec=spec, pool=pool, table=acts, **more)
         if spec.kind == "resample":
             draw = prompts.resample_sources(spec.n_resamples, seed)  # [K, N] rows of the pool
             acts = None
             if spec.position == "final" and table:  # a few numbers per prompt and layer: keep them all
                 acts = source_activations(model, pool, sites=ablate, batch_size=batch_size)
-            return cls(spec=spec, pool=pool, draw=draw, table=acts, dtype=model.config.compute_dtype)
-        return cls(spec=spec, pool=pool)
+            return cls(spec=spec, pool=pool, draw=draw, table=acts, dtype=model.config.compute_dtype, **more)
+        return cls(spec=spec, pool=pool, **more)
 
     @property
     def needs_table(self) -> bool:
@@ -119,6 +125,11 @@ class Sources:
     def arguments(self, idx: np.ndarray) -> dict[str, Any]:
         """`effect_matrix`'s `source=` and `source_index=` for the analysed prompts `idx` (rows of
         the analysed prompts, not of the pool), one shape for every batch of one size."""
+        if self.thresholds is not None:
+            return {
+                "thresholds": self.thresholds,
+                **dataclasses.replace(self, thresholds=None).arguments(idx),
+            }
         kind = self.spec.kind
         if kind == "zero":
             return {}
@@ -156,6 +167,26 @@ class Sources:
             n_prompts=self.pool.size,
         )
         return {"source": table, "source_index": local.reshape(index.shape).astype(np.int32)}
+
+
+def corpus_thresholds(
+    model: Transformer, prompts: Prompts, spec: EffectSpec, batch_size: int
+) -> np.ndarray | None:
+    """[A] the instance thresholds of target "next" with a `top` fraction (`Sources.thresholds`):
+    the (1 - top) quantile of each ablated component's clean direct effect over every position
+    of every analysed sequence (one clean pass per batch); None for other matrices or top 1."""
+    if spec.target != "next" or spec.top is None or spec.top >= 1:
+        return None
+    from hydra_jax.pipeline.measure import Batches
+
+    batches = Batches(prompts.size, min(batch_size, prompts.size))
+    scores = []
+    for i in range(batches.count):
+        interrupts.check()
+        at = batches[i]
+        batch = prompts.pool.take(prompts.index[batches.rows(i)])
+        scores.append(clean_instance_scores(model, batch, spec)[:, : at.stop - at.start])
+    return instance_thresholds(np.concatenate(scores, axis=1), spec.top)
 
 
 def abstract_source(

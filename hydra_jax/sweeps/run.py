@@ -56,7 +56,7 @@ from hydra_jax.sweeps import store as stores
 # Settings that change no number in the store (the report's bootstrap, a comparison model).
 _NOT_STORED = ("n_bootstrap", "compare")
 # Settings added since stores were first written, with the value older stores were computed with.
-_LEGACY = {"protocol": "paper"}
+_LEGACY = {"protocol": "paper", "seq_len": 128, "top": 0.02}
 
 
 def sweep(
@@ -113,7 +113,7 @@ def sweep(
     model, tokenizer, model_info = load_model(opened.model)
     prompts, data_info = select(settings, tokenizer, model, opened.data)
     pool = prompts.pool  # ablation values come from the pool; its rows prompts.index are analysed
-    spec = settings.spec
+    spec = settings.spec_for(model.config)
     ablated, measured = spec.components(model.config)
     size = min(settings.batch_size, prompts.size)
     layout = stores.Layout(len(ablated), len(measured), prompts.size, size)
@@ -132,7 +132,14 @@ def sweep(
         with outdir.atomic_dir(
             path, stores.STORE, overwrite=overwrite
         ) as tmp:  # the empty store appears whole, or not at all
-            stores.create_store(tmp, identity=identity, labels=labels, layout=layout, meta=meta)
+            stores.create_store(
+                tmp,
+                identity=identity,
+                labels=labels,
+                layout=layout,
+                meta=meta,
+                per_position=spec.target == "next",
+            )
             if sources.needs_table:
                 shapes = _source_shapes(model, pool, spec.ablate, pool_layout)
                 stores.create_sources(tmp, shapes, pool_layout)
@@ -252,16 +259,22 @@ def _source_shapes(model: Transformer, batch: Batch, sites, layout: stores.Layou
 
 
 def _arrays(em: EffectMatrix) -> dict[str, np.ndarray]:
-    return {name: np.asarray(getattr(em, name)) for name in stores.EFFECTS}
+    names = stores.EFFECTS + (stores.INSTANCES if em.per_position else ())
+    return {name: np.asarray(getattr(em, name)) for name in names}
 
 
 def _flops(model: Transformer, settings: Settings, ablated, tokens: int, prompts: int) -> float | None:
-    """The minimal FLOPs of the final-position sweep (`hydra_jax.bench.flops`), None elsewhere."""
-    if settings.position != "final":
-        return None
+    """The minimal FLOPs of the sweep (`hydra_jax.bench.flops`): a final-position or a per-position
+    (tokens protocol) matrix; None for other ones."""
     from hydra_jax.bench import flops
 
     rows = [(c.site.value, c.layer) for c in ablated]
+    if settings.spec.target == "next":
+        return float(
+            flops.per_position_account(model.config, prompts, tokens, rows, settings.n_resamples).minimal
+        )
+    if settings.position != "final":
+        return None
     account = flops.account(model.config, prompts, tokens, rows, settings.n_resamples)
     return float(account.minimal)
 

@@ -8,6 +8,9 @@ A store is a zarr (v3) group written by `hydra_jax.sweeps.sweep`:
     norm_term     [A, N]     float32   the final-norm scale's part of TE
     target        [N]        int32     the target token
     clean_logit, direct_embed, direct_bias   [N] float32
+    instances, instance_direct [A, N]  float32   (per-position matrices only, --protocol tokens:
+                                       see `EffectMatrix`) each ablation's instances per
+                                       sequence and their clean direct effect
     complete      [n_batches] bool     which batches are written
     sources/<site> [L, P, 1, ...]      (resample at the final position) each pool prompt's clean
                                        activation at the ablated site, the values resamples read
@@ -45,13 +48,17 @@ from hydra_jax.pipeline.measure import Batches
 SCHEMA_ID = "hydra_jax.sweeps/1"
 PER_PROMPT = ("target", "clean_logit", "direct_embed", "direct_bias")
 EFFECTS = ("total", "direct_clean", "delta_direct", "norm_term", *PER_PROMPT)
+INSTANCES = ("instances", "instance_direct")
+"""The arrays a per-position (target "next") matrix adds to `EFFECTS`."""
 SOURCES = "sources"
 COORDS = ("ablated", "measured", "prompt")
-ENTRIES = frozenset({"zarr.json", *EFFECTS, *COORDS, "complete", SOURCES, "sources_complete"})
+ENTRIES = frozenset({"zarr.json", *EFFECTS, *INSTANCES, *COORDS, "complete", SOURCES, "sources_complete"})
 """Every name a store holds at its top level."""
 DIMS = {
     "total": ("ablated", "prompt"),
     "norm_term": ("ablated", "prompt"),
+    "instances": ("ablated", "prompt"),
+    "instance_direct": ("ablated", "prompt"),
     "direct_clean": ("measured", "prompt"),
     "delta_direct": ("ablated", "measured", "prompt"),
     **{name: ("prompt",) for name in PER_PROMPT},
@@ -91,7 +98,13 @@ class Layout:
 
 
 def create_store(
-    path: str, *, identity: Mapping[str, Any], labels: Labels, layout: Layout, meta: Mapping[str, Any]
+    path: str,
+    *,
+    identity: Mapping[str, Any],
+    labels: Labels,
+    layout: Layout,
+    meta: Mapping[str, Any],
+    per_position: bool = False,
 ) -> None:
     """Create an empty store at `path` (a new directory; the caller makes it atomic).
 
@@ -102,9 +115,10 @@ def create_store(
         labels: the ablated and measured components.
         layout: the shapes and the batch size (the prompt-axis chunk).
         meta: descriptive attributes (model and data descriptions, versions), not compared.
+        per_position: also the arrays of a per-position matrix (`INSTANCES`).
     """
     group = zarr.open_group(path, mode="w")  # a fresh (empty) directory
-    for name in EFFECTS:
+    for name in EFFECTS + (INSTANCES if per_position else ()):
         shape = layout.shape(name)
         dtype = "int32" if name == "target" else "float32"
         fill = 0 if name == "target" else float("nan")
@@ -199,6 +213,8 @@ class SweepStore:
         self.labels = Labels(tuple(attrs["labels"]["ablated"]), tuple(attrs["labels"]["measured"]))
         self.layout = Layout(**attrs["layout"])
         self.meta: dict[str, Any] = dict(attrs["meta"])
+        self.arrays = EFFECTS + tuple(name for name in INSTANCES if name in self.group)
+        """The effect arrays it holds: `EFFECTS`, and `INSTANCES` for a per-position matrix."""
 
     # -- progress ----------------------------------------------------------
 
@@ -219,7 +235,7 @@ class SweepStore:
         """Write batch i's effect arrays, then mark it complete (a kill in between leaves it
         incomplete, and it is recomputed on resume)."""
         at = self.layout.batch(i)
-        for name in EFFECTS:
+        for name in self.arrays:
             x = np.asarray(arrays[name])
             want = (*self.layout.shape(name)[:-1], at.stop - at.start)
             if x.shape != want:
@@ -263,7 +279,7 @@ class SweepStore:
     def effect_matrix(self, prompts: slice = slice(None)) -> EffectMatrix:
         """The `EffectMatrix` of prompts `prompts` (all by default) as numpy arrays."""
         self.require_complete()
-        arrays = {name: np.asarray(self.group[name][..., prompts]) for name in EFFECTS}
+        arrays = {name: np.asarray(self.group[name][..., prompts]) for name in self.arrays}
         return EffectMatrix(**arrays, labels=self.labels)
 
     def chunks(self) -> Iterator[tuple[slice, EffectMatrix]]:
@@ -271,7 +287,7 @@ class SweepStore:
         layout = self.layout
         for i in range(layout.n_batches):
             at = layout.batch(i)
-            arrays = {name: np.asarray(self.group[name][..., at]) for name in EFFECTS}
+            arrays = {name: np.asarray(self.group[name][..., at]) for name in self.arrays}
             yield at, EffectMatrix(**arrays, labels=self.labels)
 
     def to_xarray(self) -> Any:

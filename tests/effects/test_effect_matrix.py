@@ -350,7 +350,7 @@ BAD = [
     (dict(kind="zero", n_resamples=2), r"n_resamples only applies to kind='resample'"),
     (dict(chunk_size=0), r"chunk_size must be a positive int or None"),
     (dict(target="answer"), r"target='answer' needs answer tokens"),
-    (dict(target="logit"), r"target must be 'argmax' or 'answer'"),
+    (dict(target="logit"), r"target must be one of"),
     (dict(position="middle"), r"position must be 'final' or 'all'"),
     (dict(kind="noise"), r"Unknown ablation kind 'noise'"),
     (dict(kind="patch"), r"kind='patch' needs source="),

@@ -261,7 +261,7 @@ from hydra_jax.pipeline.protocols.paper import Paper
 class Toy(Paper):
     name = "toy"
 
-    def spec(self, settings):  # attention layers only
+    def spec(self, settings, config=None):  # attention layers only
         return EffectSpec(ablate=("attn_out",), measure=("attn_out", "mlp_out"), kind=settings.kind,
                           n_resamples=settings.n_resamples)
 
@@ -285,7 +285,7 @@ def toy_protocol(tmp_path, monkeypatch):
 def test_a_protocol_is_one_module_picked_up_by_settings_cli_analyze_and_sweep(
     toy_protocol, small, data, tmp_path
 ):
-    assert protocols.names() == ("paper", "toy")
+    assert protocols.names() == ("paper", "tokens", "toy")
     assert "toy" in build_parser().parse_args(["analyze", "--protocol", "toy"]).protocol
     model, tokenizer = small
     got = hj.analyze(model, data, tokenizer=tokenizer, protocol="toy", progress=False, **OPTIONS)

@@ -10,6 +10,12 @@ report directory. docs/architecture.md says step by step how to add one.
 
     paper   every attention and MLP layer (or head) ablated at the final position of each
             prompt; the paper's direct, total and compensation statistics (McGrath et al. 2023)
+    tokens  every head (or layer) ablated at every position of a text corpus; self-repair of
+            each on its top instances by direct effect, split into heads, MLPs and the final
+            norm (Rushing & Nanda 2024)
+
+A protocol also says what its data is (`read_data`, `select`: prompt files by default, a text
+corpus for `tokens`) and its defaults (`batch_size`, `resamples`).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from hydra_jax.batch import Tokenizer
     from hydra_jax.effects.matrix import EffectSpec
     from hydra_jax.effects.results import EffectMatrix, Labels
+    from hydra_jax.model.transformer import Transformer
     from hydra_jax.pipeline.options import Settings
     from hydra_jax.pipeline.record import RunRecord
 
@@ -43,11 +51,45 @@ class Protocol(abc.ABC):
 
     name: ClassVar[str]
     instances: ClassVar[str]
+    batch_size: ClassVar[int] = 128
+    """Prompts per compiled call when --batch-size is not given."""
+    resamples: ClassVar[int] = 5
+    """Resample sources per prompt when --n-resamples is not given (--kind resample)."""
+    granularity: ClassVar[str] = "layer"
+    """What is ablated when --granularity is not given."""
+
+    def read_data(self, settings: Settings) -> Any:
+        """Read and check `--data` before any weight is read (`preflight`); what `select` takes.
+        Default: a prompt file (`hydra_jax.pipeline.inputs.read_prompts`)."""
+        from hydra_jax.pipeline.inputs import read_prompts
+
+        return read_prompts(settings)
+
+    def select(self, settings: Settings, tokenizer: Tokenizer, model: Transformer, data: Any) -> Any:
+        """The analysed prompts (`hydra_jax.pipeline.inputs.Prompts`) and the data's description,
+        from what `read_data` returned. Default: `hydra_jax.pipeline.inputs.select_facts`."""
+        from hydra_jax.pipeline.inputs import select_facts
+
+        return select_facts(settings, tokenizer, model, data)
+
+    def shape(self, settings: Settings, data: Any, tokenizer: Tokenizer, config: Any) -> tuple[int, int]:
+        """(prompts, tokens per prompt after padding) a run on `data` (what `read_data` returned)
+        computes, without reading weights: what the planner (`hydra-jax sweep --dry-run`) sizes.
+        Default: the prompt file's prompts, padded to the longest one."""
+        facts, _ = data
+        lengths = [len(ids) for ids in tokenizer.encode_prompts(list(facts.prompts))]
+        n = len(lengths) if settings.n_prompts is None else min(settings.n_prompts, len(lengths))
+        return n, min(max(lengths), config.n_ctx)
+
+    def deviations(self, settings: Settings, available: int | None) -> list[str]:
+        """How `settings` differ from the protocol's source, one sentence each."""
+        return []
 
     @abc.abstractmethod
-    def spec(self, settings: Settings) -> EffectSpec:
+    def spec(self, settings: Settings, config: Any = None) -> EffectSpec:
         """The effect matrix each batch computes: the rows ablated and the components measured, with
-        the settings' kind, position, target, resamples and chunk size."""
+        the settings' kind, position, target, resamples and chunk size; `config` the model's
+        `ModelConfig` (None: what does not depend on the model's shape, for checking settings)."""
 
     @abc.abstractmethod
     def summarise(
@@ -71,6 +113,10 @@ class Protocol(abc.ABC):
     @abc.abstractmethod
     def figure(self, name: str, *, em: EffectMatrix, summary: Any, record: RunRecord, compare=None) -> Any:
         """One of the report's figures as a matplotlib Figure."""
+
+    @abc.abstractmethod
+    def digest(self, summary: Any, out_dir: str) -> str:
+        """What `hydra-jax analyze` prints once the report is written to `out_dir`: a few lines."""
 
     @abc.abstractmethod
     def html(self, *, em: EffectMatrix, summary: Any, record: RunRecord) -> str:

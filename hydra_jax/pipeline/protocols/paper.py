@@ -33,7 +33,10 @@ class Paper(Protocol):
     name = "paper"
     instances = "the final position of each prompt"
 
-    def spec(self, settings: Settings) -> EffectSpec:
+    def deviations(self, settings: Settings, available: int | None) -> list[str]:
+        return settings.paper_deviations(available)
+
+    def spec(self, settings: Settings, config: Any = None) -> EffectSpec:
         from hydra_jax.effects.matrix import EffectSpec
 
         return EffectSpec(
@@ -80,6 +83,16 @@ class Paper(Protocol):
 
         other = None if compare is None else (compare[0], compare[1], compare[2].meta())
         return figures.figure(name, em=em, summary=summary, meta=record.meta(), compare=other)
+
+    def digest(self, summary: HydraSummary, out_dir: str) -> str:
+        """The terminal table, then each of the paper's claims with its verdict and the deviations."""
+        import json
+        import os
+
+        from hydra_jax.report.text import claims_digest, terminal_table
+
+        with open(os.path.join(out_dir, "summary.json")) as f:
+            return terminal_table(summary) + "\n" + claims_digest(json.load(f)["paper"])
 
     def html(self, *, em: EffectMatrix, summary: HydraSummary, record: RunRecord) -> str:
         import io
