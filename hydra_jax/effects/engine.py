@@ -169,7 +169,7 @@ def effect_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
     """
     cfg = plan.config
     params, tokens, valid, answers = inputs.params, inputs.tokens, inputs.valid, inputs.answers
-    rows, perms, source, restore = inputs.rows, inputs.perms, inputs.source, inputs.restore
+    rows, perms, restore = inputs.rows, inputs.perms, inputs.restore
     n_ablations = rows["layer"].shape[0]  # the shape contract, checked at trace time
     chex.assert_equal_shape([tokens, valid])
     chex.assert_shape([rows["layer"], rows["site"], rows["head"]], (n_ablations,))
@@ -205,16 +205,7 @@ def effect_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
 
     # The clean activation at each ablated site, and what each ablation writes there.
     k = plan.n_resamples
-    here, values, write = _ablation_values(params, cfg, plan, clean, valid, rows, perms, source)
-    n_rows = rows["layer"].shape[0] * k
-
-    def flat(x: Array) -> Array:  # [A, K, ...] -> [N, ...]
-        return x.reshape(n_rows, *x.shape[2:])
-
-    per_row = {key: jnp.repeat(x, k, axis=0) for key, x in rows.items()}
-    if write is not None:
-        per_row["write"] = flat(write)
-
+    per_row, here, value = _row_inputs(params, cfg, plan, inputs, clean)
     xs, step = _suffix(params, cfg, plan, clean, valid, w, scale, neuron_w)
     segments = plan.segments or ((0, cfg.n_layers, rows["layer"].shape[0]),)
 
@@ -228,13 +219,10 @@ def effect_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
         total = s_abl * dot + (bias - clean_logit)[None]
         return {**out, "total": total, "norm_term": (s_abl - scale[None]) * dot}
 
-    value = {name: flat(v) for name, v in values.items()}
     out = {"exact": effects(value)}
     if plan.linearise:
         # First order in the edit: d/dε effects(clean + ε (value − clean)) at ε = 0.
-        clean_value = {
-            name: flat(jnp.broadcast_to(here[name][:, None], v.shape)) for name, v in values.items()
-        }
+        clean_value = {name: jnp.repeat(here[name], k, axis=0) for name in value}
         steps = {name: value[name] - clean_value[name] for name in value}
         zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
 
@@ -243,13 +231,9 @@ def effect_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
 
         out["linear"] = jax.jvp(along, (zero,), (one,))[1]
 
-    def per_ablation(x: Array) -> Array:  # [N, ...] -> [A, ...], mean over resamples, caller's order
-        x = x.reshape(-1, k, *x.shape[1:]).mean(axis=1)
-        return x if restore is None else x[restore]
-
     result = {}
     for name, o in out.items():
-        o = {key: per_ablation(v) for key, v in o.items()}
+        o = {key: _per_ablation(v, k, restore) for key, v in o.items()}
         prefix = "" if name == "exact" else "linear_"
         result[prefix + "total"] = o.pop("total")
         norm_term = o.pop("norm_term")
@@ -291,20 +275,10 @@ def _per_position_core(
     clean_logit = _position_de(z, w, scale) + bias  # [B, T]
 
     k = plan.n_resamples
-    _, values, write = _ablation_values(params, cfg, plan, clean, valid, rows, inputs.perms, inputs.source)
-    n_rows = rows["layer"].shape[0] * k
-
-    def flat(x: Array) -> Array:  # [A, K, ...] -> [N, ...]
-        return x.reshape(n_rows, *x.shape[2:])
-
-    per_row = {key: jnp.repeat(x, k, axis=0) for key, x in rows.items()}
-    per_row["inst"] = jnp.repeat(inst, k, axis=0)
-    if write is not None:
-        per_row["write"] = flat(write)
+    per_row, _, value = _row_inputs(params, cfg, plan, inputs, clean, inst=inst)
     neuron_w = _neuron_directions(params, cfg, w, scale) if plan.measure_neurons else None  # [L, B, T, F]
     xs, step = _suffix(params, cfg, plan, clean, valid, w, scale, neuron_w)
     segments = plan.segments or ((0, cfg.n_layers, rows["layer"].shape[0]),)
-    value = {name: flat(v) for name, v in values.items()}
     out = _run_rows({**per_row, **value}, xs, step, plan, segments, k)
     # Total effect and norm term at every position (frozen w_t, moving scale), summed over instances.
     z_abl = out.pop("z").astype(jnp.float32)  # [N, B, T, D]
@@ -314,19 +288,13 @@ def _per_position_core(
     out["total"] = ((s_abl * dot + (bias - clean_logit)[None]) * weights).sum(-1)
     out["norm_term"] = ((s_abl - scale[None]) * dot * weights).sum(-1)
 
-    def in_order(x: Array) -> Array:  # plan's row order -> the caller's
-        return x if restore is None else x[restore]
-
-    def per_ablation(x: Array) -> Array:  # [N, ...] -> [A, ...], mean over resamples
-        return in_order(x.reshape(-1, k, *x.shape[1:]).mean(axis=1))
-
-    o = {key: per_ablation(v) for key, v in out.items()}
+    o = {key: _per_ablation(v, k, restore) for key, v in out.items()}
     result = {
         "total": o.pop("total"),
         "norm_term": o.pop("norm_term"),
         "delta_direct": _gather_measured(plan, o, axis=1),  # [A, M, B]
-        "instances": in_order(inst.sum(-1)),  # [A, B]
-        "instance_direct": in_order((inst * score).sum(-1)),
+        "instances": _per_ablation(inst.sum(-1), 1, restore),  # [A, B]
+        "instance_direct": _per_ablation((inst * score).sum(-1), 1, restore),
     }
     counted = has_next.astype(jnp.float32)  # the measured positions of each sequence
     summed = {
@@ -342,6 +310,31 @@ def _per_position_core(
     if plan.layout is not None:
         result, per_prompt = plan.layout.per_ablation(result), plan.layout.per_prompt(per_prompt)
     return dict(**result, **per_prompt)
+
+
+def _row_inputs(
+    params: Params, cfg: ModelConfig, plan: Plan, inputs: CoreInputs, clean: dict[Any, Array], **extra: Array
+) -> tuple[dict[str, Array], dict[str, Array], dict[str, Array]]:
+    """Every ablation row once per resample (N = A x K rows, resamples of a row adjacent), and what
+    each writes: (per_row {"layer", "site", "head", ..., "write" where it writes at every
+    position, and `extra` [A, ...] arrays repeated alike}, the clean value at each row's site
+    [A, B, (T,) X], the values written {"wide"/"hidden": [N, B, (T,) X]})."""
+    k, rows = plan.n_resamples, inputs.rows
+    here, values, write = _ablation_values(
+        params, cfg, plan, clean, inputs.valid, rows, inputs.perms, inputs.source
+    )
+    n = rows["layer"].shape[0] * k
+    per_row = {key: jnp.repeat(x, k, axis=0) for key, x in (rows | extra).items()}
+    if write is not None:
+        per_row["write"] = write.reshape(n, *write.shape[2:])
+    return per_row, here, {name: v.reshape(n, *v.shape[2:]) for name, v in values.items()}
+
+
+def _per_ablation(x: Array, k: int, restore: Array | None) -> Array:
+    """[N, ...] rows -> [A, ...] ablations: the mean over each ablation's k resamples, in the
+    caller's order (`restore`: the rows' places, None when they come in that order)."""
+    x = x.reshape(-1, k, *x.shape[1:]).mean(axis=1)
+    return x if restore is None else x[restore]
 
 
 def next_token_directions(
