@@ -85,7 +85,9 @@ def main() -> int:
     error = float(np.abs(np.asarray(engine_em.delta_direct) - np.asarray(loop_em.delta_direct)).max() / scale)
 
     rows = [(a.site.value, a.layer) for a in engine_em.ablated]
-    account = flops.per_position_account(c, batch.size, batch.tokens.shape[1], rows, spec.n_resamples)
+    account = flops.per_position_account(
+        c, batch.size, batch.tokens.shape[1], rows, spec.n_resamples, spec.scan_segments
+    )
     instances = batch.size * (batch.tokens.shape[1] - 1) * len(rows)
     engine_s, loop_s = times["engine"].median, times["loop"].median
     rate = max(rate_before, rate_after)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.colors import TwoSlopeNorm
+from matplotlib.colors import BoundaryNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
@@ -84,8 +84,12 @@ def repair_scatter(summary: TokensSummary, meta: dict[str, Any]) -> Figure:
     x = np.array([r["de"] for r in rows])
     y = np.array([r["self_repair"] for r in rows])
     layer = np.array([r["layer"] for r in rows])
-    points = ax.scatter(x, y, c=layer, cmap="viridis", s=14, alpha=0.85, edgecolors="none")
-    fig.colorbar(points, ax=ax, label="layer (0-indexed)")
+    n_layers = int(layer.max()) + 1
+    bounds = np.arange(n_layers + 1) - 0.5  # one colour per layer, integer ticks
+    norm = BoundaryNorm(bounds, colormaps["viridis"].N)
+    points = ax.scatter(x, y, c=layer, cmap="viridis", norm=norm, s=14, alpha=0.85, edgecolors="none")
+    step = max(1, n_layers // 10)
+    fig.colorbar(points, ax=ax, label="layer (0-indexed)", ticks=range(0, n_layers, step))
     top = float(max(x.max(), y.max(), 0.0))
     low = float(min(x.min(), y.min(), 0.0))
     ax.plot(
