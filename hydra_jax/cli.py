@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--memory",
-        type=float,
+        type=_gigabytes,
         default=None,
         metavar="GB",
         help="--dry-run: the device memory to plan for, in GB (10^9 bytes; default: this device's)",
@@ -439,6 +439,19 @@ def _error_message(err: BaseException) -> str:
     return str(err)
 
 
+def _gigabytes(text: str) -> float:
+    """--memory: a positive, finite number of GB."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of GB (e.g. 80), got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
@@ -464,6 +477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         terminated = isinstance(err, interrupts.Terminated)
         print(f"hydra-jax: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
+    except BrokenPipeError:
+        # The reader went away (`hydra-jax sweep | head -1`): every command prints only after its
+        # work is written, so nothing is lost. Point stdout at /dev/null so that Python's final
+        # flush does not fail again, and succeed.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as err:  # CheckpointError and OutputError are ValueErrors
         print(f"hydra-jax: error: {_error_message(err)}", file=sys.stderr)
         return 2

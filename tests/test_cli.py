@@ -113,3 +113,47 @@ def test_a_bug_still_shows_its_traceback_and_asks_for_a_report(capsys, monkeypat
     assert code == 1
     assert "Traceback" in err and "RuntimeError: an internal invariant broke" in err
     assert "bug in hydra-jax" in err and "please report it" in err
+
+
+@pytest.mark.parametrize("memory", ["inf", "nan", "-3", "0", "lots"])
+def test_a_memory_budget_must_be_a_positive_number_of_gigabytes(capsys, tmp_path, memory):
+    with pytest.raises(SystemExit) as stopped:  # argparse's own usage error
+        main(["sweep", "--model", "tiny_gpt2", "--dry-run", "--memory", memory, "--out", str(tmp_path / "s")])
+    assert stopped.value.code == 2
+    assert f"--memory: expected a positive number of GB (e.g. 80), got '{memory}'" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
+    """`hydra-jax sweep | head -c 1`: the store is written before anything is printed, so a pipe
+    closed by its reader ends the command with success, not a broken-pipe error."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "s.zarr"
+    command = (
+        f"set -o pipefail; {sys.executable} -m hydra_jax.cli sweep --model tiny_gpt2 --n-prompts 8 "
+        f"--batch-size 8 --quiet --out {out} | head -c 1 > /dev/null"
+    )
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Broken pipe" not in done.stderr and "Traceback" not in done.stderr
+    assert hydra_jax.open_store(out).done
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("data", 5, "--data must be a string"),
+        ("model", 3, "--model must be a string"),
+        ("compare", [1], "--compare"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_named(field, value, words):
+    with pytest.raises(TypeError, match=words):
+        hydra_jax.Settings(**{field: value})
+
+
+def test_a_path_object_names_its_path():
+    import pathlib
+
+    assert hydra_jax.Settings(data=pathlib.Path("facts.json")).data == "facts.json"

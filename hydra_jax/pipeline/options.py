@@ -10,6 +10,7 @@ paper's value, and an option given with `--paper` is a named deviation (`Setting
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -226,6 +227,17 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        for name in ("model", "data", "compare", "protocol"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):  # a pathlib.Path names what its string names
+                value = os.fspath(value)
+                object.__setattr__(self, name, value)
+            if not isinstance(value, str) and (value is not None or name in ("data", "protocol")):
+                raise TypeError(
+                    f"--{name} must be a string (a path, a name"
+                    + ("" if name in ("data", "protocol") else " or None")
+                    + f"), got {type(value).__name__} {value!r}."
+                )
         object.__setattr__(self, "seed", validate.seed(self.seed, "--seed"))
         if self.n_prompts == "all":
             object.__setattr__(self, "n_prompts", None)  # every usable prompt of the file
