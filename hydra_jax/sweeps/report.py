@@ -32,7 +32,7 @@ def report_from_store(
     """
     t0 = time.time()
     opened = open_store(store)
-    opened.require_complete()  # an incomplete store names the command that finishes it
+    opened.require_complete()  # an incomplete or damaged store names the command that finishes it
     if (
         isinstance(n_bootstrap, bool)
         or not isinstance(n_bootstrap, int)

@@ -18,18 +18,22 @@ rows it resamples.
 Resuming: the store records the settings its numbers depend on (`identity`: the
 effect settings, the model's config and a fingerprint of its weights, a fingerprint of the
 tokenised prompts: the pool, and which of its prompts are analysed) and which batches
-are complete. Running the same sweep again skips the
-complete batches; batches are computed by the same program from the same inputs, so the
-finished store equals an uninterrupted run's bit for bit. Different settings on an
-existing store are refused, naming each difference.
+are complete. Running the same sweep again reads back the complete batches, recomputes those
+that do not read back as written (`SweepStore.verify`: a chunk file missing, undecodable or
+changed) and the ones never written, and skips the rest; batches are computed by the same
+program from the same inputs, so the finished store equals an uninterrupted run's bit for bit.
+Different settings on an existing store are refused, naming each difference; so is a store
+another live sweep is writing (`store.writer_lock`), before anything is loaded.
 
 Many processes: under `jax.distributed` every process (`jax.process_index()` of
 `jax.process_count()`) takes batches i with i % count == index, on its own devices, and
-writes its own chunks; process 0 creates the store and the others wait for it.
+writes (and on resume checks) its own chunks; process 0 creates the store, holds its writer
+lock, and the others wait for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -77,8 +81,9 @@ def sweep(
         settings: what to measure (`hydra_jax.pipeline.Settings`; `compare` and `n_bootstrap`
             belong to the report and are refused / ignored here).
         out: the store's directory. A new one is created (atomically); an existing store
-            hydra_jax wrote with the same settings is resumed; one with other settings is
-            refused, naming the differences, unless `overwrite` (which replaces it).
+            hydra_jax wrote with the same settings is resumed, its damaged batches recomputed;
+            one with other settings is refused, naming the differences, unless `overwrite`
+            (which replaces it); one another live sweep is writing is refused either way.
         overwrite: replace an existing store of other settings (only one hydra_jax wrote).
         progress: show a progress bar (prompts/s and time left).
         log: where the summary lines go (default: print).
@@ -104,9 +109,45 @@ def sweep(
     rank, ranks = jax.process_index(), jax.process_count()
     _barrier("hydra_jax.sweeps.start", ranks)  # every process looks at `out` before process 0 creates it
     path = os.path.abspath(os.fspath(out))
-    resuming = stores.is_store(path) and not os.path.islink(path) and not overwrite
+    existing = stores.is_store(path) and not os.path.islink(path)
+    resuming = existing and not overwrite
     if not resuming:
         path = outdir.check_out(out, stores.STORE, inputs=paths_read(settings), overwrite=overwrite)
+    with contextlib.ExitStack() as lock:
+        if existing and rank == 0:  # a store another sweep is writing is refused here, before any loading
+            lock.enter_context(stores.writer_lock(path))
+        return _sweep(
+            settings,
+            path,
+            resuming=resuming,
+            overwrite=overwrite,
+            lock=lock,
+            progress=progress,
+            log=log,
+            max_batches=max_batches,
+            mesh=mesh,
+            axes=axes,
+            shard_params=shard_params,
+        )
+
+
+def _sweep(
+    settings: Settings,
+    path: str,
+    *,
+    resuming: bool,
+    overwrite: bool,
+    lock: contextlib.ExitStack,
+    progress: bool,
+    log: Callable[[str], None],
+    max_batches: int | None,
+    mesh: jax.sharding.Mesh | None,
+    axes: Mapping[str, str] | None,
+    shard_params: bool,
+) -> stores.SweepStore:
+    """`sweep` once `path` is checked, and on process 0 its writer lock held; `lock` holds the lock
+    of the store this creates until the sweep ends."""
+    rank, ranks = jax.process_index(), jax.process_count()
     opened = preflight(settings)  # every input opened and checked once; the run uses these handles
     if resuming:  # different options are refused before the model is loaded; its weights after
         _check_resume(path, _settings_identity(settings), None)
@@ -143,12 +184,15 @@ def sweep(
             if sources.needs_table:
                 shapes = _source_shapes(model, pool, spec.ablate, pool_layout)
                 stores.create_sources(tmp, shapes, pool_layout)
+            lock.enter_context(stores.writer_lock(tmp))  # held from the moment the store appears
     _barrier("hydra_jax.sweeps.created", ranks)
     store = stores.SweepStore(path, mode="r+")
 
     if sources.needs_table:  # every prompt of the pool, batched like the effects (the same shape)
         batches = Batches(pool.size, size)
         theirs = np.arange(rank, pool_layout.n_batches, ranks)
+        if resuming:
+            _repair(store, "sources_complete", theirs, log)
         todo = theirs[~store.complete("sources_complete")[theirs]]
         for i in tqdm(todo, disable=not progress or not todo.size, desc="sources", unit="batch"):
             interrupts.check()
@@ -161,6 +205,8 @@ def sweep(
         sources = sources.with_reader(store.read_sources)
 
     mine = np.arange(rank, layout.n_batches, ranks)
+    if resuming:
+        _repair(store, "complete", mine, log)
     todo = mine[~store.complete()[mine]]
     if max_batches is not None:
         todo = todo[:max_batches]
@@ -191,6 +237,19 @@ def sweep(
     state = "complete" if not left else f"{left} batch{'es' if left > 1 else ''} left"
     log(f"hydra-jax: store {path}: {layout.n_prompts} prompts x {layout.n_ablated} ablations, {state}")
     return stores.SweepStore(path, mode="r")
+
+
+def _repair(store: stores.SweepStore, what: str, batches: np.ndarray, log: Callable[[str], None]) -> None:
+    """Clear the flag of each of `batches` of `what` that does not read back as written (a chunk
+    file deleted, damaged or changed), so it is computed again like one never written."""
+    bad = store.verify(what, batches.tolist())
+    if bad:
+        store.forget(bad, what)
+        kind = "source batch" if what == "sources_complete" else "batch"
+        log(
+            f"hydra-jax: {len(bad)} {kind}{'es' if len(bad) > 1 else ''} of {store.path} did not read back "
+            f"as written ({stores.describe_damage(bad)}); recomputing {'them' if len(bad) > 1 else 'it'}"
+        )
 
 
 def _identity(settings: Settings, model: Transformer, prompts: Prompts) -> dict[str, Any]:
