@@ -36,6 +36,8 @@ SKIP_REASONS = {
     "answer_not_continuation": "tokenising prompt + answer does not extend the prompt's tokens "
     "(they merge at the boundary, or the answer adds no token)",
     "answer_unknown_token": "the answer's first token is the tokenizer's unknown token",
+    "answer_blank_token": "the answer's first token is only a space (the tokenizer cannot join the space "
+    "to the answer's first character, so the target would be a bare space)",
     "not_correct": "--filter correct: the clean top token is not the answer's first token",
 }
 """Why `select_prompts` leaves a prompt out (the keys of meta['skipped'])."""
@@ -234,10 +236,14 @@ def select_prompts(
                 return "answer_not_continuation"
             if enc.answer[0] == tokenizer.unk_id:
                 return "answer_unknown_token"
+            if _blank(tokenizer, enc.answer[0]):
+                return "answer_blank_token"
         return None
 
     keys = ["longer_than_context"]
-    keys += ["no_answer", "answer_not_continuation", "answer_unknown_token"] if need else []
+    keys += (
+        ["no_answer", "answer_not_continuation", "answer_unknown_token", "answer_blank_token"] if need else []
+    )
     keys += ["not_correct"] if filter == "correct" else []
     skipped = dict.fromkeys(keys, 0)
     judge = None
@@ -295,6 +301,13 @@ def select_prompts(
         index=np.array([row[i] for i in kept], dtype=np.int64),
     )
     return prompts, {**description, "skipped": skipped}
+
+
+def _blank(tokenizer: Tokenizer, token: int) -> bool:
+    """Whether `token` is only whitespace: decoded, with the space marks of SentencePiece ("▁") and
+    byte-level BPE ("Ġ") read as spaces (a tokenizer without a decoder returns its pieces)."""
+    text = tokenizer.backend.decode([int(token)], skip_special_tokens=False)
+    return not text.replace("\u2581", " ").replace("\u0120", " ").strip()
 
 
 def _answers_needed_by(target: str, filter: str) -> str | None:

@@ -307,7 +307,8 @@ _BLOCK_SCHEMA: dict[str, dict[str, Any]] = {
     "skipped": _spec(
         "object",
         "meta.get('skipped', {}): prompts left out, counted by reason (analyze: longer_than_context, "
-        "no_answer, answer_not_continuation, answer_unknown_token, not_correct; docs/data.md)",
+        "no_answer, answer_not_continuation, answer_unknown_token, answer_blank_token, not_correct; "
+        "docs/data.md)",
         values="integer",
     ),
     "per_ablation": _spec(

@@ -350,3 +350,21 @@ def test_lines_end_at_line_feeds_only(tmp_path):
     jsonl.write_text('{"prompt": "A\u2028B is", "answer": " C"}\r\n{"prompt": "D is"}\n', encoding="utf-8")
     facts = hd.load_prompts(str(jsonl))
     assert facts.prompts == ("A\u2028B is", "D is") and facts.answers == (" C", None)
+
+
+def test_an_answer_whose_first_token_is_a_bare_space_is_skipped_with_its_reason(tmp_path):
+    """A SentencePiece-style tokenizer that does not know an answer's first character tokenises
+    " Zürich" after the prompt as "▁" + <unk>...: the target would be a bare space. Where an answer
+    is needed the prompt is skipped and counted; an answer it can spell is kept."""
+    from support.tokenizer_styles import sentencepiece
+
+    tok = sentencepiece(bos=True)
+    prompt = "The capital of France is"
+    blank = tok.answer_tokens([prompt], [" Zürich"])[0].answer
+    assert tok.backend.id_to_token(blank[0]) == "▁" and blank[0] != tok.unk_id  # what the check is for
+    config = hj.ModelConfig(d_model=8, n_layers=1, n_heads=1, d_head=8, d_mlp=8, d_vocab=64, n_ctx=16)
+    rows = [{"prompt": prompt, "answer": a} for a in ("Zürich", "Paris", "Lyon")]
+    data = write(tmp_path, "facts.jsonl", "\n".join(map(json.dumps, rows)))
+    prompts, info = resolve_data(data, tok, config, 10, 0, target="answer")
+    assert prompts.size == 2 and info["skipped"]["answer_blank_token"] == 1
+    assert resolve_data(data, tok, config, 10, 0)[0].size == 3  # argmax needs no answer: all kept

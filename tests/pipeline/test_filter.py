@@ -119,6 +119,7 @@ def test_filter_correct_keeps_the_prompts_the_model_completes(planted, tmp_path)
         "no_answer": counts["no_answer"],
         "answer_not_continuation": 0,
         "answer_unknown_token": 0,
+        "answer_blank_token": 0,
         "not_correct": counts["not_correct"],
     }
     assert info["examined"] == examined and info["prompts"] == n and info["available"] == len(ROWS)
