@@ -49,6 +49,7 @@ from hydra_jax import interrupts, outdir
 from hydra_jax.batch import Batch
 from hydra_jax.effects.results import EffectMatrix
 from hydra_jax.interventions.sources import source_activations
+from hydra_jax.loaders.source import DEFAULT_MODEL, checkpoints_dir
 from hydra_jax.model.transformer import Transformer
 from hydra_jax.pipeline.inputs import Prompts, load_model, paths_read, preflight, select
 from hydra_jax.pipeline.measure import Batches, measure
@@ -283,6 +284,16 @@ def _fingerprint(arrays: list[Any]) -> str:
     return h.hexdigest()
 
 
+def _model_place(model: str | None) -> str | None:
+    """Where a --model names its weights, to compare two namings of one model: the shipped default
+    (None) is its checkpoint directory, and a path that exists is its real path (so
+    `checkpoints/hydra-8l`, its absolute path and the default are one model); anything else (a
+    preset, a hub id) is itself. Its weights are compared too, by fingerprint, once loaded."""
+    if model is None:
+        return os.path.realpath(checkpoints_dir() / DEFAULT_MODEL)
+    return os.path.realpath(model) if os.path.exists(model) else model
+
+
 def _check_resume(path: str, identity: dict[str, Any], layout: stores.Layout | None) -> None:
     """Refuse a store computed otherwise: the keys of `identity` (all, or the options only) and
     the layout (None: not known yet)."""
@@ -291,6 +302,8 @@ def _check_resume(path: str, identity: dict[str, Any], layout: stores.Layout | N
     if layout is None:
         stored = {k: stored.get(k) for k in identity}
     wanted = dict(identity)
+    if _model_place(stored.get("model")) == _model_place(wanted.get("model")):
+        stored["model"] = wanted["model"]  # one model named two ways: the default and its path
     if layout is not None:
         stored["layout"], wanted["layout"] = dataclasses.asdict(existing.layout), dataclasses.asdict(layout)
     outdir.refuse_other_run(

@@ -268,3 +268,23 @@ def test_a_store_of_a_release_without_protocols_reads_as_the_paper_protocol(tmp_
     out = tmp_path / "report"
     assert main(["analyze", "--from", str(old), "--out", str(out), "--n-bootstrap", "20", "--quiet"]) == 0
     assert json.loads((out / "summary.json").read_text())["settings"]["protocol"] == "paper"
+
+
+def test_the_default_model_and_its_path_resume_one_store(tmp_path, monkeypatch):
+    """A store begun with the default model resumes when the model is named by its checkpoint path
+    (relative or absolute), and the other way round; another model is still refused."""
+    from hydra_jax.effects.results import Labels
+    from hydra_jax.loaders.source import DEFAULT_MODEL, checkpoints_dir
+    from hydra_jax.sweeps import store as stores
+    from hydra_jax.sweeps.run import _check_resume
+
+    layout = stores.Layout(n_ablated=1, n_measured=1, n_prompts=2, batch_size=2)
+    for begun in (None, str(checkpoints_dir() / DEFAULT_MODEL)):
+        path = str(tmp_path / f"store-{begun is None}")
+        identity = {"model": begun, "kind": "resample"}
+        stores.create_store(path, identity=identity, labels=Labels(("a",), ("m",)), layout=layout, meta={})
+        monkeypatch.chdir(checkpoints_dir().parent)
+        for named in (None, f"checkpoints/{DEFAULT_MODEL}", str(checkpoints_dir() / DEFAULT_MODEL)):
+            _check_resume(path, {"model": named, "kind": "resample"}, None)  # not refused
+        with pytest.raises(StoreError, match="model"):
+            _check_resume(path, {"model": "tiny_gpt2", "kind": "resample"}, None)
