@@ -28,6 +28,14 @@ An owner of `files` (benchmark results) writes just those files into a
 directory that may hold others: only they are checked, each must be one
 hydra_jax wrote, and the directory itself is never replaced.
 
+Two runs aimed at one output: `check_out` claims `out` for this process (an exclusive `flock`
+on a lock file beside it, `.<name>.hydra-lock`, recording the pid, host and start), so a second
+run is refused at once, naming the first, before it does any work; the claim ends when the
+output is committed or abandoned (`atomic_dir`), or when the process ends however it ends (the
+kernel releases the lock; a killed run may leave the empty lock file, which the next run reuses
+and removes). Where `out`'s parent does not exist yet there is nowhere to put the lock: the
+claim at the commit (`claim`) still refuses the second run to finish.
+
 `refuse_other_run` is the one "resume the same run, refuse another" check (a
 training run directory, a sweep store): it names each setting that differs
 between what the directory records and what this run wants.
@@ -40,12 +48,16 @@ last, so a failure at any step leaves either the old or the new directory at
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
@@ -131,6 +143,18 @@ def check_out(
                 f"would destroy what it reads. Pass another {label}."
             )
     _check_parent(path, shown, what)
+    taken = not owner.files and hold_claim(path, owner, shown)
+    try:
+        return _check_existing(path, owner, shown, label, overwrite)
+    except BaseException:
+        if taken:  # a refused output is not claimed
+            release_claim(path)
+        raise
+
+
+def _check_existing(path: str, owner: Owner, shown: str, label: str, overwrite: bool) -> str:
+    """`check_out`'s checks of what is at `path` now."""
+    what = owner.what
     if not os.path.exists(path):
         return path
     if owner.files:
@@ -190,6 +214,104 @@ def atomic_dir(out: str, owner: Owner, *, overwrite: bool = False) -> Iterator[s
             shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
+    finally:
+        release_claim(out)
+
+
+# Outputs this process has claimed: path -> (the lock file's descriptor, the lock file).
+_CLAIMS: dict[str, tuple[int, str]] = {}
+
+
+def hold_claim(out: str, owner: Owner, shown: str | None = None) -> bool:
+    """Claim `out` for this process until `release_claim(out)` (or the process ends): an exclusive
+    `flock` on `.<name>.hydra-lock` beside it. Another live process holding it is refused at once
+    with an `OutputError` naming its pid, host and start. A no-op when the claim is held already,
+    when `out`'s parent does not exist (nothing is created before the work), and, with a warning,
+    on a file system without locks. Returns whether this call took the claim."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    if out in _CLAIMS or not os.path.isdir(parent):
+        return False
+    file = os.path.join(parent, f".{os.path.basename(out)}.hydra-lock")
+    for _ in range(5):  # the holder may remove the file between our open and our lock: open it again
+        try:
+            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return False  # a parent we cannot write to: the output itself will say so
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise OutputError(
+                f"{shown or repr(out)} is being written by another hydra-jax run ({holder}); two runs on "
+                f"one output would race to replace it. Let it finish, or stop it and run again, or choose "
+                "another output."
+            ) from None
+        except OSError as err:
+            os.close(fd)
+            warnings.warn(
+                f"Cannot lock {file!r} ({err.strerror}): a second run aimed at {out!r} is refused only "
+                "when its result is committed.",
+                stacklevel=3,
+            )
+            return False
+        try:
+            same = os.fstat(fd).st_ino == os.stat(file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # we locked a file its holder had just removed
+    else:
+        return False
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    _CLAIMS[out] = (fd, file)
+    return True
+
+
+def release_claim(out: str) -> None:
+    """End this process's claim on `out` (see `hold_claim`): remove its lock file, then unlock."""
+    held = _CLAIMS.pop(os.path.abspath(out), None)
+    if held is None:
+        return
+    fd, file = held
+    with contextlib.suppress(OSError):
+        os.unlink(file)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def claimed(out: str | None) -> Iterator[str | None]:
+    """End this process's claim on `out` (None: nothing) when the block ends, however it ends: the
+    work between `check_out` and the commit runs inside it."""
+    try:
+        yield out
+    finally:
+        if out is not None:
+            release_claim(out)
+
+
+@atexit.register
+def _release_all() -> None:
+    """Claims never committed or abandoned (the run stopped before its output): their lock files."""
+    for out in list(_CLAIMS):
+        release_claim(out)
+
+
+def _holder(fd: int) -> str:
+    """Who holds a claim, as its lock file says: 'pid 123 on host-a, since ...'."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):  # being written as we read it
+        return "its pid not recorded yet"
 
 
 def claim(out: str, owner: Owner, *, overwrite: bool) -> None:

@@ -410,3 +410,41 @@ def test_an_empty_directory_that_appears_is_replaced(tmp_path):
         pathlib.Path(tmp, "summary.json").write_text("new")
         out.mkdir()
     assert os.listdir(out) == ["summary.json"]
+
+
+HOLD = """
+import sys, time
+from hydra_jax import outdir
+from hydra_jax.report.schema import REPORT
+outdir.check_out(sys.argv[1], REPORT)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_one_output_is_refused_at_once_naming_the_first(tmp_path, capsys):
+    """A run claims its output when it checks it: a second run aimed there (another process) is
+    refused before any work, naming the first's pid; when the first ends, however it ends, the
+    output is free again, and a run that fails leaves no claim behind."""
+    out = tmp_path / "report"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock = tmp_path / ".report.hydra-lock"
+        assert json.loads(lock.read_text())["pid"] == holder.pid
+        code, err = cli(capsys, "analyze", *TINY_RUN, "--out", out)
+        assert code == 2
+        message = one_error(err)
+        assert f"is being written by another hydra-jax run (pid {holder.pid} on " in message
+        with pytest.raises(outdir.OutputError, match=f"pid {holder.pid}"):
+            hj.analyze("tiny_chinchilla", n_prompts=8, out=out, progress=False)
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no cleanup: the kernel releases the lock
+        holder.wait()
+    assert outdir.check_out(out, REPORT) == str(out)  # free again (the killed run's empty lock file reused)
+    outdir.release_claim(out)
+    assert not (tmp_path / ".report.hydra-lock").exists()
+    # A run that fails after checking its output releases the claim and leaves no lock file.
+    with pytest.raises(FileNotFoundError):
+        hj.analyze("tiny_chinchilla", "missing.json", out=out, progress=False)
+    assert sorted(os.listdir(tmp_path)) == []

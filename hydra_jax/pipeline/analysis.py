@@ -147,16 +147,17 @@ def analyze(
         )
     if out is not None:  # checked before any work: a bad --out wastes no minutes
         out = outdir.check_out(out, REPORT, inputs=paths_read(settings), overwrite=overwrite)
-    inputs = preflight(settings, model=source)  # every input opened and checked once
-    t0 = time.time()
-    result = _measure(inputs.model, settings, inputs, progress)
-    if inputs.compare is not None:
-        other = _measure(inputs.compare, settings, inputs, progress)
-        result = dataclasses.replace(result, compare=other)
-    timings = dataclasses.replace(result.record.timings, total_s=time.time() - t0)
-    result = dataclasses.replace(result, record=result.record.replace(timings=timings))
-    if out is not None:
-        result.write_checked(out, overwrite=overwrite)
+    with outdir.claimed(out):  # a second run aimed at `out` is refused until this one ends
+        inputs = preflight(settings, model=source)  # every input opened and checked once
+        t0 = time.time()
+        result = _measure(inputs.model, settings, inputs, progress)
+        if inputs.compare is not None:
+            other = _measure(inputs.compare, settings, inputs, progress)
+            result = dataclasses.replace(result, compare=other)
+        timings = dataclasses.replace(result.record.timings, total_s=time.time() - t0)
+        result = dataclasses.replace(result, record=result.record.replace(timings=timings))
+        if out is not None:
+            result.write_checked(out, overwrite=overwrite)
     return result
 
 

@@ -40,30 +40,31 @@ def report_from_store(
     ):
         raise ValueError(f"--n-bootstrap must be an int in [1, {MAX_BOOTSTRAP:,}], got {n_bootstrap!r}.")
     out = outdir.check_out(out, REPORT, inputs={"--from": os.fspath(store)}, overwrite=overwrite)
-    fields = {f.name for f in dataclasses.fields(Settings)}
-    stored = {k: v for k, v in opened.identity.items() if k in fields}
-    settings = Settings(**stored, n_bootstrap=n_bootstrap)
-    t1 = time.time()
-    protocol = protocols.get(settings.protocol)
-    layout = opened.layout
-    summary = protocol.summarise(
-        opened.chunks,
-        labels=opened.labels,
-        n_prompts=layout.n_prompts,
-        n_bootstrap=n_bootstrap,
-        seed=settings.seed,
-    )
-    em = opened.effect_matrix()  # effects.npz and the figures hold every array
-    # A report holds no absolute path of this machine (stores of older releases may).
-    data = shareable_settings(opened.meta["data"], ("source",))
-    record = record_of(
-        settings,
-        shareable_settings(opened.meta["model"], ("path",)),
-        data,
-        Timings(load_s=t1 - t0, summary_s=time.time() - t1, total_s=time.time() - t0),
-        deviations=settings.deviations(data.get("available")),
-        from_store=shareable_path(store),
-    )
-    result = Analysis(settings=settings, em=em, summary=summary, record=record)
-    result.write_checked(out, overwrite=overwrite)
+    with outdir.claimed(out):  # a second report aimed at `out` is refused until this one ends
+        fields = {f.name for f in dataclasses.fields(Settings)}
+        stored = {k: v for k, v in opened.identity.items() if k in fields}
+        settings = Settings(**stored, n_bootstrap=n_bootstrap)
+        t1 = time.time()
+        protocol = protocols.get(settings.protocol)
+        layout = opened.layout
+        summary = protocol.summarise(
+            opened.chunks,
+            labels=opened.labels,
+            n_prompts=layout.n_prompts,
+            n_bootstrap=n_bootstrap,
+            seed=settings.seed,
+        )
+        em = opened.effect_matrix()  # effects.npz and the figures hold every array
+        # A report holds no absolute path of this machine (stores of older releases may).
+        data = shareable_settings(opened.meta["data"], ("source",))
+        record = record_of(
+            settings,
+            shareable_settings(opened.meta["model"], ("path",)),
+            data,
+            Timings(load_s=t1 - t0, summary_s=time.time() - t1, total_s=time.time() - t0),
+            deviations=settings.deviations(data.get("available")),
+            from_store=shareable_path(store),
+        )
+        result = Analysis(settings=settings, em=em, summary=summary, record=record)
+        result.write_checked(out, overwrite=overwrite)
     return result

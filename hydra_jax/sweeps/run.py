@@ -115,6 +115,7 @@ def sweep(
     if not resuming:
         path = outdir.check_out(out, stores.STORE, inputs=paths_read(settings), overwrite=overwrite)
     with contextlib.ExitStack() as lock:
+        lock.callback(outdir.release_claim, path)  # `check_out`'s claim on a new store, if it ends unmade
         if existing and rank == 0:  # a store another sweep is writing is refused here, before any loading
             lock.enter_context(stores.writer_lock(path))
         return _sweep(

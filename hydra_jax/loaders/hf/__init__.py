@@ -125,21 +125,24 @@ def convert(
     """
     # Before anything is read: `out` may not be (or contain) the source, nor hold others' files.
     out = outdir.check_out(out, CHECKPOINT, inputs={"HF_DIR": path}, overwrite=overwrite, label="OUT_DIR")
-    if os.fspath(path).lower().endswith(".gguf"):  # a llama.cpp file (hydra_jax.loaders.gguf)
-        from hydra_jax.loaders.gguf import from_gguf
+    with outdir.claimed(out):  # a second conversion aimed at `out` is refused until this one ends
+        if os.fspath(path).lower().endswith(".gguf"):  # a llama.cpp file (hydra_jax.loaders.gguf)
+            from hydra_jax.loaders.gguf import from_gguf
 
-        if revision is not None:
-            raise ValueError(f"revision={revision!r} names a Hub commit; it does not apply to a .gguf file.")
-        model, tokenizer = from_gguf(path, dtype=dtype)
-        card = _card(os.fspath(path), model.config, "GGUF file")
+            if revision is not None:
+                raise ValueError(
+                    f"revision={revision!r} names a Hub commit; it does not apply to a .gguf file."
+                )
+            model, tokenizer = from_gguf(path, dtype=dtype)
+            card = _card(os.fspath(path), model.config, "GGUF file")
+            return save(model, tokenizer, out, card=card, overwrite=overwrite)
+        root = hub.resolve(path, revision)
+        model, tokenizer = from_hf(root, dtype=dtype)
+        # A Hub snapshot is named by its commit: the card records repo id and commit, not the cache path.
+        local = os.path.isdir(os.fspath(path))
+        source = os.fspath(path) if local else f"{os.fspath(path)}@{os.path.basename(root)}"
+        card = _card(source, model.config)
         return save(model, tokenizer, out, card=card, overwrite=overwrite)
-    root = hub.resolve(path, revision)
-    model, tokenizer = from_hf(root, dtype=dtype)
-    # A Hub snapshot is named by its commit: the card records repo id and commit, not the cache path.
-    local = os.path.isdir(os.fspath(path))
-    source = os.fspath(path) if local else f"{os.fspath(path)}@{os.path.basename(root)}"
-    card = _card(source, model.config)
-    return save(model, tokenizer, out, card=card, overwrite=overwrite)
 
 
 def read_tokenizer(root: str) -> Tokenizer:
