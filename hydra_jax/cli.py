@@ -12,6 +12,7 @@ hydra-jax --version
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
@@ -435,6 +436,8 @@ def _error_message(err: BaseException) -> str:
             NotADirectoryError: "a part of the path is a file, not a directory",
             FileNotFoundError: "check the path",
         }.get(type(err), "check the path and the disk")
+        if err.errno == errno.ENOSPC:
+            hint = "the disk is full: free some space or write elsewhere"
         return f"{err.strerror}: {err.filename!r}; {hint}."
     return str(err)
 

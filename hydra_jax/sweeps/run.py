@@ -170,6 +170,7 @@ def _sweep(
     if resuming:
         _check_resume(path, identity, layout)
     elif rank == 0:
+        _check_space(path, layout, spec.target == "next")
         labels = _labels(ablated, measured)
         meta = {"model": model_info, "data": data_info, "versions": versions()}
         with outdir.atomic_dir(
@@ -283,6 +284,26 @@ def _fingerprint(arrays: list[Any]) -> str:
         h.update(f"{x.dtype}{x.shape}".encode())
         h.update(np.ascontiguousarray(x).tobytes())
     return h.hexdigest()
+
+
+def _check_space(path: str, layout: stores.Layout, per_position: bool) -> None:
+    """Refuse a new store that cannot fit the free space where it goes, before anything is written:
+    its effect arrays, float32, uncompressed (zarr's compression of float effects saves little)."""
+    import shutil
+
+    names = stores.EFFECTS + (stores.INSTANCES if per_position else ())
+    need = sum(4 * int(np.prod(layout.shape(name))) for name in names)
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):  # the store's parents are made with it
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise outdir.OutputError(
+            f"The sweep store {path!r} needs about {need / 1e9:.2f} GB ({layout.n_ablated} ablations x "
+            f"{layout.n_measured} measured components x {layout.n_prompts} prompts, float32), but "
+            f"{parent!r} has {free / 1e9:.2f} GB free; free some space, choose another --out, or sweep "
+            "fewer prompts (--n-prompts)."
+        )
 
 
 def _model_place(model: str | None) -> str | None:

@@ -288,3 +288,24 @@ def test_the_default_model_and_its_path_resume_one_store(tmp_path, monkeypatch):
             _check_resume(path, {"model": named, "kind": "resample"}, None)  # not refused
         with pytest.raises(StoreError, match="model"):
             _check_resume(path, {"model": "tiny_gpt2", "kind": "resample"}, None)
+
+
+def test_a_store_that_cannot_fit_the_disk_is_refused_before_anything_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    """The store's size (its float32 arrays) is compared with the free space before it is created;
+    a disk that fills during the work names the path and the disk (an OSError of the system)."""
+    import collections
+    import errno
+    import shutil
+
+    from hydra_jax.cli import _error_message
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    out = tmp_path / "s.zarr"
+    with pytest.raises(ValueError, match=r"needs about 0\.\d+ GB .* has 0\.00 GB free; free some space"):
+        sweep(SETTINGS, out, progress=False, log=lambda _: None)
+    assert sorted(os.listdir(tmp_path)) == []
+    full = OSError(errno.ENOSPC, "No space left on device", str(out / "total" / "c" / "0"))
+    assert _error_message(full).endswith("'; the disk is full: free some space or write elsewhere.")
