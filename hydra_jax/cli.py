@@ -459,8 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
     0 on success; 2 for a user error (bad option, path or file: one line,
-    ``hydra-jax: error: ...``); 130 when interrupted with Ctrl-C (SIGINT) and 143
-    when terminated (SIGTERM), after removing what the command had half-written;
+    ``hydra-jax: error: ...``); 130 when interrupted with Ctrl-C (SIGINT), 143
+    when terminated (SIGTERM) and 129 when hung up (SIGHUP), after removing what
+    the command had half-written;
     1 for an unexpected exception, which is a bug: its traceback is printed.
     """
     parser = build_parser()
@@ -477,9 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             interrupts.check()  # a signal swallowed after the last commit point still stops with its code
             return code
     except KeyboardInterrupt as err:
-        terminated = isinstance(err, interrupts.Terminated)
-        print(f"hydra-jax: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
+        stopped = {interrupts.Terminated: "terminated", interrupts.HangUp: "hung up"}
+        print(f"hydra-jax: {stopped.get(type(err), 'interrupted')}", file=sys.stderr)
+        return interrupts.exit_code(err)
     except BrokenPipeError:
         # The reader went away (`hydra-jax sweep | head -1`): every command prints only after its
         # work is written, so nothing is lost. Point stdout at /dev/null so that Python's final

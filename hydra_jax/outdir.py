@@ -208,11 +208,13 @@ def atomic_dir(out: str, owner: Owner, *, overwrite: bool = False) -> Iterator[s
         yield tmp
         interrupts.check()  # a Ctrl-C / SIGTERM swallowed during the work must not commit it
         claim(out, owner, overwrite=overwrite)  # `out` may have changed since check_out
-        replace_atomically(tmp, out, aside_prefix=owner.prefix + "old-")
+        with interrupts.shielded():  # once begun, the renames finish; a signal stops the run after
+            replace_atomically(tmp, out, aside_prefix=owner.prefix + "old-")
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created)
+        with interrupts.shielded():  # a second signal must not leave the temporary directory behind
+            if tmp is not None and os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            _remove_empty(created)
         raise
     finally:
         release_claim(out)

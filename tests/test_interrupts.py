@@ -9,13 +9,14 @@ run still stops at its next commit point, writes nothing, and prints no tracebac
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 
 import pytest
 
 from hydra_jax import interrupts, outdir
-from hydra_jax.report.schema import REPORT
+from hydra_jax.report.schema import REPORT, SCHEMA_ID
 
 
 def swallowed(signum: int) -> None:
@@ -95,3 +96,98 @@ def test_handlers_and_hook_are_restored_and_ignored_sigint_stays_ignored():
         assert sys.unraisablehook is hook
     finally:
         signal.signal(signal.SIGINT, previous_int)
+
+
+# ---------------------------------------------------------------- real processes, real signals
+
+WRITER = """
+import os, shutil, sys, time
+from hydra_jax import interrupts, outdir
+from hydra_jax.report.schema import REPORT
+
+slow = sys.argv[2] == "slow"
+if slow:  # a cleanup that takes a while, to send more signals into it
+    rmtree = shutil.rmtree
+    def slow_rmtree(path, **kw):
+        print("cleaning", flush=True)
+        time.sleep(1.5)
+        rmtree(path, **kw)
+    shutil.rmtree = slow_rmtree
+try:
+    with interrupts.handling():
+        out = outdir.check_out(sys.argv[1], REPORT, overwrite=True)
+        with outdir.atomic_dir(out, REPORT, overwrite=True) as tmp:
+            with open(os.path.join(tmp, "summary.json"), "w") as f:
+                f.write("new")
+            print("writing", flush=True)
+            time.sleep(60)
+except KeyboardInterrupt as err:
+    sys.exit(interrupts.exit_code(err))
+"""
+
+
+def writer(out, slow=False):
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(out), "slow" if slow else "fast"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the test's own terminal and process group are left alone
+    )
+    assert process.stdout.readline().strip() == "writing", process.stderr.read()
+    return process
+
+
+def old_report(tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"schema": SCHEMA_ID}))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+)
+def test_each_signal_stops_a_writing_process_with_its_code_and_leaves_nothing(tmp_path, signum, code):
+    out = old_report(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    for _ in range(3):  # repeated: an intermittent failure would show
+        process = writer(out)
+        process.send_signal(signum)
+        assert process.wait(timeout=30) == code, process.stderr.read()
+        assert sorted(os.listdir(tmp_path)) == before  # no temporary directory, no lock file
+        assert json.loads((out / "summary.json").read_text()) == {"schema": SCHEMA_ID}  # untouched
+
+
+def test_a_second_signal_during_the_cleanup_stops_the_run_once_the_cleanup_is_done(tmp_path):
+    import time
+
+    out = old_report(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    process = writer(out, slow=True)
+    process.send_signal(signal.SIGTERM)
+    assert process.stdout.readline().strip() == "cleaning"
+    start = time.perf_counter()
+    process.send_signal(signal.SIGINT)  # not ignored: recorded, and the run still ends
+    assert process.wait(timeout=30) == 143  # the first signal's code
+    assert time.perf_counter() - start < 10
+    assert sorted(os.listdir(tmp_path)) == before  # the cleanup was not cut short
+
+
+def test_a_third_signal_ends_the_process_at_once(tmp_path):
+    import time
+
+    out = old_report(tmp_path)
+    process = writer(out, slow=True)
+    process.send_signal(signal.SIGTERM)
+    assert process.stdout.readline().strip() == "cleaning"
+    start = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 143
+    assert time.perf_counter() - start < 1.4  # before the slow cleanup could have finished
+    assert "stopped at once" in process.stderr.read()
+    assert json.loads((out / "summary.json").read_text()) == {"schema": SCHEMA_ID}  # still untouched
