@@ -191,3 +191,71 @@ def test_a_third_signal_ends_the_process_at_once(tmp_path):
     assert time.perf_counter() - start < 1.4  # before the slow cleanup could have finished
     assert "stopped at once" in process.stderr.read()
     assert json.loads((out / "summary.json").read_text()) == {"schema": SCHEMA_ID}  # still untouched
+
+
+PHASES = """
+import sys, time
+import hydra_jax.pipeline.analysis as analysis
+import hydra_jax.pipeline.measure as measure
+from hydra_jax.pipeline.protocols.paper import Paper
+from hydra_jax.cli import main
+
+phase = sys.argv[1]
+
+def announce(name, fn):
+    def wrapped(*args, **kwargs):
+        if name == phase:
+            print(name, flush=True)
+            if name in ("load", "write"):  # long enough for the signal to land inside
+                time.sleep(3)
+        return fn(*args, **kwargs)
+    return wrapped
+
+analysis.load_model = announce("load", analysis.load_model)  # reading the weights
+measure.effect_matrix = announce("compile", measure.effect_matrix)  # the first call compiles
+Paper.summarise = announce("summary", Paper.summarise)  # the bootstrap
+Paper.write = announce("write", Paper.write)  # inside the temporary directory
+sys.exit(main(["--no-compile-cache", "analyze", *sys.argv[2:]]))  # compile for real
+"""
+
+
+@pytest.mark.parametrize("phase", ["load", "compile", "summary", "write"])
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+)
+def test_analyze_stops_at_every_phase_with_the_signals_code_and_replaces_nothing(
+    tmp_path, phase, signum, code
+):
+    """A real `hydra-jax analyze --overwrite` of an existing report, signalled as it loads the model,
+    compiles, bootstraps or writes: it exits with 128 + the signal within seconds, prints one line,
+    leaves no temporary directory or lock file, and the old report is untouched."""
+    import subprocess
+    import sys
+    import time
+
+    from support.cli import TINY_RUN
+
+    out = old_report(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    args = [*TINY_RUN, "--out", str(out), "--overwrite", "--quiet"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", PHASES, phase, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout.readline().strip() == phase, process.stderr.read()
+    start = time.perf_counter()
+    process.send_signal(signum)
+    assert process.wait(timeout=60) == code
+    assert time.perf_counter() - start < 20
+    err = process.stderr.read()
+    assert "Traceback" not in err and "Segmentation" not in err, err
+    assert err.strip().splitlines()[-1] in (
+        "hydra-jax: interrupted",
+        "hydra-jax: terminated",
+        "hydra-jax: hung up",
+    )
+    assert sorted(os.listdir(tmp_path)) == before
+    assert json.loads((out / "summary.json").read_text()) == {"schema": SCHEMA_ID}
