@@ -575,79 +575,82 @@ def train(
             f"vocabulary [0, {cfg.model.d_vocab - 1}]."
         )
     record = run_record(cfg, stream, recipe)
-    prepare_run(out, record, restart=restart)
-    os.makedirs(out, exist_ok=True)
-    if not os.path.exists(os.path.join(out, RECORD)):
-        # Written before the first step, so every checkpoint in `out` belongs to this record.
-        with open(os.path.join(out, RECORD + ".tmp"), "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-        os.replace(os.path.join(out, RECORD + ".tmp"), os.path.join(out, RECORD))
-    config = cfg.run_model
-    tx = optimizer(cfg)
-    manager = ocp.CheckpointManager(
-        os.path.join(out, "train_state"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1),
-    )
-    model = Transformer(config, rngs=nnx.Rngs(cfg.seed))
-    params = model.params
-    opt_state = tx.init(params)
-    start = 0
-    if manager.latest_step() is not None:
-        start = manager.latest_step()
-        target = {"params": params, "opt_state": opt_state}
-        restored = manager.restore(start, args=ocp.args.StandardRestore(target))
-        params, opt_state = restored["params"], restored["opt_state"]
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    elapsed_before = _elapsed(metrics_path, start)  # training time of earlier, interrupted sessions
-    _drop_rows_after(metrics_path, start)  # logged by a process killed after its last checkpoint
-    metrics_file = open(metrics_path, "a")
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    key = jax.random.key(cfg.seed)
-    lr_at = schedule(cfg)
-    t_start, tokens_done = time.time(), 0
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train")
-    try:
-        for step in bar:
-            tokens = jnp.asarray(batch_at(stream, cfg, step))
-            params, opt_state, stats = train_step(
-                params, opt_state, tokens, jax.random.fold_in(key, step), config=config, tx=tx
-            )
-            tokens_done += tokens.size
-            done = step + 1
-            if done % cfg.log_every == 0 or done == end:
-                row = {
-                    "step": done,
-                    "loss": float(stats["loss"]),
-                    "grad_norm": float(stats["grad_norm"]),
-                    "lr": float(lr_at(step)),
-                    "tokens_per_s": tokens_done / (time.time() - t_start),
-                    "elapsed_s": elapsed_before + time.time() - t_start,
-                }
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
-            if eval_facts is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-                subset = (
-                    eval_facts
-                    if done == cfg.steps
-                    else eval_facts.subset(range(min(len(eval_facts), cfg.eval_prompts)))
+    # A second process training into `out` is refused at once, naming this one (`outdir.hold_claim`).
+    outdir.hold_claim(out, RUN, f"The run directory {out!r}")
+    with outdir.claimed(out):
+        prepare_run(out, record, restart=restart)
+        os.makedirs(out, exist_ok=True)
+        if not os.path.exists(os.path.join(out, RECORD)):
+            # Written before the first step, so every checkpoint in `out` belongs to this record.
+            with open(os.path.join(out, RECORD + ".tmp"), "w") as f:
+                json.dump(record, f, indent=1, sort_keys=True)
+            os.replace(os.path.join(out, RECORD + ".tmp"), os.path.join(out, RECORD))
+        config = cfg.run_model
+        tx = optimizer(cfg)
+        manager = ocp.CheckpointManager(
+            os.path.join(out, "train_state"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1),
+        )
+        model = Transformer(config, rngs=nnx.Rngs(cfg.seed))
+        params = model.params
+        opt_state = tx.init(params)
+        start = 0
+        if manager.latest_step() is not None:
+            start = manager.latest_step()
+            target = {"params": params, "opt_state": opt_state}
+            restored = manager.restore(start, args=ocp.args.StandardRestore(target))
+            params, opt_state = restored["params"], restored["opt_state"]
+        metrics_path = os.path.join(out, "metrics.jsonl")
+        elapsed_before = _elapsed(metrics_path, start)  # training time of earlier, interrupted sessions
+        _drop_rows_after(metrics_path, start)  # logged by a process killed after its last checkpoint
+        metrics_file = open(metrics_path, "a")
+        end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+        key = jax.random.key(cfg.seed)
+        lr_at = schedule(cfg)
+        t_start, tokens_done = time.time(), 0
+        bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train")
+        try:
+            for step in bar:
+                tokens = jnp.asarray(batch_at(stream, cfg, step))
+                params, opt_state, stats = train_step(
+                    params, opt_state, tokens, jax.random.fold_in(key, step), config=config, tx=tx
                 )
-                acc = accuracy(params, config, subset, tokenizer)
-                metrics_file.write(json.dumps({"step": done, "eval_accuracy": acc}) + "\n")
-                metrics_file.flush()
-                if on_eval is not None:
-                    on_eval(done, acc)
-            if done % cfg.checkpoint_every == 0 or done == end:
-                manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-    finally:
-        manager.wait_until_finished()
-        metrics_file.close()
-    model.set_params(jax.tree.map(np.asarray, params))
-    summary = {
-        "steps": end,
-        "wall_time_s": elapsed_before + time.time() - t_start,
-        "tokens": end * cfg.batch_size * (cfg.seq_len + 1),
-        "params": param_count(config),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
-    }
-    return model, summary
+                tokens_done += tokens.size
+                done = step + 1
+                if done % cfg.log_every == 0 or done == end:
+                    row = {
+                        "step": done,
+                        "loss": float(stats["loss"]),
+                        "grad_norm": float(stats["grad_norm"]),
+                        "lr": float(lr_at(step)),
+                        "tokens_per_s": tokens_done / (time.time() - t_start),
+                        "elapsed_s": elapsed_before + time.time() - t_start,
+                    }
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.3f}")
+                if eval_facts is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    subset = (
+                        eval_facts
+                        if done == cfg.steps
+                        else eval_facts.subset(range(min(len(eval_facts), cfg.eval_prompts)))
+                    )
+                    acc = accuracy(params, config, subset, tokenizer)
+                    metrics_file.write(json.dumps({"step": done, "eval_accuracy": acc}) + "\n")
+                    metrics_file.flush()
+                    if on_eval is not None:
+                        on_eval(done, acc)
+                if done % cfg.checkpoint_every == 0 or done == end:
+                    manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+        finally:
+            manager.wait_until_finished()
+            metrics_file.close()
+        model.set_params(jax.tree.map(np.asarray, params))
+        summary = {
+            "steps": end,
+            "wall_time_s": elapsed_before + time.time() - t_start,
+            "tokens": end * cfg.batch_size * (cfg.seq_len + 1),
+            "params": param_count(config),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
+        }
+        return model, summary

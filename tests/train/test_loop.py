@@ -140,3 +140,31 @@ def test_foreign_or_unrecorded_directories_are_refused_and_left_alone(tmp_path, 
     with pytest.raises(RunDirectoryError, match=r"no run.json recording its recipe.*remove it yourself"):
         train(config(), old, stream=stream(), tokenizer=tokenizer, progress=False)
     assert sorted(os.listdir(old)) == ["metrics.jsonl", "train_state"]
+
+
+def test_a_second_process_training_into_one_run_directory_is_refused_at_once(tmp_path, tokenizer):
+    import signal
+    import subprocess
+    import sys
+
+    from hydra_jax import outdir
+    from hydra_jax.train.loop import RUN
+
+    run = tmp_path / "run"
+    hold = (
+        "import sys, time; from hydra_jax import outdir; from hydra_jax.train.loop import RUN; "
+        "outdir.hold_claim(sys.argv[1], RUN); print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            outdir.OutputError, match=f"run directory .* another hydra-jax run \\(pid {holder.pid}"
+        ):
+            train(config(), run, stream=stream(), tokenizer=tokenizer, progress=False)
+        assert not run.exists()  # refused before anything was written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert outdir.hold_claim(str(run), RUN)  # free once the holder is gone
+    outdir.release_claim(str(run))
