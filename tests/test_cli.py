@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 
 import pytest
 from support.cli import cli, one_error
@@ -157,3 +158,21 @@ def test_a_path_object_names_its_path():
     import pathlib
 
     assert hydra_jax.Settings(data=pathlib.Path("facts.json")).data == "facts.json"
+
+
+def test_json_nested_too_deeply_is_refused_naming_the_file(tmp_path, capsys):
+    """JSON deeper than Python's parser follows (a RecursionError) is one line naming the file or line."""
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.json").write_text(deep)
+    (tmp_path / "deep.jsonl").write_text('{"prompt": ' + deep + "}\n")
+    for name, where in (("deep.json", "deep.json"), ("deep.jsonl", "Line 1 of")):
+        code, err = cli(capsys, "analyze", "--data", tmp_path / name, "--out", tmp_path / "r")
+        assert code == 2 and where in one_error(err) and "nests JSON arrays or objects too deeply" in err
+
+
+def test_sweep_names_arguments_of_the_wrong_type(tmp_path):
+    with pytest.raises(TypeError, match=r"sweep takes a hydra_jax\.Settings"):
+        hydra_jax.sweep("tiny_gpt2", tmp_path / "s.zarr")
+    with pytest.raises(TypeError, match="sweep's out must be a path"):
+        hydra_jax.sweep(hydra_jax.Settings(), 5)
+    assert not os.listdir(tmp_path)

@@ -48,7 +48,7 @@ import os
 import numpy as np
 
 from hydra_jax.batch import Tokenizer
-from hydra_jax.data.prompts import read_text
+from hydra_jax.data.prompts import loads, read_text
 
 PYTHON_DOCS = "python-docs"
 FORMATS = (".txt", ".jsonl")
@@ -239,7 +239,7 @@ def read_documents(path: str, text_field: str = "text") -> list[str]:
             continue
         where = f"Line {number} of {path!r}"
         try:
-            record = json.loads(line)
+            record = loads(line, where)
         except json.JSONDecodeError as err:
             raise ValueError(
                 f"{where} is not valid JSON: {err.msg}. A .jsonl corpus holds one JSON object per "

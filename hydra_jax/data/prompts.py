@@ -38,6 +38,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import sys
 from typing import Any
 
 from hydra_jax.data.facts import FactDataset
@@ -94,7 +95,7 @@ def load_prompts(path: str | os.PathLike[str], prompt_text: str = "template") ->
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = loads(line, f"Line {number} of {path!r}")
             except json.JSONDecodeError as err:
                 raise ValueError(f"Line {number} of {path!r} is not valid JSON: {err.msg}.") from None
             rows.append(parse_record(record, prompt_text, f"Line {number} of {path!r}"))
@@ -176,10 +177,22 @@ def _iconv(path: str, encoding: str) -> str:
     return f"`iconv -f {encoding} -t UTF-8 {name} > {stem}.utf8{ext}`"
 
 
+def loads(text: str, where: str) -> Any:
+    """`json.loads`, with JSON nested deeper than Python's parser can follow (a RecursionError)
+    refused as a ValueError naming `where`."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(
+            f"{where} nests JSON arrays or objects too deeply to read (over about "
+            f"{sys.getrecursionlimit()} levels); records are flat objects of strings."
+        ) from None
+
+
 def parse_json_list(text: str, path: str, prompt_text: str) -> list[tuple[str, str | None, str, str]]:
     """(prompt, answer, subject, relation) of each record of a JSON list."""
     try:
-        records = json.loads(text)
+        records = loads(text, repr(path))
     except json.JSONDecodeError as err:
         hint = " (one JSON object per line? name the file .jsonl)" if err.msg == "Extra data" else ""
         raise ValueError(f"{path!r} is not valid JSON{hint}: {err}") from err

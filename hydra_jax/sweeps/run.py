@@ -99,6 +99,15 @@ def sweep(
         The store, open for reading.
     """
     log = log or print
+    if not isinstance(settings, Settings):
+        raise TypeError(
+            f"sweep takes a hydra_jax.Settings (e.g. hj.Settings(model=..., n_prompts=...)), got "
+            f"{type(settings).__name__} {settings!r:.60}."
+        )
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(
+            f"sweep's out must be a path (str or os.PathLike), got {type(out).__name__} {out!r:.60}."
+        )
     if settings.compare is not None:
         raise ValueError(
             "--compare belongs to analyze's report: sweep each model into its own store, and report "

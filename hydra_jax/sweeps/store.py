@@ -465,6 +465,11 @@ class SweepStore:
 
     def effect_matrix(self, prompts: slice = slice(None)) -> EffectMatrix:
         """The `EffectMatrix` of prompts `prompts` (all by default) as numpy arrays."""
+        if not isinstance(prompts, slice):
+            raise TypeError(
+                f"effect_matrix takes a slice of prompts (e.g. slice(0, 100)), got {type(prompts).__name__} "
+                f"{prompts!r:.60}."
+            )
         self.require_complete()
         arrays = {name: np.asarray(self.group[name][..., prompts]) for name in self.arrays}
         return EffectMatrix(**arrays, labels=self.labels)
