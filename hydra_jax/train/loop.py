@@ -44,7 +44,7 @@ from hydra_jax import outdir, validate
 from hydra_jax.batch import Tokenizer
 from hydra_jax.loaders.checkpoint import CHECKPOINT, MANIFEST
 from hydra_jax.model.config import ModelConfig
-from hydra_jax.model.transformer import Params, Transformer, forward, param_count
+from hydra_jax.model.transformer import Params, Transformer, forward, nonfinite_params, param_count
 
 Array = jax.Array
 
@@ -600,6 +600,13 @@ def train(
             target = {"params": params, "opt_state": opt_state}
             restored = manager.restore(start, args=ocp.args.StandardRestore(target))
             params, opt_state = restored["params"], restored["opt_state"]
+            bad = nonfinite_params(params)
+            if bad:  # a damaged checkpoint, or a run that diverged before it was saved
+                raise RunDirectoryError(
+                    f"The run in {out!r} cannot resume: its checkpoint of step {start} holds NaN or inf in "
+                    f"{', '.join(bad[:5])}{' and more' if len(bad) > 5 else ''}. Start it over with "
+                    "--restart (restart=True), or lower the learning rate if it diverged."
+                )
         metrics_path = os.path.join(out, "metrics.jsonl")
         elapsed_before = _elapsed(metrics_path, start)  # training time of earlier, interrupted sessions
         _drop_rows_after(metrics_path, start)  # logged by a process killed after its last checkpoint

@@ -168,3 +168,19 @@ def test_a_second_process_training_into_one_run_directory_is_refused_at_once(tmp
         holder.wait()
     assert outdir.hold_claim(str(run), RUN)  # free once the holder is gone
     outdir.release_claim(str(run))
+
+
+def test_a_checkpoint_holding_nan_is_refused_on_resume_naming_the_tensor(tmp_path, tokenizer, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    train(config(), tmp_path, stream=stream(), tokenizer=tokenizer, progress=False, stop_after=4)
+    restore = ocp.CheckpointManager.restore
+
+    def damaged(self, *args, **kwargs):  # the checkpoint as a diverged or damaged run would hold it
+        out = restore(self, *args, **kwargs)
+        out["params"]["W_E"] = out["params"]["W_E"].at[0, 0].set(np.nan)
+        return out
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", damaged)
+    with pytest.raises(RunDirectoryError, match=r"checkpoint of step 4 holds NaN or inf in W_E.*--restart"):
+        train(config(), tmp_path, stream=stream(), tokenizer=tokenizer, progress=False)
