@@ -259,3 +259,53 @@ def test_analyze_stops_at_every_phase_with_the_signals_code_and_replaces_nothing
     )
     assert sorted(os.listdir(tmp_path)) == before
     assert json.loads((out / "summary.json").read_text()) == {"schema": SCHEMA_ID}
+
+
+CREATING = """
+import sys, time
+import orbax.checkpoint as ocp
+import hydra_jax as hj
+from hydra_jax import interrupts
+from hydra_jax.cli import main
+from hydra_jax.sweeps import store as stores
+
+def announce(fn, name):
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        print(name, flush=True)
+        time.sleep(3)  # the signal lands here: the store or checkpoint half made
+        return out
+    return wrapped
+
+if sys.argv[1] == "store":
+    stores.create_store = announce(stores.create_store, "store")
+    sys.exit(main(["sweep", "--model", "tiny_gpt2", "--n-prompts", "8", "--batch-size", "8",
+                   "--quiet", "--out", sys.argv[2]]))
+ocp.StandardCheckpointer.save = announce(ocp.StandardCheckpointer.save, "checkpoint")
+model = hj.Transformer(hj.presets.tiny_gpt2, rngs=__import__("flax").nnx.Rngs(0))
+try:
+    with interrupts.handling():
+        hj.save(model, None, sys.argv[2])
+except KeyboardInterrupt as err:
+    sys.exit(interrupts.exit_code(err))
+"""
+
+
+@pytest.mark.parametrize("what", ["store", "checkpoint"])
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_store_or_checkpoint_being_created_is_removed_whole_on_a_signal(tmp_path, what, signum, code):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-c", CREATING, what, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout.readline().strip() == what, process.stderr.read()
+    process.send_signal(signum)
+    assert process.wait(timeout=60) == code, process.stderr.read()
+    assert os.listdir(tmp_path) == []  # no .hydra-sweep-* / .saving-* folder, no lock file

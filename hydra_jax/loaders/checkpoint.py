@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hydra_jax import outdir
+from hydra_jax import interrupts, outdir
 from hydra_jax.batch import Tokenizer
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.transformer import Transformer, nonfinite_params, param_count
@@ -109,8 +109,12 @@ def save(
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"format_version": FORMAT_VERSION, "config": config.to_dict()}, f, indent=2)
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, "params"), model.params)
-        checkpointer.wait_until_finished()
+        try:
+            checkpointer.save(os.path.join(tmp, "params"), model.params)
+            checkpointer.wait_until_finished()
+        finally:  # an interrupt must not leave orbax's writer threads filling `tmp` after its removal
+            with interrupts.shielded():
+                checkpointer.close()
         if tokenizer is not None:
             tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "MODEL_CARD.md"), "w") as f:
