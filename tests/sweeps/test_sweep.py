@@ -309,3 +309,9 @@ def test_a_store_that_cannot_fit_the_disk_is_refused_before_anything_is_written(
     assert sorted(os.listdir(tmp_path)) == []
     full = OSError(errno.ENOSPC, "No space left on device", str(out / "total" / "c" / "0"))
     assert _error_message(full).endswith("'; the disk is full: free some space or write elsewhere.")
+
+
+def test_a_stores_matrix_takes_a_slice_of_prompts(store):
+    with pytest.raises(TypeError, match=r"effect_matrix takes a slice of prompts .* got int 3"):
+        store.effect_matrix(3)
+    assert store.effect_matrix(slice(0, 5)).total.shape[-1] == 5
