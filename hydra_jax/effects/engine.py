@@ -323,6 +323,14 @@ def _row_inputs(
     here, values, write = _ablation_values(
         params, cfg, plan, clean, inputs.valid, rows, inputs.perms, inputs.source
     )
+    if "layer2" in rows:  # joint ablations: the second part's values, from the same source prompts
+        second = {key[:-1]: x for key, x in rows.items() if key.endswith("2")}
+        second["layer"] = jnp.maximum(second["layer"], 0)  # -1 (no second part) writes nowhere
+        here2, values2, _ = _ablation_values(
+            params, cfg, plan, clean, inputs.valid, second, inputs.perms, inputs.source
+        )
+        here |= {name + "2": x for name, x in here2.items()}
+        values |= {name + "2": x for name, x in values2.items()}
     n = rows["layer"].shape[0] * k
     per_row = {key: jnp.repeat(x, k, axis=0) for key, x in (rows | extra).items()}
     if write is not None:
@@ -747,7 +755,8 @@ def _suffix(
     def step(row: dict[str, Array], z: Array, x: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
         here, before = x["layer"] == row["layer"], x["layer"] < row["layer"]
         z = jnp.where(x["layer"] <= row["layer"], x["z"], z)  # clean up to the ablated layer
-        edits, bank = _row_edits(row, here, plan, source)
+        here2 = (x["layer"] == row["layer2"]) if "layer2" in row else None  # a joint row's second part
+        edits, bank = _row_edits(row, here, plan, source, here2)
         cache = (x["keys"], x["values"]) if final else None
         z_next, cap = block(x["p"], z, ctx, edits, bank, None, local=x.get("local"), cache=cache)
         # Below the ablated layer, and the attention beside an ablated MLP, are unchanged by
@@ -762,29 +771,47 @@ def _suffix(
 
 
 def _row_edits(
-    row: dict[str, Array], here: Array, plan: Plan, source: Array
+    row: dict[str, Array], here: Array, plan: Plan, source: Array, here2: Array | None = None
 ) -> tuple[dict[Site, Any], dict[Site, Array]]:
     """One row's ablation as block edits at this layer (nothing is written at other layers).
 
     Every site the plan ablates gets an edit (all-False off its rows), so all
     rows share one tree structure and vmap applies. Prompt b reads bank row b.
+    A joint row (`here2`: this is its second part's layer) edits both parts, each
+    writing its own value.
     """
     cfg = plan.config
     b, tq = source.shape
     write = row["write"] if "write" in row else jnp.ones((b, tq), bool)  # [B, Tq]
     edits, bank = {}, {}
     for site in sorted(plan.ablated):
+        key = "hidden" if site is Site.MLP_HIDDEN else "wide"
         on = here & (row["site"] == CODE[site]) & write  # [B, Tq]
-        value = row["hidden" if site is Site.MLP_HIDDEN else "wide"].reshape(b, tq, -1)  # [B, Tq, X]
+        value = row[key].reshape(b, tq, -1)  # [B, Tq, X]
+        on2 = value2 = None
+        if here2 is not None:
+            on2 = here2 & (row["site2"] == CODE[site]) & write
+            value2 = row[key + "2"].reshape(b, tq, -1)
         if site is Site.HEAD_OUT:
-            units = jnp.arange(cfg.n_heads) == row["head"]  # [H]
+            heads = jnp.arange(cfg.n_heads)
+            mask = on[..., None] & (heads == row["head"])[None, None]  # [B, Tq, H]
             value = jnp.broadcast_to(value[:, :, None], (b, tq, cfg.n_heads, value.shape[-1]))
+            if on2 is not None:
+                mask2 = on2[..., None] & (heads == row["head2"])[None, None]
+                value = jnp.where(mask2[..., None], value2[:, :, None], value)
+                mask = mask | mask2
         elif site is Site.MLP_HIDDEN:
-            units = row["neurons"]  # [F]
+            mask = on[..., None] & row["neurons"][None, None]  # [B, Tq, F]
+            if on2 is not None:
+                mask2 = on2[..., None] & row["neurons2"][None, None]
+                value = jnp.where(mask2, value2, value)
+                mask = mask | mask2
         else:
+            if on2 is not None:
+                value = jnp.where(on2[..., None], value2, value)
+                on = on | on2
             edits[site], bank[site] = (on, source), value
             continue
-        mask = on[..., None] & units[None, None]
         edits[site] = (mask, jnp.broadcast_to(source[..., None], mask.shape))
         bank[site] = value
     return edits, bank

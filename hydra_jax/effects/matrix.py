@@ -31,10 +31,13 @@ from hydra_jax.effects.engine import (
 )
 from hydra_jax.effects.results import (
     ABLATABLE,
+    JOIN,
     MEASURABLE,
     Component,
     EffectMatrix,
+    Joint,
     Labels,
+    ablation,
     components,
     direct_effect,
     order_key,
@@ -180,6 +183,12 @@ class EffectSpec:
                 "target='next' measures every position on its next token, so the ablation must cover "
                 f"every position too: pass position='all' (got {self.position!r})."
             )
+        joints = [n for n in self.ablate if JOIN in n]
+        if joints:
+            raise ValueError(
+                f"target='next' ranks a row's positions by one component's direct effect; joint ablations "
+                f"such as {joints[0]!r} are measured at the final position (target 'argmax' or 'answer')."
+            )
         bad = [n for n in self.ablate if _site_of(n) not in PER_POSITION_ABLATE]
         if bad:
             raise ValueError(
@@ -245,12 +254,23 @@ def _names(names: Any, allowed: tuple[Site, ...], what: str) -> tuple[str, ...]:
         )
     out = []
     for n in names:
-        if isinstance(n, Component):
+        if isinstance(n, (Component, Joint)):
             n = n.label
         elif isinstance(n, Site):
             n = n.value
         elif not isinstance(n, str):
             raise TypeError(f"{what} entries must be site names or component labels, got {n!r}.")
+        if JOIN in n:
+            if what != "ablate":
+                raise ValueError(
+                    f"{what} takes single components; {n!r} joins several (ablate them together)."
+                )
+            joint = Joint.parse(n)  # raises on a malformed label
+            bad = [p.label for p in joint.parts if p.site not in allowed]
+            if bad:
+                raise ValueError(f"{what} takes {[s.value for s in allowed]}; {n!r} joins {bad}.")
+            out.append(joint.label)
+            continue
         label = n if "." not in n else Component.parse(n).label  # raises on a malformed label
         if _site_of(label) not in allowed:
             raise ValueError(
@@ -269,12 +289,13 @@ def _names(names: Any, allowed: tuple[Site, ...], what: str) -> tuple[str, ...]:
     return out
 
 
-def _expand(names: tuple[str, ...], config: Any) -> list[Component]:
-    """Components of site names (every layer, head, neuron) and labels, ordered, without repeats."""
-    out: list[Component] = []
+def _expand(names: tuple[str, ...], config: Any) -> list[Component | Joint]:
+    """Components of site names (every layer, head, neuron) and labels (joint ablations "a&b"
+    included), ordered, without repeats."""
+    out: list[Component | Joint] = []
     for n in names:
         if "." in n:
-            c = Component.parse(n)
+            c = ablation(n)
             c.check(config)
             out.append(c)
         else:
@@ -410,6 +431,9 @@ def plan_rows(
             restore = np.argsort(order).astype(np.int32)
     rows_in = [ablated[i] for i in order]
     assert segments is None or describes(segments, [c.layer for c in rows_in]), (segments, rows_in)
+    first = [c.parts[0] if isinstance(c, Joint) else c for c in rows_in]  # the suffix starts here
+    second = [c.parts[1] if isinstance(c, Joint) else None for c in rows_in]
+    sites = {p.site for c in ablated for p in (c.parts if isinstance(c, Joint) else (c,))}
     plan = Plan(
         config=config,
         kind=spec.kind,
@@ -418,25 +442,36 @@ def plan_rows(
         n_resamples=spec.n_resamples,
         chunk_size=spec.chunk_size,
         measured=tuple((c.site, c.layer, _unit(c)) for c in measured),
-        ablated=frozenset(c.site for c in ablated),
+        ablated=frozenset(sites),
         linearise=spec.linearise,
         layout=layout,
         segments=segments,
     )
-    rows = {
-        "layer": np.array([c.layer for c in rows_in], np.int32),
-        "site": np.array([CODE[c.site] for c in rows_in], np.int32),
-        "head": np.array([c.head or 0 for c in rows_in], np.int32),
-    }
-    if Site.MLP_HIDDEN in plan.ablated:
-        neurons = np.zeros((len(rows_in), config.d_mlp), bool)
-        for i, c in enumerate(rows_in):
-            if c.site is Site.MLP_HIDDEN:
-                neurons[i, slice(None) if c.neurons is None else list(c.neurons)] = True
-        rows["neurons"] = neurons
+    rows = _component_rows(config, plan, first, "")
+    if any(c is not None for c in second):  # joint ablations: the second part of each row (-1: none)
+        rows |= _component_rows(config, plan, second, "2")
     if spec.target == "next":  # every position counts until thresholds are given
         rows["threshold"] = np.full(len(rows_in), -np.inf, np.float32)
     return plan, rows, restore
+
+
+def _component_rows(
+    config: Any, plan: Plan, parts: list[Component | None], suffix: str
+) -> dict[str, np.ndarray]:
+    """The rows' "layer", "site", "head" [A] (and "neurons" [A, F] with mlp_hidden ablations), each
+    name followed by `suffix`, of one component per row; None (no second part) is layer and site -1."""
+    rows = {
+        "layer" + suffix: np.array([-1 if c is None else c.layer for c in parts], np.int32),
+        "site" + suffix: np.array([-1 if c is None else CODE[c.site] for c in parts], np.int32),
+        "head" + suffix: np.array([0 if c is None else c.head or 0 for c in parts], np.int32),
+    }
+    if Site.MLP_HIDDEN in plan.ablated:
+        neurons = np.zeros((len(parts), config.d_mlp), bool)
+        for i, c in enumerate(parts):
+            if c is not None and c.site is Site.MLP_HIDDEN:
+                neurons[i, slice(None) if c.neurons is None else list(c.neurons)] = True
+        rows["neurons" + suffix] = neurons
+    return rows
 
 
 def _prepare(
@@ -623,16 +658,18 @@ def naive_effect_matrix(
     total, delta, norm = [], [], []
     for c in ablated:
         runs = []
+        parts = c.parts if isinstance(c, Joint) else (c,)
         for k in range(spec.n_resamples):
-            units = dict(head=c.head, neuron=c.neurons)
-            if spec.kind == "resample":
-                edit = iv.ablate(
-                    c.site, c.layer, kind="patch", position=spec.position, source=pool[perms[k]], **units
-                )
-            else:
-                edit = iv.ablate(
-                    c.site, c.layer, kind=spec.kind, position=spec.position, source=source, **units
-                )
+            value = (
+                dict(kind="patch", source=pool[perms[k]])  # a resample: one source prompt for every part
+                if spec.kind == "resample"
+                else dict(kind=spec.kind, source=source)
+            )
+            edits = [
+                iv.ablate(p.site, p.layer, head=p.head, neuron=p.neurons, position=spec.position, **value)
+                for p in parts
+            ]
+            edit = edits[0] if len(edits) == 1 else iv.combine(edits)
             _, cache = run(model, batch, edit, capture=capture)
             s_new, z_new = cache["final_scale"][:, -1], cache["resid_final"][:, -1]
             dot = jnp.einsum("bd,bd->b", z_new, w, precision="highest")

@@ -169,9 +169,74 @@ def components(sites: tuple[Site, ...], config: ModelConfig) -> list[Component]:
     return sorted(out, key=order_key)
 
 
-def order_key(c: Component) -> tuple:
-    """Components' order: by layer, then residual, attention, MLP, then head or neuron."""
-    return (c.layer, _STAGE[c.site], c.site is Site.MLP_OUT, c.head or 0, c.neurons or ())
+def order_key(c: Component | Joint) -> tuple:
+    """Components' order: by layer, then residual, attention, MLP, then head or neuron; a joint
+    ablation by its parts, in order."""
+    if isinstance(c, Joint):
+        return tuple(key for p in c.parts for key in order_key(p))
+    return ((c.layer, _STAGE[c.site], c.site is Site.MLP_OUT, c.head or 0, c.neurons or ()),)
+
+
+JOIN = "&"
+"""Joins the components ablated together in one row: "attn_out.3&mlp_out.7"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Joint:
+    """Components ablated together, in one row of an effect matrix (a pair: `parts` of two, in
+    `order_key` order, so `parts[0]` is the one the suffix starts at).
+
+    The ablated row's own change is the change of every part's direct effect; a measured
+    component after the first part (and not a part) carries its compensation.
+    """
+
+    parts: tuple[Component, ...]
+
+    @property
+    def label(self) -> str:
+        """ "attn_out.3&mlp_out.7"."""
+        return JOIN.join(p.label for p in self.parts)
+
+    @property
+    def layer(self) -> int:
+        return self.parts[0].layer
+
+    @property
+    def site(self) -> Site:
+        return self.parts[0].site
+
+    @property
+    def head(self) -> int | None:
+        return self.parts[0].head
+
+    def check(self, config: ModelConfig) -> None:
+        for p in self.parts:
+            p.check(config)
+
+    @classmethod
+    def parse(cls, label: str) -> Joint:
+        """The joint ablation of a label "a&b" (two component labels), or a ValueError."""
+        texts = str(label).split(JOIN)
+        if len(texts) != 2 or not all(texts):
+            raise ValueError(
+                f"Cannot read the joint ablation {label!r}: write two component labels joined by {JOIN!r}, "
+                "e.g. 'attn_out.3&mlp_out.7' or 'head_out.9.1&head_out.10.7'."
+            )
+        parts = tuple(sorted((Component.parse(t) for t in texts), key=order_key))
+        if parts[0] == parts[1]:
+            raise ValueError(f"{label!r} names one component twice; a joint ablation needs two.")
+        a, b = parts
+        if a.layer == b.layer and a.site == b.site and a.site is not Site.HEAD_OUT:
+            raise ValueError(
+                f"{label!r}: two ablations of {a.site.value} in one layer overlap; ablate one component "
+                "(neurons together: mlp_hidden.<layer>.<n>+<m>) or pick different layers or sites."
+            )
+        return cls(parts)
+
+
+def ablation(label: str) -> Component | Joint:
+    """The ablation of a row label: a component ("attn_out.3") or a joint ablation ("a&b")."""
+    return Joint.parse(label) if JOIN in str(label) else Component.parse(label)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,8 +437,8 @@ class EffectMatrix:
         return self.instances is not None
 
     @property
-    def ablated(self) -> list[Component]:
-        return [Component.parse(s) for s in self.labels.ablated]
+    def ablated(self) -> list[Component | Joint]:
+        return [ablation(s) for s in self.labels.ablated]
 
     @property
     def measured(self) -> list[Component]:
@@ -456,7 +521,7 @@ class EffectMatrix:
             for j, d in enumerate(measured):
                 if _contains(d, c):
                     own[i, j] = 1
-                elif d.is_after(c):
+                elif d.is_after(c.parts[0] if isinstance(c, Joint) else c):
                     (attn if d.is_attention else mlp)[i, j] = 1
         if not own.any(axis=1).all():
             missing = [self.labels.ablated[i] for i in np.nonzero(~own.any(axis=1))[0]]
@@ -469,14 +534,16 @@ class EffectMatrix:
         return Decomposition(own=part(own), attention=part(attn), mlp=part(mlp), norm=self.norm_term)
 
 
-def _contains(measured: Component, ablated: Component) -> bool:
-    """Whether `measured` is part of the ablated component's own change.
+def _contains(measured: Component, ablated: Component | Joint) -> bool:
+    """Whether `measured` is part of the ablated component's own change (of any part of a joint one).
 
     That is the component itself, the layer's attn_out for a head, its mlp_out
     for neurons, and the other heads (neurons) of the ablated head's (neuron's)
     layer: with post-norms they move with it, through the norm's factor of the
     sum; without, they do not move at all.
     """
+    if isinstance(ablated, Joint):
+        return any(_contains(measured, p) for p in ablated.parts)
     if measured.layer != ablated.layer or _STAGE[measured.site] != _STAGE[ablated.site]:
         return False
     if measured.site == ablated.site:
