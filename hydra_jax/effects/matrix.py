@@ -209,6 +209,12 @@ class EffectSpec:
         if self.top is not None:
             _setter(self)("top", float(self.top))
 
+    @property
+    def ablated_sites(self) -> tuple[str, ...]:
+        """The sites the ablations write (of every part of a joint ablation), in order."""
+        parts = (part for name in self.ablate for part in name.split(JOIN))
+        return tuple(dict.fromkeys(_site_of(part).value for part in parts))
+
     def replace(self, **changes: Any) -> EffectSpec:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)

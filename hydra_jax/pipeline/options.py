@@ -117,7 +117,8 @@ class Settings:
             "'paper' (default): every attention and MLP layer (or head) ablated at the final position, the "
             "paper's direct, total and compensation statistics; 'tokens': every head (or layer) ablated at "
             "every position of a text corpus, self-repair per head on the next token (Rushing & Nanda "
-            "2024), --data a .txt / .jsonl corpus or 'default' (the Python documentation text)",
+            "2024), --data a .txt / .jsonl corpus or 'default' (the Python documentation text); 'pairs': "
+            "every pair of components ablated together, their interactions and backups",
             choices=protocols.names,  # read when the parser is built: a protocol added later is listed
         ),
     )
@@ -171,6 +172,14 @@ class Settings:
         default=None,
         metadata=option(
             "ablate layers (default) or every head (default for --protocol tokens)", choices=("layer", "head")
+        ),
+    )
+    components: str | None = dataclasses.field(
+        default=None,
+        metadata=option(
+            "--protocol pairs: the components paired, as labels separated by commas (e.g. "
+            "'attn_out.3,attn_out.5,mlp_out.7'); default: every attention and MLP layer, or with "
+            "--granularity head every head"
         ),
     )
     target: str = dataclasses.field(
@@ -227,7 +236,7 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        for name in ("model", "data", "compare", "protocol"):
+        for name in ("model", "data", "compare", "protocol", "components"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):  # a pathlib.Path names what its string names
                 value = os.fspath(value)

@@ -98,7 +98,7 @@ class Sources:
         """The values of a run over `prompts`: the mean over the pool, or the resample draw and (at
         the final position, with `table`) the pool's clean final activations, computed here once.
         `table=False` leaves the table to a `reader` (`with_reader`: a sweep store's)."""
-        pool, ablate = prompts.pool, spec.ablate
+        pool, ablate = prompts.pool, spec.ablated_sites
         more = {"thresholds": corpus_thresholds(model, prompts, spec, batch_size)}
         if spec.kind == "mean":
             acts = source_activations(

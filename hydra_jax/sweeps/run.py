@@ -61,7 +61,7 @@ from hydra_jax.sweeps import store as stores
 # Settings that change no number in the store (the report's bootstrap, a comparison model).
 _NOT_STORED = ("n_bootstrap", "compare")
 # Settings added since stores were first written, with the value older stores were computed with.
-_LEGACY = {"protocol": "paper", "seq_len": 128, "top": 0.02}
+_LEGACY = {"protocol": "paper", "seq_len": 128, "top": 0.02, "components": None}
 
 
 def sweep(
@@ -194,7 +194,7 @@ def _sweep(
                 per_position=spec.target == "next",
             )
             if sources.needs_table:
-                shapes = _source_shapes(model, pool, spec.ablate, pool_layout)
+                shapes = _source_shapes(model, pool, spec.ablated_sites, pool_layout)
                 stores.create_sources(tmp, shapes, pool_layout)
             lock.enter_context(stores.writer_lock(tmp))  # held from the moment the store appears
     _barrier("hydra_jax.sweeps.created", ranks)
@@ -208,7 +208,9 @@ def _sweep(
         todo = theirs[~store.complete("sources_complete")[theirs]]
         for i in tqdm(todo, disable=not progress or not todo.size, desc="sources", unit="batch"):
             interrupts.check()
-            acts = source_activations(model, pool.take(batches.rows(i)), sites=spec.ablate, batch_size=size)
+            acts = source_activations(
+                model, pool.take(batches.rows(i)), sites=spec.ablated_sites, batch_size=size
+            )
             count = batches[i].stop - batches[i].start
             store.write_sources(
                 i, {s.value: np.asarray(x[:, :count], np.float32) for s, x in acts.acts.items()}
