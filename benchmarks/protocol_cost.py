@@ -1,23 +1,29 @@
-"""The tokens protocol's cost: one compiled call per batch against the research scripts' loop.
+"""What a protocol's matrix costs: one compiled call per batch against the research scripts' loop.
 
-Run: `python benchmarks/tokens.py [--model PATH] [--sequences 2] [--seq-len 128] [--repeats 1]
-[--json PATH]`.
+Run: `python benchmarks/protocol_cost.py --protocol tokens|pairs [--model PATH] [--prompts N]
+[--seq-len 128] [--repeats 1] [--json PATH]`.
 
-On one batch of corpus sequences (the Python documentation text, `hydra_jax.data.corpus`), every
-head ablated at every position (resample, one source sequence) and measured on every position's
-next token, as `hydra-jax analyze --protocol tokens` computes it:
+On one batch, the protocol's effect matrix as `hydra-jax analyze --protocol P` computes it:
 
-  engine  `effect_matrix` with the protocol's spec: every head in one compiled call (compiled
+  tokens  corpus sequences (the Python documentation text, `hydra_jax.data.corpus`) of --seq-len
+          tokens; every head ablated at every position (resample, one source sequence), every
+          position measured on its next token
+  pairs   the first --prompts prompts of ../shared/data/known_1000.json; every attention and MLP
+          layer alone and every pair of them together (mean ablation), at the final position
+
+against
+
+  engine  `effect_matrix` with the protocol's spec: every row in one compiled call (compiled
           once before timing; compile time reported apart)
-  loop    `naive_effect_matrix`: one ordinary hooked forward per head (every position, with
-          its cache), the per-position direct effects read from it: what the research scripts
-          do (Rushing & Nanda's `ablate_instance_and_get_repair`, one `act_patch` per head)
+  loop    `naive_effect_matrix`: one ordinary hooked forward per row (per head; per pair, the two
+          edits combined), the direct effects read from its cache: what the research scripts do
+          (Rushing & Nanda's one `act_patch` per head; one hooked forward per pair)
 
-interleaved (engine, loop, engine, loop, ...), with the dense matmul rate measured in the same
-process before and after. Reported: seconds, token x head instances per second, the FLOP account
-(`hydra_jax.bench.flops.per_position_account`: the minimal work, what the engine computes, and the
-loop's), the achieved rate of the minimal work and its fraction of the matmul rate, the engine's
-compiled peak memory (`memory_analysis`) and the process's peak RSS. The two results agree (checked).
+interleaved (engine, loop, ...), with the dense matmul rate measured in the same process before
+and after. Reported: seconds, instances (row x token, or row x prompt) per second, the FLOP
+account (`hydra_jax.bench.flops`: the minimal work, what the engine computes, and the loop's),
+the achieved rate of the minimal work and its fraction of the matmul rate, the engine's compiled
+memory (`memory_analysis`) and the process's peak RSS. The two results agree (checked).
 """
 
 from __future__ import annotations
@@ -33,17 +39,21 @@ import time
 import numpy as np
 
 DEFAULT_MODEL = os.path.expanduser("~/.cache/hydra_jax/test-data/SmolLM2-135M-Instruct.Q4_1.gguf")
+KNOWN_1000 = "../shared/data/known_1000.json"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=("tokens", "pairs"), required=True)
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="any --model hydra-jax takes (default: SmolLM2-135M GGUF)"
+        "--model", default=DEFAULT_MODEL, help="any --model hydra-jax takes (default: SmolLM2 GGUF)"
     )
-    parser.add_argument("--sequences", type=int, default=2)
+    parser.add_argument(
+        "--prompts", type=int, default=None, help="sequences (tokens: 2) or prompts (pairs: 8)"
+    )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: the protocol's")
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args()
 
@@ -52,6 +62,7 @@ def main() -> int:
     from hydra_jax.batch import Batch
     from hydra_jax.bench import flops
     from hydra_jax.bench.timing import interleaved, matmul_rate, timed
+    from hydra_jax.data import load_counterfact
     from hydra_jax.data.corpus import load_corpus
     from hydra_jax.effects.matrix import compile_effect_matrix, naive_effect_matrix
     from hydra_jax.loaders.source import open_model
@@ -59,12 +70,18 @@ def main() -> int:
 
     model, tokenizer, _ = open_model(args.model, "--model").load()
     c = model.config
-    corpus = load_corpus("python-docs", tokenizer, seq_len=args.seq_len, n_sequences=args.sequences)
-    batch = Batch.from_tokens([list(row) for row in corpus.tokens])
-    settings = Settings(
-        protocol="tokens", model=args.model, chunk_size=args.chunk_size, n_prompts=args.sequences
-    )
-    spec = settings.spec_for(c).replace(top=None)  # every position counts: the same work, simplest check
+    if args.protocol == "tokens":
+        n = args.prompts or 2
+        corpus = load_corpus("python-docs", tokenizer, seq_len=args.seq_len, n_sequences=n)
+        batch = Batch.from_tokens([list(row) for row in corpus.tokens])
+        settings = Settings(protocol="tokens", model=args.model, chunk_size=args.chunk_size, n_prompts=n)
+        spec = settings.spec_for(c).replace(top=None)  # every position counts: the same work
+    else:
+        n = args.prompts or 8
+        facts = load_counterfact(KNOWN_1000)
+        batch = Batch.from_prompts(tokenizer, list(facts.prompts[:n]))
+        settings = Settings(protocol="pairs", model=args.model, kind="mean", chunk_size=args.chunk_size)
+        spec = settings.spec_for(c)
     rate_before = matmul_rate(((2048, 2048, 2048), (512, 576, 1536)), repeats=3)
     compiled = compile_effect_matrix(model, batch, spec)
     memory = compiled.compiled.memory_analysis()
@@ -84,19 +101,23 @@ def main() -> int:
     scale = float(np.abs(np.asarray(engine_em.direct_clean)).max())
     error = float(np.abs(np.asarray(engine_em.delta_direct) - np.asarray(loop_em.delta_direct)).max() / scale)
 
-    rows = [(a.site.value, a.layer) for a in engine_em.ablated]
-    account = flops.per_position_account(
-        c, batch.size, batch.tokens.shape[1], rows, spec.n_resamples, spec.scan_segments
-    )
-    instances = batch.size * (batch.tokens.shape[1] - 1) * len(rows)
+    rows = [(a.site.value, a.layer) for a in engine_em.ablated]  # a pair: from its first part on
+    t = int(batch.tokens.shape[1])
+    if args.protocol == "tokens":
+        account = flops.per_position_account(c, batch.size, t, rows, spec.n_resamples, spec.scan_segments)
+        instances = batch.size * (t - 1) * len(rows)
+    else:
+        account = flops.account(c, batch.size, t, rows, spec.n_resamples, spec.scan_segments)
+        instances = batch.size * len(rows)
     engine_s, loop_s = times["engine"].median, times["loop"].median
     rate = max(rate_before, rate_after)
     result = {
         "machine": f"{os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
         "model": os.path.basename(args.model),
         "config": {"layers": c.n_layers, "heads": c.n_heads, "d_model": c.d_model, "d_mlp": c.d_mlp},
-        "sequences": batch.size,
-        "seq_len": int(batch.tokens.shape[1]),
+        "protocol": args.protocol,
+        "prompts": batch.size,
+        "tokens_per_prompt": t,
         "ablations": len(rows),
         "engine": times["engine"].to_dict() | {"compile_s": compiled.compile_s},
         "loop": times["loop"].to_dict() | {"first_s": loop_first},
