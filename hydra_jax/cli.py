@@ -241,9 +241,8 @@ ANALYZE_EXAMPLES = """examples:
 def _measure_options(p: argparse.ArgumentParser, command: str) -> None:
     """What analyze and sweep measure: one option per field of `Settings` that `command` takes, with
     the help, choices and type its field declares (`hydra_jax.pipeline.options`)."""
-    from hydra_jax.pipeline.options import PROTOCOL_OPTIONS, Settings, options
+    from hydra_jax.pipeline.options import PROTOCOL_OPTIONS, options
 
-    defaults = Settings()
     for field in options(command):
         o = field.metadata["option"]
         kwargs: dict[str, Any] = {"help": o["help"]}
@@ -252,7 +251,8 @@ def _measure_options(p: argparse.ArgumentParser, command: str) -> None:
         if o["type"] is not None:
             kwargs["type"] = o["type"]
         # A protocol option's default is None, "not given": --paper tells a deviation from a default.
-        kwargs["default"] = None if field.name in PROTOCOL_OPTIONS else getattr(defaults, field.name)
+        # Others take the field's own default (None where the protocol decides: --batch-size).
+        kwargs["default"] = None if field.name in PROTOCOL_OPTIONS else field.default
         p.add_argument(o["flag"] or "--" + field.name.replace("_", "-"), **kwargs)
         if field.name == "model":
             p.add_argument(
