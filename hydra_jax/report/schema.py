@@ -29,7 +29,18 @@ FIGURES = {
 }
 COMPARE_FIGURE = "compare.png"
 FILES = frozenset({"summary.json", "effects.npz", "report.md", COMPARE_FIGURE, *FIGURES.values()})
-"""Every file a report directory may hold."""
+"""Every file a report directory of the paper protocol may hold."""
+TOKENS_SCHEMA_ID = "hydra_jax.tokens/1"
+PAIRS_SCHEMA_ID = "hydra_jax.pairs/1"
+REPORT_KINDS: dict[str, frozenset[str]] = {
+    SCHEMA_ID.split("/")[0]: FILES,
+    TOKENS_SCHEMA_ID.split("/")[0]: frozenset(
+        {"summary.json", "report.md", "repair_heatmap.png", "repair_scatter.png"}
+    ),
+    PAIRS_SCHEMA_ID.split("/")[0]: frozenset({"summary.json", "report.md", "interaction_heatmap.png"}),
+}
+"""Each protocol's report (by its summary.json schema, any version) and the files it may hold: a
+report of any protocol is recognised as hydra_jax's, so `--overwrite` replaces it."""
 
 
 def _not_a_report(path: str) -> str | None:
@@ -42,10 +53,10 @@ def _not_a_report(path: str) -> str | None:
     except (OSError, ValueError):
         return "its summary.json is not readable JSON"
     # Any version of the schema: reports of older releases are recognised too.
-    family = SCHEMA_ID.split("/")[0] + "/"
-    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith(family):
-        return f"its summary.json has no schema {SCHEMA_ID!r}"
-    return outdir.holds_only(path, FILES, plain_files=True)
+    family = str(doc.get("schema", "")).split("/")[0] if isinstance(doc, dict) else ""
+    if family not in REPORT_KINDS:
+        return f"its summary.json has no schema {SCHEMA_ID!r} (or another protocol's report schema)"
+    return outdir.holds_only(path, REPORT_KINDS[family], plain_files=True)
 
 
 REPORT = outdir.Owner(what="report", prefix=".hydra-report-", foreign=_not_a_report)

@@ -74,6 +74,7 @@ def test_analyze_and_a_sweep_store_report_the_same_interactions(tmp_path):
     assert doc["schema"] == "hydra_jax.pairs/1" and len(doc["pairs"]) == n * (n - 1) // 2
     assert "| attn_out." in (tmp_path / "r" / "report.md").read_text()
     assert result.figure("interaction_heatmap").axes and result._repr_html_().startswith("<div>")
+    result.write(tmp_path / "r", overwrite=True)  # recognised as a report of ours: replaced
     store = sweep(Settings(**RUN), tmp_path / "s.zarr", progress=False, log=lambda _: None)
     report = report_from_store(store.path, tmp_path / "from-store", n_bootstrap=20)
     for mine, theirs in zip(report.summary.pairs, result.summary.pairs, strict=True):

@@ -75,6 +75,7 @@ def test_the_summary_is_the_ratio_of_instance_sums(analysis):
 
 def test_the_report_holds_its_files_and_figures(analysis, tmp_path):
     out = analysis.write(tmp_path / "report")
+    assert analysis.write(tmp_path / "report", overwrite=True) == out  # recognised as a report of ours
     assert sorted(os.listdir(out)) == [
         "repair_heatmap.png",
         "repair_scatter.png",

@@ -11,9 +11,9 @@ file (as the `paper` protocol), and reports:
   carries it: the interaction of the attention components' and the MLPs' ΔDE
   (ΔDE_u(a&b) − ΔDE_u(a) − ΔDE_u(b), summed), of the parts' own change, and of the norm term
   (the four add up to I exactly);
-- backups (conditional compensation): for the components with the largest |TE|, the components
-  u whose ΔDE_u restores most of the loss when the component is ablated, and for each such
-  pair how much of the component's self-repair (TE − own ΔDE) the pair removes.
+- backups (conditional compensation): for the components whose own direct effect changes most
+  when ablated, the components u after them whose ΔDE_u restores most of that loss, and for
+  each such pair how much of the component's self-repair (TE − own ΔDE) the pair removes.
 
 The component set is every attention and MLP layer (`--granularity layer`), every head
 (`--granularity head`), or `--components` (labels separated by commas): n components give n
@@ -44,6 +44,7 @@ CHUNK_SIZE = 64  # rows per step when --chunk-size is not given
 TOP_PRIMARIES = 5
 TOP_BACKUPS = 3
 TOP_PAIRS = 10
+MIN_REPAIR = 0.1  # logits of self-repair below which its share removed by a pair is not reported
 FIGURES = ("interaction_heatmap",)
 
 
@@ -94,7 +95,9 @@ class Pairs(Protocol):
         compare: Any = None,
     ) -> list[str]:
         paths = []
-        doc = {"schema": "hydra_jax.pairs/1", "meta": record.meta(), **summary.to_dict()}
+        from hydra_jax.report.schema import PAIRS_SCHEMA_ID
+
+        doc = {"schema": PAIRS_SCHEMA_ID, "meta": record.meta(), **summary.to_dict()}
         path = os.path.join(out_dir, "summary.json")
         with open(path, "w") as f:
             json.dump(doc, f, indent=1, allow_nan=True)
@@ -183,9 +186,10 @@ class PairsSummary:
         pairs: per pair: "pair", "a", "b", te_pair, te_a, te_b, interaction (I = te_pair − te_a −
             te_b, mean over prompts) with "interaction_ci", and what carries it: "own", "attention",
             "mlp", "norm" (the interaction of each part of the decomposition; they add up to I).
-        backups: per top component by |TE|: its label and its top backups (label, the mean
-            compensation ΔDE_u restoring its loss, and with a pair row for the two: the fraction
-            of its self-repair the pair removes).
+        backups: per component with the largest |own ΔDE| (what there is to compensate): its
+            label, TE, own change and self-repair, and its top backups: the components after it
+            whose ΔDE restores its loss most (label, the mean compensation, and with a pair row
+            for the two the fraction of its self-repair, TE − own, that ablating both removes).
         n_prompts, ci: prompts measured, the intervals' coverage.
     """
 
@@ -291,26 +295,39 @@ def pairs_summary(
 
 
 def _backups(singles, index, labels, change, te, parts, joints) -> list[dict[str, Any]]:
-    """The top components by |TE| and the components whose ΔDE restores their loss most."""
+    """The components whose own direct effect changes most when ablated (|own ΔDE|: what there is to
+    compensate), and the components after each whose ΔDE restores that loss most."""
+    from hydra_jax.effects.results import Component, ablation
+
     pair_of = {frozenset(p.label for p in j.parts): i for i, j in joints}
+    measured = [Component.parse(m) for m in labels.measured]
     out = []
-    for s in sorted(singles, key=lambda s: -abs(s["te"]))[:TOP_PRIMARIES]:
+    for s in sorted(singles, key=lambda s: -abs(s["own"]))[:TOP_PRIMARIES]:
         i = index[s["label"]]
+        primary = ablation(s["label"])
         restoring = -np.sign(s["own"]) * change[i]  # restores the loss: against the own change's sign
         candidates = [
-            (restoring[u], labels.measured[u])
-            for u in range(len(labels.measured))
-            if labels.measured[u] != s["label"] and np.isfinite(restoring[u])
+            (restoring[u], m.label)
+            for u, m in enumerate(measured)
+            if m.is_after(primary) and np.isfinite(restoring[u]) and restoring[u] > 0.01 * abs(s["own"])
         ]
         top = []
         for value, label in sorted(candidates, reverse=True)[:TOP_BACKUPS]:
             entry = {"label": label, "compensation": float(value)}
             j = pair_of.get(frozenset((s["label"], label)))
-            if j is not None and s["self_repair"] != 0:
+            if j is not None and abs(s["self_repair"]) >= MIN_REPAIR:  # a share of little is noise
                 repair_pair = float((te[j] - parts["own"][j]).mean())  # the pair's self-repair
                 entry["repair_removed"] = (s["self_repair"] - repair_pair) / s["self_repair"]
             top.append(entry)
-        out.append({"label": s["label"], "te": s["te"], "self_repair": s["self_repair"], "backups": top})
+        out.append(
+            {
+                "label": s["label"],
+                "te": s["te"],
+                "own": s["own"],
+                "self_repair": s["self_repair"],
+                "backups": top,
+            }
+        )
     return out
 
 
@@ -337,14 +354,15 @@ def interaction_heatmap(summary: PairsSummary, meta: dict[str, Any]) -> Any:
         norm=TwoSlopeNorm(0.0, -bound, bound),
         interpolation="nearest",
     )
-    step = max(1, n // 30)
+    step = 1 if n <= 64 else max(1, n // 30)
     ticks = list(range(0, n, step))
     short = [
         c.replace("attn_out.", "A").replace("mlp_out.", "M").replace("head_out.", "H")
         for c in summary.components
     ]
-    ax.set_xticks(ticks, [short[i] for i in ticks], rotation=90, fontsize=6)
-    ax.set_yticks(ticks, [short[i] for i in ticks], fontsize=6)
+    font = 6 if n <= 32 else 4.5
+    ax.set_xticks(ticks, [short[i] for i in ticks], rotation=90, fontsize=font)
+    ax.set_yticks(ticks, [short[i] for i in ticks], fontsize=font)
     fig.colorbar(im, ax=ax, shrink=0.8, label="I(a, b) = TE(a&b) − TE(a) − TE(b)")
     model = meta.get("model", {})
     ax.set_title(
@@ -378,11 +396,16 @@ def report_markdown(summary: PairsSummary, record: RunRecord) -> str:
             f"{p['te_a'] + p['te_b']:+.3f} | {p['own']:+.3f} | {p['attention']:+.3f} | {p['mlp']:+.3f} | "
             f"{p['norm']:+.3f} |"
         )
-    lines += ["", "## Backups of the components with the largest |TE|", ""]
+    lines += ["", "## Backups of the components whose own direct effect changes most", ""]
     lines += [
-        "| component | TE | self-repair | backups (compensation; share of the self-repair the pair removes) |"
+        f"Backups: the components after it whose ΔDE restores its loss most (mean compensation), and "
+        f"where its self-repair is at least {MIN_REPAIR} logit, the share of that self-repair ablating "
+        "both removes (above 100%: the pair also removes other components' repair).",
+        "",
+        "| component | TE | own ΔDE | self-repair | backups (compensation; share of the self-repair "
+        "removed) |",
+        "|---|---|---|---|---|",
     ]
-    lines += ["|---|---|---|---|"]
     for b in summary.backups:
         who = ", ".join(
             f"{x['label']} ({x['compensation']:+.3f}"
@@ -390,7 +413,9 @@ def report_markdown(summary: PairsSummary, record: RunRecord) -> str:
             + ")"
             for x in b["backups"]
         )
-        lines.append(f"| {b['label']} | {b['te']:+.3f} | {b['self_repair']:+.3f} | {who} |")
+        lines.append(
+            f"| {b['label']} | {b['te']:+.3f} | {b['own']:+.3f} | {b['self_repair']:+.3f} | {who or 'none'} |"
+        )
     lines += ["", "![interactions](interaction_heatmap.png)", ""]
     return "\n".join(lines)
 

@@ -207,7 +207,9 @@ class Tokens(Protocol):
         compare: tuple[EffectMatrix, TokensSummary, RunRecord] | None = None,
     ) -> list[str]:
         paths = []
-        doc = {"schema": "hydra_jax.tokens/1", "meta": record.meta(), **summary.to_dict()}
+        from hydra_jax.report.schema import TOKENS_SCHEMA_ID
+
+        doc = {"schema": TOKENS_SCHEMA_ID, "meta": record.meta(), **summary.to_dict()}
         path = os.path.join(out_dir, "summary.json")
         with open(path, "w") as f:
             json.dump(doc, f, indent=1, allow_nan=True)
