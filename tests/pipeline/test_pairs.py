@@ -72,7 +72,8 @@ def test_analyze_and_a_sweep_store_report_the_same_interactions(tmp_path):
     doc = json.loads((tmp_path / "r" / "summary.json").read_text())
     n = len(doc["components"])
     assert doc["schema"] == "hydra_jax.pairs/1" and len(doc["pairs"]) == n * (n - 1) // 2
-    assert "| attn_out." in (tmp_path / "r" / "report.md").read_text()
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "| attn_out." in text and "ablation: mean, not resampling" in text  # its deviations
     assert result.figure("interaction_heatmap").axes and result._repr_html_().startswith("<div>")
     result.write(tmp_path / "r", overwrite=True)  # recognised as a report of ours: replaced
     store = sweep(Settings(**RUN), tmp_path / "s.zarr", progress=False, log=lambda _: None)

@@ -85,7 +85,7 @@ def test_the_report_holds_its_files_and_figures(analysis, tmp_path):
     doc = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert doc["schema"] == "hydra_jax.tokens/1" and len(doc["rows"]) == len(analysis.summary.rows)
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "self-repair" in text and "| head_out." in text
+    assert "self-repair" in text and "| head_out." in text and "Deviations: corpus: text.txt" in text
     for name in tokens.FIGURES:
         assert analysis.figure(name).axes
     html = analysis._repr_html_()

@@ -382,7 +382,9 @@ def report_markdown(summary: PairsSummary, record: RunRecord) -> str:
         "together in one compiled call per batch. I(a, b) = TE(a&b) − TE(a) − TE(b) (mean over prompts, "
         f"{summary.ci:.0%} bootstrap interval); it splits exactly into the parts' own change, the "
         "attention and MLP components' ΔDE and the final-norm term.",
-        "Deviations from the paper's protocol: " + ("; ".join(meta.get("deviations", [])) or "none") + ".",
+        "Deviations from the paper's protocol: "
+        + ("; ".join(meta.get("protocol", {}).get("deviations", [])) or "none")
+        + ".",
         "",
         f"## The {TOP_PAIRS} pairs with the largest |I|",
         "",

@@ -478,7 +478,9 @@ def report_markdown(summary: TokensSummary, record: RunRecord) -> str:
         f"Instances: each ablated component's top {record.settings.get('top', 0):.0%} (sequence, position) "
         "pairs by its clean direct effect on the next token.",
         "Protocol: Rushing & Nanda (2024), arXiv 2402.15390; self-repair = ΔTE − own ΔDE = heads + MLPs + "
-        "norm (exact). Deviations: " + ("; ".join(meta.get("deviations", [])) or "none") + ".",
+        "norm (exact). Deviations: "
+        + ("; ".join(meta.get("protocol", {}).get("deviations", [])) or "none")
+        + ".",
         "",
         "## Over every ablated component's instances",
         "",
