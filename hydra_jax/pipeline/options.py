@@ -202,7 +202,8 @@ class Settings:
     batch_size: int | None = dataclasses.field(
         default=None,
         metadata=option(
-            "prompts (text sequences) per compiled call (default 128; --protocol tokens 4)", type=int
+            "prompts (text sequences) per compiled call (default 128; --protocol tokens 2; pairs 32)",
+            type=int,
         ),
     )
     chunk_size: int | None = dataclasses.field(

@@ -154,7 +154,7 @@ def test_settings_take_the_protocols_defaults():
     from hydra_jax.cli import _settings, build_parser
 
     s = Settings(protocol="tokens")
-    assert (s.granularity, s.n_resamples, s.batch_size, s.seq_len, s.top) == ("head", 1, 4, 128, 0.02)
+    assert (s.granularity, s.n_resamples, s.batch_size, s.seq_len, s.top) == ("head", 1, 2, 128, 0.02)
     assert _settings(build_parser().parse_args(["analyze", "--protocol", "tokens"])) == s  # the CLI too
     pairs = _settings(build_parser().parse_args(["sweep", "--protocol", "pairs", "--out", "x"]))
     assert (pairs.batch_size, pairs.granularity) == (32, "layer")
