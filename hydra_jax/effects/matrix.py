@@ -809,7 +809,9 @@ def _neuron_outputs(params: dict, config: Any, cache: dict, layer: int, every: b
         if config.use_bias:
             m = m + params["blocks"]["b_out"][layer].astype(jnp.float32)
         gain = params["blocks"]["ln2_post_g"][layer].astype(jnp.float32)
-        out = out * layers.norm_scale(m, config)[None, ..., None] * gain
+        out = (
+            out * layers.norm_scale(m, config)[None, ..., None] * gain.reshape((1,) * (out.ndim - 1) + (-1,))
+        )
     return out
 
 
