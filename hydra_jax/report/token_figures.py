@@ -54,7 +54,7 @@ def repair_heatmap(summary: TokensSummary, meta: dict[str, Any]) -> Figure:
         grid, names = _grid(summary, key)
         finite = grid[np.isfinite(grid)]
         bound = float(np.quantile(np.abs(finite), 0.98)) if finite.size else 1.0
-        bound = max(bound, 0.05)
+        bound = min(max(bound, 0.05), 1.0)  # ratios over a tiny DE run far past ±100%: clipped there
         im = ax.imshow(
             np.clip(grid, -bound, bound),
             cmap=cmap,
@@ -62,7 +62,7 @@ def repair_heatmap(summary: TokensSummary, meta: dict[str, Any]) -> Figure:
             aspect="auto",
             interpolation="nearest",
         )
-        ax.set_title(f"{title} (mean over each component's top instances; grey: no instance)", fontsize=9)
+        ax.set_title(f"{title} (over each component's top instances; colours clipped at ±100%)", fontsize=9)
         ax.set_xlabel("layer (0-indexed)")
         ax.set_yticks(range(len(names)), names, fontsize=7)
         step = max(1, grid.shape[1] // 15)
