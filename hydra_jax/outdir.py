@@ -99,6 +99,7 @@ def check_out(
     inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
     overwrite: bool = False,
     label: str = "--out",
+    claim: bool = True,
 ) -> str:
     """Check that `out` may be written (or replaced); return it as an absolute path.
 
@@ -110,6 +111,8 @@ def check_out(
             may be neither one of them nor contain one. None values are skipped.
         overwrite: whether an existing `out` that hydra_jax wrote may be replaced.
         label: how messages name `out` (the option or argument).
+        claim: claim `out` for this process (`hold_claim`); False for the other processes of one
+            distributed run, whose first process claims it.
     Raises:
         OutputError: `out` is a link, the current directory or a parent of it,
             an input or a parent of one, a file (for an owner of `files`), a directory
@@ -143,7 +146,7 @@ def check_out(
                 f"would destroy what it reads. Pass another {label}."
             )
     _check_parent(path, shown, what)
-    taken = not owner.files and hold_claim(path, owner, shown)
+    taken = claim and not owner.files and hold_claim(path, owner, shown)
     try:
         return _check_existing(path, owner, shown, label, overwrite)
     except BaseException:

@@ -101,6 +101,11 @@ def test_handlers_and_hook_are_restored_and_ignored_sigint_stays_ignored():
 # ---------------------------------------------------------------- real processes, real signals
 
 WRITER = """
+import signal
+# As a process started from a terminal: SIGINT and SIGHUP at their defaults, whatever the test
+# runner passed down (a suite run under nohup or in the background ignores them).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 import os, shutil, sys, time
 from hydra_jax import interrupts, outdir
 from hydra_jax.report.schema import REPORT
@@ -110,7 +115,7 @@ if slow:  # a cleanup that takes a while, to send more signals into it
     rmtree = shutil.rmtree
     def slow_rmtree(path, **kw):
         print("cleaning", flush=True)
-        time.sleep(1.5)
+        time.sleep(8)
         rmtree(path, **kw)
     shutil.rmtree = slow_rmtree
 try:
@@ -173,7 +178,7 @@ def test_a_second_signal_during_the_cleanup_stops_the_run_once_the_cleanup_is_do
     start = time.perf_counter()
     process.send_signal(signal.SIGINT)  # not ignored: recorded, and the run still ends
     assert process.wait(timeout=30) == 143  # the first signal's code
-    assert time.perf_counter() - start < 10
+    assert time.perf_counter() - start < 20  # the 8 s cleanup, then at once
     assert sorted(os.listdir(tmp_path)) == before  # the cleanup was not cut short
 
 
@@ -186,14 +191,20 @@ def test_a_third_signal_ends_the_process_at_once(tmp_path):
     assert process.stdout.readline().strip() == "cleaning"
     start = time.perf_counter()
     process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # two signals sent at once would be delivered as one
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 143
-    assert time.perf_counter() - start < 1.4  # before the slow cleanup could have finished
+    assert time.perf_counter() - start < 6  # well before the slow (8 s) cleanup could have finished
     assert "stopped at once" in process.stderr.read()
     assert json.loads((out / "summary.json").read_text()) == {"schema": SCHEMA_ID}  # still untouched
 
 
 PHASES = """
+import signal
+# As a process started from a terminal: SIGINT and SIGHUP at their defaults, whatever the test
+# runner passed down (a suite run under nohup or in the background ignores them).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 import sys, time
 import hydra_jax.pipeline.analysis as analysis
 import hydra_jax.pipeline.measure as measure
@@ -262,6 +273,11 @@ def test_analyze_stops_at_every_phase_with_the_signals_code_and_replaces_nothing
 
 
 CREATING = """
+import signal
+# As a process started from a terminal: SIGINT and SIGHUP at their defaults, whatever the test
+# runner passed down (a suite run under nohup or in the background ignores them).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 import sys, time
 import orbax.checkpoint as ocp
 import hydra_jax as hj

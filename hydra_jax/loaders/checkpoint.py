@@ -97,6 +97,20 @@ def save(
             checkpoint hydra_jax wrote: see `hydra_jax.outdir.check_out`.
     """
     path = outdir.check_out(path, CHECKPOINT, overwrite=overwrite, label="checkpoint directory")
+    with outdir.claimed(path):  # released if a check below fails (atomic_dir releases it otherwise)
+        _save_checked(model, tokenizer, path, card, overwrite, extra_files)
+    return path
+
+
+def _save_checked(
+    model: Transformer,
+    tokenizer: Tokenizer | None,
+    path: str,
+    card: str | None,
+    overwrite: bool,
+    extra_files: dict[str, str] | None,
+) -> None:
+    """`save` once `path` is checked and claimed."""
     for name, source in (extra_files or {}).items():
         if name in RESERVED or os.path.basename(name) != name or name in ("", ".", ".."):
             raise ValueError(f"extra_files name {name!r} must be a plain file name other than {RESERVED}.")
@@ -122,7 +136,6 @@ def save(
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, os.path.join(tmp, name))
         write_manifest(tmp)
-    return path
 
 
 def load(path: str | os.PathLike[str]) -> tuple[Transformer, Tokenizer | None]:

@@ -122,7 +122,9 @@ def sweep(
     existing = stores.is_store(path) and not os.path.islink(path)
     resuming = existing and not overwrite
     if not resuming:
-        path = outdir.check_out(out, stores.STORE, inputs=paths_read(settings), overwrite=overwrite)
+        path = outdir.check_out(
+            out, stores.STORE, inputs=paths_read(settings), overwrite=overwrite, claim=rank == 0
+        )
     with contextlib.ExitStack() as lock:
         lock.callback(outdir.release_claim, path)  # `check_out`'s claim on a new store, if it ends unmade
         if existing and rank == 0:  # a store another sweep is writing is refused here, before any loading
