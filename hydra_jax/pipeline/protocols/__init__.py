@@ -123,6 +123,24 @@ class Protocol(abc.ABC):
         """A notebook's display of the result: well-formed HTML naming every ablated component."""
 
 
+def write_files(out_dir: str, *, doc: dict[str, Any], figures: dict[str, Any], markdown: str) -> list[str]:
+    """A protocol's report files in `out_dir`: summary.json (`doc`), each figure as <name>.png (a
+    matplotlib Figure, or a callable making one, saved one at a time) and report.md; their paths."""
+    import json
+    import os
+
+    paths = [os.path.join(out_dir, "summary.json")]
+    with open(paths[0], "w") as f:
+        json.dump(doc, f, indent=1, allow_nan=True)
+    for name, fig in figures.items():
+        paths.append(os.path.join(out_dir, f"{name}.png"))
+        (fig() if callable(fig) else fig).savefig(paths[-1], dpi=120, bbox_inches="tight")
+    paths.append(os.path.join(out_dir, "report.md"))
+    with open(paths[-1], "w") as f:
+        f.write(markdown)
+    return paths
+
+
 def names() -> tuple[str, ...]:
     """The protocols in this folder, by module name (no module is imported)."""
     return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))

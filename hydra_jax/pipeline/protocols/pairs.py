@@ -26,13 +26,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
-import json
-import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hydra_jax.pipeline.protocols import Chunks, Protocol
+from hydra_jax.pipeline.protocols import Chunks, Protocol, write_files
 
 if TYPE_CHECKING:
     from hydra_jax.effects.matrix import EffectSpec
@@ -94,25 +92,15 @@ class Pairs(Protocol):
         record: RunRecord,
         compare: Any = None,
     ) -> list[str]:
-        paths = []
         from hydra_jax.report.schema import PAIRS_SCHEMA_ID
 
         doc = {"schema": PAIRS_SCHEMA_ID, "meta": record.meta(), **summary.to_dict()}
-        path = os.path.join(out_dir, "summary.json")
-        with open(path, "w") as f:
-            json.dump(doc, f, indent=1, allow_nan=True)
-        paths.append(path)
-        for name in FIGURES:
-            path = os.path.join(out_dir, f"{name}.png")
-            self.figure(name, em=em, summary=summary, record=record).savefig(
-                path, dpi=120, bbox_inches="tight"
-            )
-            paths.append(path)
-        path = os.path.join(out_dir, "report.md")
-        with open(path, "w") as f:
-            f.write(report_markdown(summary, record))
-        paths.append(path)
-        return paths
+
+        def draw(name: str) -> Any:
+            return self.figure(name, em=em, summary=summary, record=record)
+
+        figures = {name: (lambda name=name: draw(name)) for name in FIGURES}
+        return write_files(out_dir, doc=doc, figures=figures, markdown=report_markdown(summary, record))
 
     def figure(
         self, name: str, *, em: EffectMatrix, summary: PairsSummary, record: RunRecord, compare=None
