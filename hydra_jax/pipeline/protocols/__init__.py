@@ -57,6 +57,8 @@ class Protocol(abc.ABC):
     """Resample sources per prompt when --n-resamples is not given (--kind resample)."""
     granularity: ClassVar[str] = "layer"
     """What is ablated when --granularity is not given."""
+    figures: ClassVar[tuple[str, ...]] = ()
+    """The report's figures, by name (`figure`), for `write_files`."""
 
     def read_data(self, settings: Settings) -> Any:
         """Read and check `--data` before any weight is read (`preflight`); what `select` takes.
@@ -123,18 +125,22 @@ class Protocol(abc.ABC):
         """A notebook's display of the result: well-formed HTML naming every ablated component."""
 
 
-def write_files(out_dir: str, *, doc: dict[str, Any], figures: dict[str, Any], markdown: str) -> list[str]:
-    """A protocol's report files in `out_dir`: summary.json (`doc`), each figure as <name>.png (a
-    matplotlib Figure, or a callable making one, saved one at a time) and report.md; their paths."""
+def write_files(
+    protocol: Protocol, out_dir: str, schema: str, *, summary: Any, record: RunRecord, markdown: str
+) -> list[str]:
+    """A protocol's report files in `out_dir`: summary.json (`schema`, the record's meta block and
+    `summary.to_dict()`), each of the protocol's `figures` as <name>.png (made and saved one at a
+    time) and report.md (`markdown`); their paths."""
     import json
     import os
 
     paths = [os.path.join(out_dir, "summary.json")]
     with open(paths[0], "w") as f:
-        json.dump(doc, f, indent=1, allow_nan=True)
-    for name, fig in figures.items():
+        json.dump({"schema": schema, "meta": record.meta(), **summary.to_dict()}, f, indent=1, allow_nan=True)
+    for name in protocol.figures:
         paths.append(os.path.join(out_dir, f"{name}.png"))
-        (fig() if callable(fig) else fig).savefig(paths[-1], dpi=120, bbox_inches="tight")
+        fig = protocol.figure(name, em=None, summary=summary, record=record)
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     paths.append(os.path.join(out_dir, "report.md"))
     with open(paths[-1], "w") as f:
         f.write(markdown)

@@ -50,6 +50,7 @@ class Pairs(Protocol):
     name = "pairs"
     instances = "the final position of each prompt"
     batch_size = 32
+    figures = FIGURES
 
     def deviations(self, settings: Settings, available: int | None) -> list[str]:
         return [d for d in settings.paper_deviations(available) if not d.startswith("granularity")]
@@ -94,13 +95,8 @@ class Pairs(Protocol):
     ) -> list[str]:
         from hydra_jax.report.schema import PAIRS_SCHEMA_ID
 
-        doc = {"schema": PAIRS_SCHEMA_ID, "meta": record.meta(), **summary.to_dict()}
-
-        def draw(name: str) -> Any:
-            return self.figure(name, em=em, summary=summary, record=record)
-
-        figures = {name: (lambda name=name: draw(name)) for name in FIGURES}
-        return write_files(out_dir, doc=doc, figures=figures, markdown=report_markdown(summary, record))
+        markdown = report_markdown(summary, record)
+        return write_files(self, out_dir, PAIRS_SCHEMA_ID, summary=summary, record=record, markdown=markdown)
 
     def figure(
         self, name: str, *, em: EffectMatrix, summary: PairsSummary, record: RunRecord, compare=None

@@ -71,6 +71,7 @@ class Tokens(Protocol):
     batch_size = 2  # 4 sequences of 128 tokens of a 30-layer model took 23 GB of host memory here
     resamples = 1
     granularity = "head"
+    figures = FIGURES
 
     # -- data ---------------------------------------------------------------------------
 
@@ -207,13 +208,8 @@ class Tokens(Protocol):
     ) -> list[str]:
         from hydra_jax.report.schema import TOKENS_SCHEMA_ID
 
-        doc = {"schema": TOKENS_SCHEMA_ID, "meta": record.meta(), **summary.to_dict()}
-
-        def draw(name: str) -> Any:
-            return self.figure(name, em=em, summary=summary, record=record)
-
-        figures = {name: (lambda name=name: draw(name)) for name in FIGURES}
-        return write_files(out_dir, doc=doc, figures=figures, markdown=report_markdown(summary, record))
+        markdown = report_markdown(summary, record)
+        return write_files(self, out_dir, TOKENS_SCHEMA_ID, summary=summary, record=record, markdown=markdown)
 
     def figure(
         self, name: str, *, em: EffectMatrix, summary: TokensSummary, record: RunRecord, compare=None
