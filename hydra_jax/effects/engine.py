@@ -38,7 +38,12 @@ split over devices by XLA: the clean pass and every per-prompt array over the
 `with_sharding_constraint`. Without one nothing here changes.
 
 Ablation rows are described by arrays (layer, site code, head, neuron mask),
-so one compiled function serves any set of ablations of the same size.
+so one compiled function serves any set of ablations of the same size. A joint
+row (`hydra_jax.effects.results.Joint`: k components ablated together) is its
+lowest part, where its suffix starts, plus its further parts as the same arrays
+with the suffixes "2", "3", ... up to the batch's largest k (layer -1: a row
+with fewer parts has no such part); every part writes its own value at its own
+layer. Singles, pairs and k-part rows share one compiled call.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hydra_jax.effects.results import direct_effect, target_direction
+from hydra_jax.effects.results import MAX_PARTS, direct_effect, target_direction
 from hydra_jax.effects.sharding import Layout
 from hydra_jax.interventions.ablations import align_right, kind_values
 from hydra_jax.model import layers
@@ -67,6 +72,14 @@ Array = jax.Array
 CODE: dict[Site, int] = {site: i for i, site in enumerate(EDITABLE_SITES)}
 # Sites whose values have the residual's width D (the others: mlp_hidden, width F).
 _WIDE = (Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT)
+# The arrays describing one part of a row; a joint row's further parts add a suffix ("layer2").
+_PART_FIELDS = ("layer", "site", "head", "neurons")
+
+
+def _further_parts(rows: dict[str, Any]) -> tuple[str, ...]:
+    """The suffixes of the rows' further parts: "2", "3", ... up to the batch's largest joint row,
+    none without joint rows. "layer2" [A] is each row's second part's layer (-1: it has none)."""
+    return tuple(s for s in map(str, range(2, MAX_PARTS + 1)) if "layer" + s in rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +148,10 @@ class CoreInputs:
         answers: [B] answer ids (used when plan.target == "answer").
         rows: "layer", "site" (a `CODE`), "head": [A] int32 describing each
             ablation, and with mlp_hidden ablations "neurons" [A, F] bool (the
-            neurons a row ablates). With `plan.segments` sorted by layer.
+            neurons a row ablates). With joint rows, the same for each row's
+            further parts, the names suffixed "2", "3", ... ("layer2",
+            "site2", ...; layer -1 where a row has no such part). With
+            `plan.segments` sorted by layer (of the rows' first parts).
         perms: [K, B] resample source of each prompt, per resample: a prompt
             of the batch itself, or with a `source` a row of the source set.
         source: None, or the source set the values are read from (the mean's
@@ -172,10 +188,11 @@ def effect_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
     rows, perms, restore = inputs.rows, inputs.perms, inputs.restore
     n_ablations = rows["layer"].shape[0]  # the shape contract, checked at trace time
     chex.assert_equal_shape([tokens, valid])
-    chex.assert_shape([rows["layer"], rows["site"], rows["head"]], (n_ablations,))
     chex.assert_shape(perms, (plan.n_resamples, tokens.shape[0]))
-    if Site.MLP_HIDDEN in plan.ablated:
-        chex.assert_shape(rows["neurons"], (n_ablations, cfg.d_mlp))
+    for s in ("", *_further_parts(rows)):
+        chex.assert_shape([rows["layer" + s], rows["site" + s], rows["head" + s]], (n_ablations,))
+        if Site.MLP_HIDDEN in plan.ablated:
+            chex.assert_shape(rows["neurons" + s], (n_ablations, cfg.d_mlp))
     if restore is not None:
         chex.assert_shape(restore, (n_ablations,))
     params = cast_params(params, cfg)
@@ -318,19 +335,23 @@ def _row_inputs(
     """Every ablation row once per resample (N = A x K rows, resamples of a row adjacent), and what
     each writes: (per_row {"layer", "site", "head", ..., "write" where it writes at every
     position, and `extra` [A, ...] arrays repeated alike}, the clean value at each row's site
-    [A, B, (T,) X], the values written {"wide"/"hidden": [N, B, (T,) X]})."""
+    [A, B, (T,) X], the values written {"wide"/"hidden": [N, B, (T,) X]}; with joint rows also
+    those of each further part, the names suffixed: "wide2", ...)."""
     k, rows = plan.n_resamples, inputs.rows
-    here, values, write = _ablation_values(
-        params, cfg, plan, clean, inputs.valid, rows, inputs.perms, inputs.source
+    # Joint rows: every further part's values too ("wide2", ...), from the same source prompts. A
+    # row without that part (layer -1) reads layer 0's, and writes nowhere.
+    parts = {"": rows} | {
+        s: {name: rows[name + s] for name in _PART_FIELDS if name + s in rows}
+        | {"layer": jnp.maximum(rows["layer" + s], 0)}
+        for s in _further_parts(rows)
+    }
+    per_part, write = _ablation_values(
+        params, cfg, plan, clean, inputs.valid, list(parts.values()), inputs.perms, inputs.source
     )
-    if "layer2" in rows:  # joint ablations: the second part's values, from the same source prompts
-        second = {key[:-1]: x for key, x in rows.items() if key.endswith("2")}
-        second["layer"] = jnp.maximum(second["layer"], 0)  # -1 (no second part) writes nowhere
-        here2, values2, _ = _ablation_values(
-            params, cfg, plan, clean, inputs.valid, second, inputs.perms, inputs.source
-        )
-        here |= {name + "2": x for name, x in here2.items()}
-        values |= {name + "2": x for name, x in values2.items()}
+    here, values = {}, {}
+    for s, (here_s, values_s) in zip(parts, per_part, strict=True):
+        here |= {name + s: x for name, x in here_s.items()}
+        values |= {name + s: x for name, x in values_s.items()}
     n = rows["layer"].shape[0] * k
     per_row = {key: jnp.repeat(x, k, axis=0) for key, x in (rows | extra).items()}
     if write is not None:
@@ -509,19 +530,22 @@ def _ablation_values(
     plan: Plan,
     clean: dict[Any, Array],
     valid: Array,
-    rows: dict[str, Array],
+    parts: list[dict[str, Array]],
     perms: Array,
     source: dict[str, Any] | None,
-) -> tuple[dict[str, Array], dict[str, Array], Array | None]:
-    """The clean value at each row's site ([A, B, (T,) X]), what it writes ([A, K, B, (T,) X]),
-    and for position "all" where it may write ([A, K, B, T]), per value width."""
+) -> tuple[list[tuple[dict[str, Array], dict[str, Array]]], Array | None]:
+    """For each of `parts` (rows {"layer", "site", "head"[, "neurons"]}: the rows' first parts, then
+    their further ones): the clean value at each row's site ([A, B, (T,) X]) and what it writes
+    ([A, K, B, (T,) X]), per value width; and for position "all" where a row may write ([A, K, B, T]).
+
+    The source set is read (or run) once for every part.
+    """
     final = plan.position == "final"
     t = valid.shape[1]
-    here = _at_rows(_tables(clean, plan, final), rows)
-    src_valid = valid
-    if plan.kind == "zero" or source is None:  # zero writes zeros; the others read the batch itself
-        src = here
-    else:
+    clean_tables = _tables(clean, plan, final)
+    src_tables, src_valid = None, valid
+    # Values read from a source set (zero writes zeros; without a source the others read the batch).
+    if plan.kind != "zero" and source is not None:
         if "acts" in source:
             acts, src_valid = {Site(s): x for s, x in source["acts"].items()}, source["valid"]
         else:
@@ -537,15 +561,22 @@ def _ablation_values(
             perms = jnp.arange(perms.size).reshape(perms.shape)
         if acts is None:
             _, acts = trunk(params, cfg, source["tokens"], src_valid, capture=frozenset(plan.ablated))
-        src = _at_rows(_tables(acts, plan, final), rows)
-        if not final:
-            aligned = {name: align_right(x, src_valid, t) for name, x in src.items()}
-            src = {name: x for name, (x, _) in aligned.items()}
-            src_valid = next(iter(aligned.values()))[1]
-    values, write = {}, None
-    for name in here:
-        values[name], write = kind_values(plan.kind, here[name], src[name], src_valid, valid, perms, final)
-    return here, values, write
+        src_tables = _tables(acts, plan, final)
+    out, write = [], None
+    for rows in parts:
+        here = _at_rows(clean_tables, rows)
+        src, read_valid = here, valid
+        if src_tables is not None:
+            src, read_valid = _at_rows(src_tables, rows), src_valid
+            if not final:
+                aligned = {name: align_right(x, src_valid, t) for name, x in src.items()}
+                src = {name: x for name, (x, _) in aligned.items()}
+                read_valid = next(iter(aligned.values()))[1]
+        values = {}
+        for name, x in here.items():
+            values[name], write = kind_values(plan.kind, x, src[name], read_valid, valid, perms, final)
+        out.append((here, values))
+    return out, write
 
 
 # --------------------------------------------------------------------------
@@ -754,9 +785,10 @@ def _suffix(
 
     def step(row: dict[str, Array], z: Array, x: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
         here, before = x["layer"] == row["layer"], x["layer"] < row["layer"]
-        z = jnp.where(x["layer"] <= row["layer"], x["z"], z)  # clean up to the ablated layer
-        here2 = (x["layer"] == row["layer2"]) if "layer2" in row else None  # a joint row's second part
-        edits, bank = _row_edits(row, here, plan, source, here2)
+        z = jnp.where(x["layer"] <= row["layer"], x["z"], z)  # clean up to the (first) ablated layer
+        # Whether this is the layer of each part: the first, then a joint row's further ones.
+        at = {"": here} | {s: x["layer"] == row["layer" + s] for s in _further_parts(row)}
+        edits, bank = _row_edits(row, at, plan, source)
         cache = (x["keys"], x["values"]) if final else None
         z_next, cap = block(x["p"], z, ctx, edits, bank, None, local=x.get("local"), cache=cache)
         # Below the ablated layer, and the attention beside an ablated MLP, are unchanged by
@@ -771,14 +803,15 @@ def _suffix(
 
 
 def _row_edits(
-    row: dict[str, Array], here: Array, plan: Plan, source: Array, here2: Array | None = None
+    row: dict[str, Array], at: dict[str, Array], plan: Plan, source: Array
 ) -> tuple[dict[Site, Any], dict[Site, Array]]:
     """One row's ablation as block edits at this layer (nothing is written at other layers).
 
-    Every site the plan ablates gets an edit (all-False off its rows), so all
-    rows share one tree structure and vmap applies. Prompt b reads bank row b.
-    A joint row (`here2`: this is its second part's layer) edits both parts, each
-    writing its own value.
+    `at` says, per part of the row (by suffix: "" its first, "2", "3", ... a joint row's further
+    ones), whether this is that part's layer. Every site the plan ablates gets an edit (all-False
+    off its rows), so all rows share one tree structure and vmap applies; every part writes its
+    own value where it ablates (parts never share a unit: `Joint.parse` refuses that). Prompt b
+    reads bank row b.
     """
     cfg = plan.config
     b, tq = source.shape
@@ -786,32 +819,21 @@ def _row_edits(
     edits, bank = {}, {}
     for site in sorted(plan.ablated):
         key = "hidden" if site is Site.MLP_HIDDEN else "wide"
-        on = here & (row["site"] == CODE[site]) & write  # [B, Tq]
-        value = row[key].reshape(b, tq, -1)  # [B, Tq, X]
-        on2 = value2 = None
-        if here2 is not None:
-            on2 = here2 & (row["site2"] == CODE[site]) & write
-            value2 = row[key + "2"].reshape(b, tq, -1)
+        mask = value = None
+        for s, here in at.items():
+            on = here & (row["site" + s] == CODE[site]) & write  # [B, Tq]
+            part = row[key + s].reshape(b, tq, -1)  # [B, Tq, X]
+            if site is Site.HEAD_OUT:  # [B, Tq, H], the value for every head: [B, Tq, 1, D]
+                part_mask = on[..., None] & (jnp.arange(cfg.n_heads) == row["head" + s])[None, None]
+                part, select = part[:, :, None], part_mask[..., None]
+            elif site is Site.MLP_HIDDEN:  # [B, Tq, F]
+                part_mask = select = on[..., None] & row["neurons" + s][None, None]
+            else:  # [B, Tq]
+                part_mask, select = on, on[..., None]
+            value = part if value is None else jnp.where(select, part, value)
+            mask = part_mask if mask is None else mask | part_mask
         if site is Site.HEAD_OUT:
-            heads = jnp.arange(cfg.n_heads)
-            mask = on[..., None] & (heads == row["head"])[None, None]  # [B, Tq, H]
-            value = jnp.broadcast_to(value[:, :, None], (b, tq, cfg.n_heads, value.shape[-1]))
-            if on2 is not None:
-                mask2 = on2[..., None] & (heads == row["head2"])[None, None]
-                value = jnp.where(mask2[..., None], value2[:, :, None], value)
-                mask = mask | mask2
-        elif site is Site.MLP_HIDDEN:
-            mask = on[..., None] & row["neurons"][None, None]  # [B, Tq, F]
-            if on2 is not None:
-                mask2 = on2[..., None] & row["neurons2"][None, None]
-                value = jnp.where(mask2, value2, value)
-                mask = mask | mask2
-        else:
-            if on2 is not None:
-                value = jnp.where(on2[..., None], value2, value)
-                on = on | on2
-            edits[site], bank[site] = (on, source), value
-            continue
-        edits[site] = (mask, jnp.broadcast_to(source[..., None], mask.shape))
-        bank[site] = value
+            value = jnp.broadcast_to(value, (b, tq, cfg.n_heads, value.shape[-1]))
+        index = source if mask.ndim == 2 else jnp.broadcast_to(source[..., None], mask.shape)
+        edits[site], bank[site] = (mask, index), value
     return edits, bank

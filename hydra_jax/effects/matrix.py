@@ -75,7 +75,10 @@ class EffectSpec:
             attn_out, head_out, mlp_hidden, mlp_out, or component labels:
             "attn_out.3", "head_out.3.5", "mlp_hidden.3" (the layer's whole
             hidden vector), "mlp_hidden.3.17" (one neuron),
-            "mlp_hidden.3.17+42+99" (neurons ablated together).
+            "mlp_hidden.3.17+42+99" (neurons ablated together), or joint
+            ablations: two or more of those labels joined by "&" and ablated
+            together in one row, "head_out.9.1&head_out.9.4&head_out.10.7"
+            (`hydra_jax.effects.results.Joint`: at most `MAX_PARTS`).
         measure: components whose direct-effect change is measured, the same
             forms, among attn_out, head_out, mlp_hidden (per neuron), mlp_out.
             "attn_out" and "head_out" are alternatives (heads sum to the
@@ -296,7 +299,7 @@ def _names(names: Any, allowed: tuple[Site, ...], what: str) -> tuple[str, ...]:
 
 
 def _expand(names: tuple[str, ...], config: Any) -> list[Component | Joint]:
-    """Components of site names (every layer, head, neuron) and labels (joint ablations "a&b"
+    """Components of site names (every layer, head, neuron) and labels (joint ablations "a&b&..."
     included), ordered, without repeats."""
     out: list[Component | Joint] = []
     for n in names:
@@ -419,8 +422,9 @@ def plan_rows(
         layout: the mesh layout (`hydra_jax.effects.sharding.layout_for`), None for one device.
 
     Returns:
-        (plan, rows, restore): rows {"layer", "site", "head"[, "neurons"]} as host arrays, in
-        the order the plan's scan segments need; restore the rows' places in `ablated`'s order
+        (plan, rows, restore): rows {"layer", "site", "head"[, "neurons"]} as host arrays (and
+        the same with the suffixes "2", "3", ... for joint rows' further parts), in the order the
+        plan's scan segments need; restore the rows' places in `ablated`'s order
         (None when they are in that order).
     """
     segments = restore = None
@@ -437,9 +441,9 @@ def plan_rows(
             restore = np.argsort(order).astype(np.int32)
     rows_in = [ablated[i] for i in order]
     assert segments is None or describes(segments, [c.layer for c in rows_in]), (segments, rows_in)
-    first = [c.parts[0] if isinstance(c, Joint) else c for c in rows_in]  # the suffix starts here
-    second = [c.parts[1] if isinstance(c, Joint) else None for c in rows_in]
-    sites = {p.site for c in ablated for p in (c.parts if isinstance(c, Joint) else (c,))}
+    # Each row's parts: a joint row's (2 to MAX_PARTS, its suffix starts at the first), else itself.
+    parts = [c.parts if isinstance(c, Joint) else (c,) for c in rows_in]
+    sites = {p.site for row in parts for p in row}
     plan = Plan(
         config=config,
         kind=spec.kind,
@@ -453,9 +457,9 @@ def plan_rows(
         layout=layout,
         segments=segments,
     )
-    rows = _component_rows(config, plan, first, "")
-    if any(c is not None for c in second):  # joint ablations: the second part of each row (-1: none)
-        rows |= _component_rows(config, plan, second, "2")
+    rows = _component_rows(config, plan, [row[0] for row in parts], "")
+    for j in range(1, max(map(len, parts))):  # joint rows: the (j + 1)-th part of each row, "2", "3", ...
+        rows |= _component_rows(config, plan, [row[j] if j < len(row) else None for row in parts], str(j + 1))
     if spec.target == "next":  # every position counts until thresholds are given
         rows["threshold"] = np.full(len(rows_in), -np.inf, np.float32)
     return plan, rows, restore
@@ -465,7 +469,8 @@ def _component_rows(
     config: Any, plan: Plan, parts: list[Component | None], suffix: str
 ) -> dict[str, np.ndarray]:
     """The rows' "layer", "site", "head" [A] (and "neurons" [A, F] with mlp_hidden ablations), each
-    name followed by `suffix`, of one component per row; None (no second part) is layer and site -1."""
+    name followed by `suffix`, of one component per row; None (a row with fewer parts) is layer and
+    site -1."""
     rows = {
         "layer" + suffix: np.array([-1 if c is None else c.layer for c in parts], np.int32),
         "site" + suffix: np.array([-1 if c is None else CODE[c.site] for c in parts], np.int32),
@@ -597,7 +602,8 @@ def naive_effect_matrix(
     thresholds: Any = None,
     **settings: Any,
 ) -> EffectMatrix:
-    """The reference: one ordinary `run` per ablation (and resample), same quantities.
+    """The reference: one ordinary `run` per ablation (and resample), same quantities; a joint row
+    runs every part's edit, combined (`interventions.combine`), in that one run.
 
     Same arguments as `effect_matrix` (`chunk_size`, `linearise` and
     `scan_segments` have no meaning here and are ignored; `source` a Batch
@@ -936,7 +942,7 @@ def _place(layout: Layout, kind: str, inputs: CoreInputs) -> CoreInputs:
     rows = {k: np.asarray(v) for k, v in inputs.rows.items()}
     n = len(rows["layer"])
     n_padded = -(-n // layout.size(ABLATIONS)) * layout.size(ABLATIONS)
-    rows = {k: np.concatenate([v, np.repeat(v[-1:], n_padded - n)]) for k, v in rows.items()}
+    rows = {k: np.concatenate([v, np.repeat(v[-1:], n_padded - n, axis=0)]) for k, v in rows.items()}
     src = inputs.source
     if src is not None:  # patch prompts split like the batch's; other source sets are replicated
         split = PROMPTS if kind == "patch" and "tokens" in src else None

@@ -38,6 +38,7 @@ names ablated, measured, prompt, layer, head and d_model.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Literal
 
 import jax
@@ -178,13 +179,20 @@ def order_key(c: Component | Joint) -> tuple:
 
 
 JOIN = "&"
-"""Joins the components ablated together in one row: "attn_out.3&mlp_out.7"."""
+"""Joins the components ablated together in one row: "attn_out.3&mlp_out.7&head_out.9.1"."""
+MAX_PARTS = 8
+"""The most components one joint row ablates: the engine carries each further part as arrays of
+every row of a batch (`hydra_jax.effects.engine`), so a batch's memory grows with its largest row."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Joint:
-    """Components ablated together, in one row of an effect matrix (a pair: `parts` of two, in
-    `order_key` order, so `parts[0]` is the one the suffix starts at).
+    """Components ablated together, in one row of an effect matrix: every part at once, each writing
+    its own value (a resample reads every part from one source prompt).
+
+    `parts` holds two or more (up to `MAX_PARTS`) in `order_key` order, so `parts[0]` is the lowest:
+    the one the row's suffix starts at. "head_out.9.1&head_out.9.4&head_out.10.7" ablates a primary
+    head with its two backups; "attn_out.3&mlp_out.7" a pair.
 
     The ablated row's own change is the change of every part's direct effect; a measured
     component after the first part (and not a part) carries its compensation.
@@ -215,27 +223,41 @@ class Joint:
 
     @classmethod
     def parse(cls, label: str) -> Joint:
-        """The joint ablation of a label "a&b" (two component labels), or a ValueError."""
+        """The joint ablation of a label "a&b&..." (two to `MAX_PARTS` component labels), or a
+        ValueError."""
         texts = str(label).split(JOIN)
-        if len(texts) != 2 or not all(texts):
+        if len(texts) < 2 or not all(texts):
             raise ValueError(
-                f"Cannot read the joint ablation {label!r}: write two component labels joined by {JOIN!r}, "
-                "e.g. 'attn_out.3&mlp_out.7' or 'head_out.9.1&head_out.10.7'."
+                f"Cannot read the joint ablation {label!r}: write two or more component labels joined by "
+                f"{JOIN!r}, none of them empty, e.g. 'attn_out.3&mlp_out.7' or "
+                "'head_out.9.1&head_out.9.4&head_out.10.7'."
+            )
+        if len(texts) > MAX_PARTS:
+            raise ValueError(
+                f"{label!r} joins {len(texts)} components; a joint ablation takes at most {MAX_PARTS} (the "
+                "engine carries every part as arrays of every row of the batch). Ablate a layer whole "
+                "(attn_out.<layer> covers every head) or a layer's neurons as one part "
+                "(mlp_hidden.<layer>.<n>+<m>)."
             )
         parts = tuple(sorted((Component.parse(t) for t in texts), key=order_key))
-        if parts[0] == parts[1]:
-            raise ValueError(f"{label!r} names one component twice; a joint ablation needs two.")
-        a, b = parts
-        if a.layer == b.layer and a.site == b.site and a.site is not Site.HEAD_OUT:
+        twice = sorted({p.label for p in parts if parts.count(p) > 1})
+        if twice:
             raise ValueError(
-                f"{label!r}: two ablations of {a.site.value} in one layer overlap; ablate one component "
-                "(neurons together: mlp_hidden.<layer>.<n>+<m>) or pick different layers or sites."
+                f"{label!r} names {twice[0]} twice; name each component once (a joint ablation needs two "
+                "or more different ones)."
             )
+        for a, b in itertools.combinations(parts, 2):
+            if a.layer == b.layer and a.site == b.site and a.site is not Site.HEAD_OUT:
+                raise ValueError(
+                    f"{label!r}: two ablations of {a.site.value} in one layer overlap ({a.label} and "
+                    f"{b.label}); ablate one component (neurons together: mlp_hidden.<layer>.<n>+<m>) or "
+                    "pick different layers or sites."
+                )
         return cls(parts)
 
 
 def ablation(label: str) -> Component | Joint:
-    """The ablation of a row label: a component ("attn_out.3") or a joint ablation ("a&b")."""
+    """The ablation of a row label: a component ("attn_out.3") or a joint ablation ("a&b&...")."""
     return Joint.parse(label) if JOIN in str(label) else Component.parse(label)
 
 
@@ -506,7 +528,11 @@ class EffectMatrix:
                 "decompose() needs attention (attn_out or head_out) and an MLP (mlp_out or mlp_hidden) "
                 f"among the measured sites; measured: {sorted({c.site.value for c in measured})}."
             )
-        resid = [c.label for c in self.ablated if c.site is Site.RESID_PRE]
+        resid = [  # a residual stream ablated alone or as any part of a joint row
+            c.label
+            for c in self.ablated
+            if any(p.site is Site.RESID_PRE for p in (c.parts if isinstance(c, Joint) else (c,)))
+        ]
         if resid:
             raise ValueError(
                 f"decompose() splits the change of a component's own direct effect from the others', but "

@@ -32,7 +32,7 @@ import numpy as np
 from hydra_jax import interrupts
 from hydra_jax.batch import Batch
 from hydra_jax.effects.matrix import EffectSpec, clean_instance_scores, instance_thresholds
-from hydra_jax.effects.results import Component
+from hydra_jax.effects.results import Component, Joint
 from hydra_jax.interventions.sources import SourceActivations, source_activations
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.sites import Site
@@ -212,7 +212,7 @@ def abstract_source(
     # (at most every prompt, final position).
     rows = 1 if spec.kind == "mean" else min(k * b, n_prompts)
     width = t if spec.position == "all" else 1
-    sites = sorted({a.site for a in ablated})
+    sites = sorted({p.site for a in ablated for p in (a.parts if isinstance(a, Joint) else (a,))})
     acts = {
         s.value: sds((config.n_layers, rows, width, *s.feature_shape(config)), config.compute_dtype)
         for s in sites

@@ -579,7 +579,7 @@ def _real_sources(model: Transformer, spec: EffectSpec, batch: Batch, source: st
         return {"source": batch}
     if source == "batch" or spec.kind == "zero":
         return {}
-    sites = tuple(sorted({c.site.value for c in spec.components(model.config)[0]}))
+    sites = spec.ablated_sites  # of every part of a joint row
     if spec.kind == "mean":
         return {"source": source_activations(model, batch, sites=sites, position=spec.position, mean=True)}
     index = (np.arange(b)[None] + np.arange(1, k + 1)[:, None]) % b  # any rows of the table do for timing

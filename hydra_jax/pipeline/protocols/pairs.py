@@ -217,7 +217,8 @@ def pairs_summary(
     stream = (lambda: iter([(slice(0, n_prompts), chunks)])) if not callable(chunks) else chunks
     rows = [ablation(s) for s in labels.ablated]
     singles = {r.label: i for i, r in enumerate(rows) if not isinstance(r, Joint)}
-    joints = [(i, r) for i, r in enumerate(rows) if isinstance(r, Joint)]
+    # Pairs only: a joint row of three or more parts (`Joint` takes k) has no pair interaction.
+    joints = [(i, r) for i, r in enumerate(rows) if isinstance(r, Joint) and len(r.parts) == 2]
     missing = sorted({p.label for _, j in joints for p in j.parts} - set(singles))
     if missing:
         raise ValueError(
