@@ -101,6 +101,8 @@ def block(
     *,
     local: Array | None = None,
     cache: tuple[Array, Array] | None = None,
+    offsets: dict[str, Array] | None = None,
+    stop: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Apply one block.
 
@@ -113,6 +115,12 @@ def block(
         local: whether this layer is local (sliding-window); a traced bool,
             since it rides the layer scan. None: the config has no local layers.
         cache: this layer's keys and values [B, Tc, G, K] at earlier positions.
+        offsets: added at the final query position (zeros: the point is their gradient, what
+            attribution patching reads; `hydra_jax.effects.attribution`): by site name,
+            [B, X] after that site's edit (resid_pre, attn_out, mlp_hidden, mlp_out), and
+            "probs" [B, H, Tc + Tq], the final query's attention probabilities.
+        stop: a traced bool; when True the block's writes (a + m) pass no gradient back
+            (GradDrop's dropped layer), and the forward is unchanged.
     Returns:
         (z_next [B, Tq, D], captures {site: [B, Tq, ...]}, and with
         `ctx.keep_kv` under "keys" and "values" the [B, Tq, G, K] keys and
@@ -121,31 +129,17 @@ def block(
     """
     cfg = ctx.config
     keys = (None, None, None) if dropout_keys is None else tuple(dropout_keys)
+    offsets = offsets or {}
     out: dict[str, Array] = {}
-    mask, rotary = ctx.mask, ctx.rotary
-    if local is not None:
-        mask = jnp.where(local, ctx.local_mask, mask)
-        if ctx.local_rotary is not None:
-            rotary = tuple(jnp.where(local, a, b) for a, b in zip(ctx.local_rotary, rotary, strict=True))
+    mask, rotary = _mask_rotary(ctx, local)
 
-    z = edit(z, Site.RESID_PRE, edits, bank)
+    z = _offset(edit(z, Site.RESID_PRE, edits, bank), Site.RESID_PRE, offsets)
     if Site.RESID_PRE in ctx.capture:
         out[Site.RESID_PRE] = z
 
     # --- attention ---------------------------------------------------------
-    h = layers.norm(z, p["ln1_g"], p.get("ln1_b"), cfg)  # [B, T, D]
-    q = jnp.einsum("btd,dhk->bthk", h, p["W_Q"])
-    k = jnp.einsum("btd,dgk->btgk", h, p["W_K"])
-    v = jnp.einsum("btd,dgk->btgk", h, p["W_V"])
-    if cfg.use_bias:
-        q, k, v = q + p["b_Q"][None, None], k + p["b_K"][None, None], v + p["b_V"][None, None]
-    if cfg.qk_norm:
-        q = layers.norm(q, p["q_norm_g"], None, cfg)
-        k = layers.norm(k, p["k_norm_g"], None, cfg)
-    if rotary is not None:
-        q = layers.apply_rotary(q, *rotary, cfg)
-        k = layers.apply_rotary(k, *rotary, cfg)
-    heads = layers.attention_heads(q, k, v, mask, keys[0], cfg, cache)  # [B, T, H, K]
+    q, k, v = _queries_keys_values(p, z, rotary, cfg)
+    heads = layers.attention_heads(q, k, v, mask, keys[0], cfg, cache, offsets.get("probs"))  # [B, T, H, K]
     kv = {"keys": k, "values": v} if ctx.keep_kv else {}
 
     if Site.HEAD_OUT in ctx.capture or Site.HEAD_OUT in edits:
@@ -167,7 +161,7 @@ def block(
         if cfg.post_norms:
             a = layers.norm(a, p["ln1_post_g"], None, cfg)
     a = layers.dropout(a, keys[1], cfg.dropout)
-    a = edit(a, Site.ATTN_OUT, edits, bank)
+    a = _offset(edit(a, Site.ATTN_OUT, edits, bank), Site.ATTN_OUT, offsets)
     if Site.ATTN_OUT in ctx.capture:
         out[Site.ATTN_OUT] = a
 
@@ -175,20 +169,75 @@ def block(
     mlp_in = z if cfg.parallel_residual else z + a
     h = layers.norm(mlp_in, p["ln2_g"], p.get("ln2_b"), cfg)
     hidden = layers.mlp_hidden(h, p["W_in"], p.get("b_in"), p.get("W_gate"), cfg)  # [B, T, F]
-    hidden = edit(hidden, Site.MLP_HIDDEN, edits, bank)
+    hidden = _offset(edit(hidden, Site.MLP_HIDDEN, edits, bank), Site.MLP_HIDDEN, offsets)
     if Site.MLP_HIDDEN in ctx.capture:
         out[Site.MLP_HIDDEN] = hidden
-    m = jnp.einsum("btf,fd->btd", hidden, p["W_out"])
-    if cfg.use_bias:
-        m = m + p["b_out"][None, None]
-    if cfg.post_norms:
-        post_scale = layers.norm_scale(m, cfg)
-        m = layers.apply_norm(m, post_scale, p["ln2_post_g"], None, cfg)
-        if Site.MLP_HIDDEN in ctx.capture:
-            out["mlp_post_scale"] = post_scale
+    m, post_scale = mlp_output(p, hidden, cfg)
+    if post_scale is not None and Site.MLP_HIDDEN in ctx.capture:
+        out["mlp_post_scale"] = post_scale
     m = layers.dropout(m, keys[2], cfg.dropout)
-    m = edit(m, Site.MLP_OUT, edits, bank)
+    m = _offset(edit(m, Site.MLP_OUT, edits, bank), Site.MLP_OUT, offsets)
     if Site.MLP_OUT in ctx.capture:
         out[Site.MLP_OUT] = m
 
-    return z + a + m, {**out, **kv}
+    z_next = z + a + m
+    if stop is not None:  # the same value; its gradient reaches z by the skip path only
+        z_next = jnp.where(stop, jax.lax.stop_gradient(z_next) + (z - jax.lax.stop_gradient(z)), z_next)
+    return z_next, {**out, **kv}
+
+
+def mlp_output(p: Params, hidden: Array, cfg: ModelConfig) -> tuple[Array, Array | None]:
+    """What the MLP writes from its hidden activations [..., F]: (m [..., D], the post-norm's
+    factor [...] or None without post-norms)."""
+    m = jnp.einsum("...f,fd->...d", hidden, p["W_out"])
+    if cfg.use_bias:
+        m = m + p["b_out"].reshape((1,) * (m.ndim - 1) + (-1,))
+    if not cfg.post_norms:
+        return m, None
+    post_scale = layers.norm_scale(m, cfg)
+    return layers.apply_norm(m, post_scale, p["ln2_post_g"], None, cfg), post_scale
+
+
+def attention_pattern(
+    p: Params, z: Array, ctx: Context, local: Array | None = None, cache_keys: Array | None = None
+) -> Array:
+    """The block's attention probabilities [B, G, R, Tq, Tc + Tq] from its input z [B, Tq, D]:
+    what `block` computes, without the rest (attribution patching's query-key fix,
+    `hydra_jax.effects.attribution`, recomputes it for edited inputs)."""
+    mask, rotary = _mask_rotary(ctx, local)
+    q, k, _ = _queries_keys_values(p, z, rotary, ctx.config)
+    return layers.attention_probs(q, k, mask, ctx.config, cache_keys)
+
+
+def _mask_rotary(ctx: Context, local: Array | None) -> tuple[Array, Any]:
+    """This layer's attention mask and rotary angles (a local layer's window and base)."""
+    mask, rotary = ctx.mask, ctx.rotary
+    if local is not None:
+        mask = jnp.where(local, ctx.local_mask, mask)
+        if ctx.local_rotary is not None:
+            rotary = tuple(jnp.where(local, a, b) for a, b in zip(ctx.local_rotary, rotary, strict=True))
+    return mask, rotary
+
+
+def _queries_keys_values(p: Params, z: Array, rotary: Any, cfg: ModelConfig) -> tuple[Array, Array, Array]:
+    """Queries [B, T, H, K], keys and values [B, T, G, K] (rotary applied) of the block input z."""
+    h = layers.norm(z, p["ln1_g"], p.get("ln1_b"), cfg)  # [B, T, D]
+    q = jnp.einsum("btd,dhk->bthk", h, p["W_Q"])
+    k = jnp.einsum("btd,dgk->btgk", h, p["W_K"])
+    v = jnp.einsum("btd,dgk->btgk", h, p["W_V"])
+    if cfg.use_bias:
+        q, k, v = q + p["b_Q"][None, None], k + p["b_K"][None, None], v + p["b_V"][None, None]
+    if cfg.qk_norm:
+        q = layers.norm(q, p["q_norm_g"], None, cfg)
+        k = layers.norm(k, p["k_norm_g"], None, cfg)
+    if rotary is not None:
+        q = layers.apply_rotary(q, *rotary, cfg)
+        k = layers.apply_rotary(k, *rotary, cfg)
+    return q, k, v
+
+
+def _offset(x: Array, site: Site, offsets: dict[str, Array]) -> Array:
+    """x with `offsets[site]` added at the final position (x itself without one)."""
+    if site.value not in offsets:
+        return x
+    return x.at[:, -1].add(offsets[site.value].astype(x.dtype))

@@ -153,11 +153,10 @@ def attention_heads(
     dropout_key: Array | None,
     config: ModelConfig,
     cache: tuple[Array, Array] | None = None,
+    probs_offset: Array | None = None,
 ) -> Array:
-    """Per-head attention outputs z_h (before W_O), grouped-query aware.
-
-    Scores are q·k times `config.scores_scale`, soft-capped when
-    `config.attn_softcap` is set, masked, then softmaxed in float32.
+    """Per-head attention outputs z_h (before W_O), grouped-query aware: `attention_probs`, then
+    dropout, then `attention_mix`.
 
     Args:
         q: [B, Tq, H, K]; k, v: [B, Tq, G, K] the queries' own keys and
@@ -168,8 +167,31 @@ def attention_heads(
             path passes the clean run's here, shared by every ablation row:
             the scores against it and against the own keys are softmaxed
             together without building a per-row copy of the cache.
+        probs_offset: [B, H, Tc + Tq] added to the final query's probabilities (zero: the
+            gradient there, which attribution patching reads; `hydra_jax.effects.attribution`).
     Returns:
         [B, Tq, H, K] in q's dtype.
+    """
+    b, tq, h, kd = q.shape
+    probs = attention_probs(q, k, mask, config, None if cache is None else cache[0])
+    if probs_offset is not None:
+        g = k.shape[2]
+        probs = probs.at[..., -1, :].add(probs_offset.reshape(b, g, h // g, -1).astype(probs.dtype))
+    rate = config.dropout
+    if dropout_key is not None and rate > 0:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+    return attention_mix(probs, v, None if cache is None else cache[1]).reshape(b, tq, h, kd).astype(q.dtype)
+
+
+def attention_probs(
+    q: Array, k: Array, mask: Array, config: ModelConfig, cache_keys: Array | None = None
+) -> Array:
+    """Attention probabilities [B, G, R, Tq, Tc + Tq] in float32 (R = H / G query heads per key head).
+
+    Scores are q·k times `config.scores_scale`, soft-capped when
+    `config.attn_softcap` is set, masked, then softmaxed in float32. Shapes as in
+    `attention_heads`; `cache_keys` [B, Tc, G, K] are attended to before the own keys.
     """
     b, tq, h, kd = q.shape
     g = k.shape[2]
@@ -178,27 +200,28 @@ def attention_heads(
     def scores_of(keys: Array) -> Array:  # [B, G, R, Tq, S]
         return jnp.einsum("bqgrk,bsgk->bgrqs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
 
-    scores = scores_of(k) if cache is None else jnp.concatenate([scores_of(cache[0]), scores_of(k)], axis=-1)
+    scores = scores_of(k)
+    if cache_keys is not None:
+        scores = jnp.concatenate([scores_of(cache_keys), scores], axis=-1)
     scores = scores * jnp.float32(config.scores_scale)
     if config.attn_softcap is not None:
         cap = jnp.float32(config.attn_softcap)
         scores = cap * jnp.tanh(scores / cap)
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    rate = config.dropout
-    if dropout_key is not None and rate > 0:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def attention_mix(probs: Array, v: Array, cache_values: Array | None = None) -> Array:
+    """The probabilities' mixture of values: [B, G, R, Tq, Tc + Tq] x [B, Tq, G, K] (after
+    `cache_values` [B, Tc, G, K]) -> [B, Tq, G, R, K] in v's dtype."""
 
     def mix(p: Array, values: Array) -> Array:
         return jnp.einsum("bgrqs,bsgk->bqgrk", p.astype(v.dtype), values.astype(v.dtype))
 
-    if cache is None:
-        z = mix(probs, v)
-    else:
-        tc = cache[0].shape[1]
-        z = mix(probs[..., :tc], cache[1]) + mix(probs[..., tc:], v)
-    return z.reshape(b, tq, h, kd).astype(q.dtype)
+    if cache_values is None:
+        return mix(probs, v)
+    tc = cache_values.shape[1]
+    return mix(probs[..., :tc], cache_values) + mix(probs[..., tc:], v)
 
 
 def softcap(x: Array, cap: float | None) -> Array:
