@@ -191,14 +191,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _dry_run(args: argparse.Namespace) -> int:
     """Plan the sweep without running it: batch and chunk sizes that fit, memory, FLOPs, time."""
+    from hydra_jax.pipeline import protocols
     from hydra_jax.pipeline.inputs import preflight
     from hydra_jax.sweeps.plan import plan_sweep
 
     settings = _settings(args)
+    protocols.check_sweepable(settings)
     inputs = preflight(settings)  # the model and the prompts, checked; no weights are read
     config, tokenizer = inputs.model.config(), inputs.model.tokenizer()
-    from hydra_jax.pipeline import protocols
-
     protocol = protocols.get(settings.protocol)
     n_prompts, seq_len = protocol.shape(settings, inputs.data, tokenizer, config)
     budget = None if args.memory is None else int(args.memory * 10**9)

@@ -135,14 +135,15 @@ def attribution(
     from hydra_jax.effects.matrix import _prepare, _spec
 
     spec = _spec(spec, settings, "attribution")
-    _check_spec(spec)
+    check_spec(spec)
     prepared = _prepare(model, batch, spec, source, source_index, None, False)
     out = attribution_core(prepared.inputs, plan=prepared.plan)
     out = {name: np.asarray(x) for name, x in out.items()}
     return Attribution(labels=prepared.labels, **out)
 
 
-def _check_spec(spec: Any) -> None:
+def check_spec(spec: Any) -> None:
+    """Refuse settings the estimates do not cover (`EffectSpec(attribution=True)` calls it)."""
     if spec.position != "final":
         raise ValueError(
             f"Attribution estimates are computed for final-position ablations (the paper's protocol); "
@@ -176,6 +177,17 @@ def attribution_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
     logits, scale = unembed(params, cfg, z[:, -1])  # [B, V], [B]
     target = jnp.argmax(logits, axis=-1) if plan.target == "argmax" else inputs.answers
     w, _ = target_direction(params, cfg, target)
+    return estimates(params, plan, inputs, clean, w, scale)
+
+
+def estimates(
+    params: Params, plan: Plan, inputs: CoreInputs, clean: dict[Any, Array], w: Array, scale: Array
+) -> dict[str, Array]:
+    """The estimates of every row from a clean run that captured resid_pre, attn_out, mlp_out and
+    the ablated sites with their keys and values (`trunk(..., keep_kv=True)`), the target
+    direction w [B, D] and the final-norm scale [B]: what `attribution_core` returns (the
+    effect engine calls it too, for `EffectSpec(attribution=True)`, on its own clean run)."""
+    cfg = plan.config
     k = plan.n_resamples
     per_row, here, value = _row_inputs(params, cfg, plan, inputs, clean)
     rows = dict(per_row)
@@ -359,7 +371,7 @@ def naive_attribution(
     from hydra_jax.effects.matrix import _prepare, _spec
 
     spec = _spec(spec, settings, "naive_attribution")
-    _check_spec(spec)
+    check_spec(spec)
     prepared = _prepare(model, batch, spec, source, source_index, None, False)
     plan, inputs = prepared.plan, prepared.inputs
     cfg = plan.config

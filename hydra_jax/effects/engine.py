@@ -91,6 +91,7 @@ class Plan:
             order; the unit is the head (head_out) or neuron (mlp_hidden), else 0.
         ablated: the sites the ablation rows edit.
         linearise: also compute first-order (jvp) predictions of every effect.
+        attribution: also compute attribution-patching estimates (`hydra_jax.effects.attribution`).
         layout: the mesh the computation is split over (None: one device). The
             ablation rows must divide evenly over its "ablations" axis.
         segments: how the suffix's layer scan is split (`segments_for` of the
@@ -108,6 +109,7 @@ class Plan:
     measured: tuple[tuple[Site, int, int], ...]
     ablated: frozenset[Site]
     linearise: bool = False
+    attribution: bool = False
     layout: Layout | None = None
     segments: tuple[tuple[int, int, int], ...] | None = None
 
@@ -181,7 +183,8 @@ def effect_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
     Returns:
         total [A, B], norm_term [A, B], delta_direct [A, M, B], direct_clean [M, B],
         target [B], clean_logit [B], direct_embed [B], direct_bias [B]; with
-        `plan.linearise` also linear_total [A, B] and linear_delta_direct [A, M, B].
+        `plan.linearise` also linear_total [A, B] and linear_delta_direct [A, M, B]; with
+        `plan.attribution` also atp, atp_qk [A, B] and atp_dropped, atp_qk_dropped [L, A, B].
     """
     cfg = plan.config
     params, tokens, valid, answers = inputs.params, inputs.tokens, inputs.valid, inputs.answers
@@ -257,6 +260,16 @@ def effect_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
         if name == "exact":
             result["norm_term"] = norm_term
         result[prefix + "delta_direct"] = _gather_measured(plan, o, axis=1)  # [A, M, B]
+    if plan.attribution:  # the estimates, from this clean run (an import here: that module uses this one)
+        from hydra_jax.effects.attribution import estimates
+
+        est = estimates(params, plan, inputs, clean, w, scale)
+        result |= {
+            "atp": est["atp"],
+            "atp_qk": est["atp_qk"],
+            "atp_dropped": est["dropped"],
+            "atp_qk_dropped": est["dropped_qk"],
+        }
     per_prompt = dict(
         direct_clean=_gather_measured(plan, clean_de, axis=0),  # [M, B]
         target=target,

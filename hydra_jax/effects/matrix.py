@@ -110,6 +110,10 @@ class EffectSpec:
             every row through every layer. Results do not depend on it. With a
             mesh, and for position="all" with a chunk_size (whose memory bound
             it would loosen), the scan is not cut.
+        attribution: also return every row's attribution-patching estimates of its total effect
+            (`hydra_jax.effects.attribution`: AtP, AtP with the query-key fix, GradDrop's per-layer
+            terms), in the same call: the `attribution` protocol. Final position, single
+            components, one device.
         top: with target="next": the fraction of positions each ablation's effects are summed
             over, those where the ablated component's clean direct effect is highest (Rushing &
             Nanda 2024 take the top 2%: 0.02), ranked within the batch unless `effect_matrix`
@@ -127,6 +131,7 @@ class EffectSpec:
     linearise: bool = False
     scan_segments: int = 4
     top: float | None = None
+    attribution: bool = False
 
     def __post_init__(self) -> None:
         set_ = _setter(self)
@@ -178,6 +183,11 @@ class EffectSpec:
                 f"{self.scan_segments!r}."
             )
         set_("linearise", bool(self.linearise))
+        set_("attribution", bool(self.attribution))
+        if self.attribution:
+            from hydra_jax.effects.attribution import check_spec
+
+            check_spec(self)
 
     def _check_per_position(self) -> None:
         """target="next": every position ablated and measured; instances ranked by direct effect."""
@@ -347,7 +357,7 @@ def effect_matrix(
         model: a `Transformer`.
         batch: left-padded prompts.
         spec: the settings (see `EffectSpec`: ablate, measure, kind, position,
-            target, n_resamples, chunk_size, seed, linearise, scan_segments),
+            target, n_resamples, chunk_size, seed, linearise, scan_segments, attribution),
             or pass them as keywords: `effect_matrix(model, batch,
             ablate=("attn_out",), kind="resample")`.
         source: where the values come from, instead of the batch itself:
@@ -454,6 +464,7 @@ def plan_rows(
         measured=tuple((c.site, c.layer, _unit(c)) for c in measured),
         ablated=frozenset(sites),
         linearise=spec.linearise,
+        attribution=spec.attribution,
         layout=layout,
         segments=segments,
     )
@@ -500,6 +511,11 @@ def _prepare(
     ablated, measured = _check(model, batch, spec, source)
     thresholds = _check_thresholds(spec, thresholds, len(ablated))
     source_index = _check_source_index(spec.kind, batch, spec.n_resamples, source, source_index)
+    if spec.attribution and mesh is not None:
+        raise ValueError(
+            "attribution=True runs on one device; drop mesh= (or compute the exact matrix on the mesh "
+            "and the estimates with hydra_jax.effects.attribution.attribution)."
+        )
     layout = layout_for(mesh, shard_params, batch.size, axes)
     plan, rows, restore = plan_rows(model.config, spec, ablated, measured, layout)
     if source_index is None:
@@ -614,9 +630,10 @@ def naive_effect_matrix(
     effects from the logits before any final soft-cap.
     """
     spec = _spec(spec, settings, "naive_effect_matrix")
-    if spec.linearise:
+    if spec.linearise or spec.attribution:
         raise ValueError(
-            "naive_effect_matrix has no linear predictions; use effect_matrix(..., linearise=True)."
+            "naive_effect_matrix has no linear predictions or estimates; use effect_matrix(..., "
+            "linearise=True), or hydra_jax.effects.attribution.naive_attribution for the estimates."
         )
     if isinstance(source, SourceActivations):
         raise TypeError("naive_effect_matrix recomputes from prompts: pass the source as a Batch.")
@@ -868,6 +885,8 @@ _PER_ABLATION = (
     "linear_delta_direct",
     "instances",
     "instance_direct",
+    "atp",
+    "atp_qk",
 )
 
 

@@ -437,6 +437,10 @@ class EffectMatrix:
             are sums over each ablation's instances, `direct_clean`, `clean_logit`,
             `direct_embed` and `direct_bias` sums over every measured position, and `target`
             is -1 (each position's target is the token after it).
+        atp, atp_qk, atp_dropped, atp_qk_dropped: with `attribution=True`, attribution
+            patching's estimates of `total` (`hydra_jax.effects.attribution`): AtP and AtP with
+            the query-key fix [A, B], and each with layer ℓ's gradient dropped [L, A, B]
+            (GradDrop's terms); None otherwise. DLA is the decomposition's own term.
     """
 
     total: Float[AnyArray, "ablated prompt"]
@@ -452,6 +456,10 @@ class EffectMatrix:
     linear_delta_direct: Float[AnyArray, "ablated measured prompt"] | None = None
     instances: Float[AnyArray, "ablated prompt"] | None = None
     instance_direct: Float[AnyArray, "ablated prompt"] | None = None
+    atp: Float[AnyArray, "ablated prompt"] | None = None
+    atp_qk: Float[AnyArray, "ablated prompt"] | None = None
+    atp_dropped: Float[AnyArray, "layer ablated prompt"] | None = None
+    atp_qk_dropped: Float[AnyArray, "layer ablated prompt"] | None = None
 
     @property
     def per_position(self) -> bool:
@@ -507,6 +515,10 @@ class EffectMatrix:
             "linear_delta_direct": ("ablated", "measured", "prompt"),
             "instances": ("ablated", "prompt"),
             "instance_direct": ("ablated", "prompt"),
+            "atp": ("ablated", "prompt"),
+            "atp_qk": ("ablated", "prompt"),
+            "atp_dropped": ("layer", "ablated", "prompt"),
+            "atp_qk_dropped": ("layer", "ablated", "prompt"),
         }
         data = {}
         for f in dataclasses.fields(self):

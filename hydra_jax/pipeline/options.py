@@ -118,7 +118,9 @@ class Settings:
             "paper's direct, total and compensation statistics; 'tokens': every head (or layer) ablated at "
             "every position of a text corpus, self-repair per head on the next token (Rushing & Nanda "
             "2024), --data a .txt / .jsonl corpus or 'default' (the Python documentation text); 'pairs': "
-            "every pair of components ablated together, their interactions and backups",
+            "every pair of components ablated together, their interactions and backups; 'attribution': "
+            "attribution patching's estimates (DLA, AtP, AtP+QK fix, GradDrop, AtP*) scored against the "
+            "exact total effects (analyze only)",
             choices=protocols.names,  # read when the parser is built: a protocol added later is listed
         ),
     )
@@ -177,7 +179,8 @@ class Settings:
     components: str | None = dataclasses.field(
         default=None,
         metadata=option(
-            "--protocol pairs: the components paired, as labels separated by commas (e.g. "
+            "--protocol pairs and attribution: the components paired or scored, as labels separated by "
+            "commas (e.g. "
             "'attn_out.3,attn_out.5,mlp_out.7'); default: every attention and MLP layer, or with "
             "--granularity head every head"
         ),

@@ -32,12 +32,14 @@ FILES = frozenset({"summary.json", "effects.npz", "report.md", COMPARE_FIGURE, *
 """Every file a report directory of the paper protocol may hold."""
 TOKENS_SCHEMA_ID = "hydra_jax.tokens/1"
 PAIRS_SCHEMA_ID = "hydra_jax.pairs/1"
+ATTRIBUTION_SCHEMA_ID = "hydra_jax.attribution/1"
 REPORT_KINDS: dict[str, frozenset[str]] = {
     SCHEMA_ID.split("/")[0]: FILES,
     TOKENS_SCHEMA_ID.split("/")[0]: frozenset(
         {"summary.json", "report.md", "repair_heatmap.png", "repair_scatter.png"}
     ),
     PAIRS_SCHEMA_ID.split("/")[0]: frozenset({"summary.json", "report.md", "interaction_heatmap.png"}),
+    ATTRIBUTION_SCHEMA_ID.split("/")[0]: frozenset({"summary.json", "report.md", "estimates.png"}),
 }
 """Each protocol's report (by its summary.json schema, any version) and the files it may hold: a
 report of any protocol is recognised as hydra_jax's, so `--overwrite` replaces it."""

@@ -51,6 +51,7 @@ from hydra_jax.effects.results import EffectMatrix
 from hydra_jax.interventions.sources import source_activations
 from hydra_jax.loaders.source import DEFAULT_MODEL, checkpoints_dir
 from hydra_jax.model.transformer import Transformer
+from hydra_jax.pipeline import protocols
 from hydra_jax.pipeline.inputs import Prompts, load_model, paths_read, preflight, select
 from hydra_jax.pipeline.measure import Batches, measure
 from hydra_jax.pipeline.options import Settings
@@ -113,6 +114,7 @@ def sweep(
             "--compare belongs to analyze's report: sweep each model into its own store, and report "
             "each with `hydra-jax analyze --from STORE`."
         )
+    protocols.check_sweepable(settings)
     bad = isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     if max_batches is not None and bad:
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}.")

@@ -164,3 +164,23 @@ def test_bad_settings_are_refused_before_any_work(llama, settings, words):
         attribution(model, batch, **settings)
     with pytest.raises(ValueError, match="Unknown attribution method"):
         attribution(model, batch, ablate=("attn_out.0",)).estimate("ig")
+
+
+def test_the_effect_engine_returns_the_estimates_beside_the_exact_effects(llama):
+    """`EffectSpec(attribution=True)`: one compiled call gives the exact matrix and the estimates,
+    the same as the two computed apart."""
+    model, batch = llama
+    spec = dict(ablate=("attn_out", "head_out.1.0", "mlp_out"), kind="resample", n_resamples=2)
+    em = effect_matrix(model, batch, attribution=True, **spec)
+    apart = attribution(model, batch, **spec)
+    np.testing.assert_allclose(np.asarray(em.total), np.asarray(effect_matrix(model, batch, **spec).total))
+    for field, name in (
+        ("atp", "atp"),
+        ("atp_qk", "atp_qk"),
+        ("atp_dropped", "dropped"),
+        ("atp_qk_dropped", "dropped_qk"),
+    ):
+        np.testing.assert_allclose(np.asarray(getattr(em, field)), getattr(apart, name), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(em.decompose().own), apart.dla, rtol=1e-5, atol=1e-7)
+    assert em.first_prompts(2).atp_dropped.shape == (model.config.n_layers, len(em.labels.ablated), 2)
+    assert em.to_xarray().atp_dropped.dims == ("layer", "ablated", "prompt")

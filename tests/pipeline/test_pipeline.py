@@ -286,7 +286,7 @@ def toy_protocol(tmp_path, monkeypatch):
 def test_a_protocol_is_one_module_picked_up_by_settings_cli_analyze_and_sweep(
     toy_protocol, small, data, tmp_path
 ):
-    assert protocols.names() == ("pairs", "paper", "tokens", "toy")
+    assert protocols.names() == ("attribution", "pairs", "paper", "tokens", "toy")
     assert "toy" in build_parser().parse_args(["analyze", "--protocol", "toy"]).protocol
     model, tokenizer = small
     got = hj.analyze(model, data, tokenizer=tokenizer, protocol="toy", progress=False, **OPTIONS)
@@ -301,7 +301,7 @@ def test_a_protocol_is_one_module_picked_up_by_settings_cli_analyze_and_sweep(
 
 def test_an_unknown_protocol_is_named_with_the_known_ones():
     with pytest.raises(
-        ValueError, match=r"Unknown protocol 'tokenz' \(--protocol\); choose one of pairs, paper, tokens"
+        ValueError, match=r"Unknown protocol 'tokenz' \(--protocol\); choose one of attribution, pairs, paper, tokens"
     ):
         Settings(protocol="tokenz")
 

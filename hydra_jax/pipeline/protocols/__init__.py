@@ -13,6 +13,9 @@ report directory. docs/architecture.md says step by step how to add one.
     tokens  every head (or layer) ablated at every position of a text corpus; self-repair of
             each on its top instances by direct effect, split into heads, MLPs and the final
             norm (Rushing & Nanda 2024)
+    pairs   every pair of components ablated together: interactions, backups
+    attribution  attribution patching's estimates (DLA, AtP, AtP+QK, GradDrop, AtP*) scored
+            against the exact total effects (Kramár et al. 2024)
 
 A protocol also says what its data is (`read_data`, `select`: prompt files by default, a text
 corpus for `tokens`) and its defaults (`batch_size`, `resamples`).
@@ -59,6 +62,8 @@ class Protocol(abc.ABC):
     """What is ablated when --granularity is not given."""
     figures: ClassVar[tuple[str, ...]] = ()
     """The report's figures, by name (`figure`), for `write_files`."""
+    sweeps: ClassVar[bool] = True
+    """Whether a sweep store keeps what it needs (`hydra-jax sweep`); else `analyze` only."""
 
     def read_data(self, settings: Settings) -> Any:
         """Read and check `--data` before any weight is read (`preflight`); what `select` takes.
@@ -125,6 +130,58 @@ class Protocol(abc.ABC):
         """A notebook's display of the result: well-formed HTML naming every ablated component."""
 
 
+class ComponentSet(Protocol):
+    """A protocol over a set of components (--components, or every attention and MLP layer or
+    head), ablated at the final position of each prompt of a prompt file, as the paper's."""
+
+    instances = "the final position of each prompt"
+    batch_size = 32
+    chunk_size: ClassVar[int] = 64
+    """Ablation rows per step when --chunk-size is not given."""
+
+    def deviations(self, settings: Settings, available: int | None) -> list[str]:
+        return [d for d in settings.paper_deviations(available) if not d.startswith("granularity")]
+
+    def set_spec(self, settings: Settings, ablate: tuple[str, ...] | None, **extra: Any) -> EffectSpec:
+        """The spec ablating `ablate` (None: the set as --components or --granularity names it,
+        for checking settings without a model), measuring every attention layer (or head) and MLP,
+        with the settings' kind, position, target, resamples and chunk size."""
+        from hydra_jax.effects.matrix import EffectSpec
+
+        measure = ("head_out" if settings.granularity == "head" else "attn_out", "mlp_out")
+        if ablate is None:
+            listed = settings.components
+            ablate = tuple(c.strip() for c in listed.split(",")) if listed else measure
+        return EffectSpec(
+            ablate=ablate,
+            measure=measure,
+            kind=settings.kind,
+            position=settings.position,
+            target=settings.target,
+            n_resamples=settings.n_resamples,
+            chunk_size=settings.chunk_size or self.chunk_size,
+            **extra,
+        )
+
+
+def html_card(text: str, figure: Any, header: list[str], rows: list[list[str]], dpi: int = 80) -> str:
+    """A notebook display: `text`, the matplotlib `figure` inline as a PNG, and a table (`header`,
+    `rows`), every string escaped."""
+    import base64
+    import html
+    import io
+
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=dpi, bbox_inches="tight")
+    image = base64.b64encode(png.getvalue()).decode()
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return (
+        f'<div><p>{html.escape(text)}</p><img src="data:image/png;base64,{image}"/>'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+    )
+
+
 def write_files(
     protocol: Protocol, out_dir: str, schema: str, *, summary: Any, record: RunRecord, markdown: str
 ) -> list[str]:
@@ -145,6 +202,44 @@ def write_files(
     with open(paths[-1], "w") as f:
         f.write(markdown)
     return paths
+
+
+_WORDS = {1: "one", 2: "two"}
+
+
+def check_sweepable(settings: Settings) -> None:
+    """Refuse, before any work, a sweep of a protocol whose numbers a sweep store does not keep."""
+    protocol = get(settings.protocol)
+    if not protocol.sweeps:
+        raise ValueError(
+            f"--protocol {protocol.name} runs with `hydra-jax analyze` only: a sweep store keeps the "
+            "exact effect arrays, not this protocol's estimates. Run `hydra-jax analyze --protocol "
+            f"{protocol.name} ...` (its --batch-size bounds the memory)."
+        )
+
+
+def component_set(settings: Settings, config: Any, least: int = 2) -> list[Any]:
+    """The components of a protocol that takes a set: --components (labels separated by commas,
+    at least `least`, in model order), or every attention and MLP layer (with --granularity
+    head every head)."""
+    from hydra_jax.effects.results import Component, components, order_key
+    from hydra_jax.model.sites import Site
+
+    if settings.components:
+        parts = []
+        for text in settings.components.split(","):
+            c = Component.parse(text.strip())
+            c.check(config)
+            parts.append(c)
+        parts = sorted(dict.fromkeys(parts), key=order_key)
+        if len(parts) < least:
+            raise ValueError(
+                f"--protocol {settings.protocol} needs at least {_WORDS.get(least, least)} components in "
+                f"--components, got {settings.components!r}."
+            )
+        return parts
+    sites = (Site.HEAD_OUT,) if settings.granularity == "head" else (Site.ATTN_OUT, Site.MLP_OUT)
+    return components(sites, config)
 
 
 def names() -> tuple[str, ...]:

@@ -24,17 +24,16 @@ or zero), as the paper protocol's options.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hydra_jax.pipeline.protocols import Chunks, Protocol, write_files
+from hydra_jax.pipeline.protocols import Chunks, ComponentSet, component_set, html_card, write_files
 
 if TYPE_CHECKING:
     from hydra_jax.effects.matrix import EffectSpec
-    from hydra_jax.effects.results import Component, EffectMatrix, Labels
+    from hydra_jax.effects.results import EffectMatrix, Labels
     from hydra_jax.pipeline.options import Settings
     from hydra_jax.pipeline.record import RunRecord
 
@@ -46,38 +45,20 @@ MIN_REPAIR = 0.1  # logits of self-repair below which its share removed by a pai
 FIGURES = ("interaction_heatmap",)
 
 
-class Pairs(Protocol):
+class Pairs(ComponentSet):
     name = "pairs"
-    instances = "the final position of each prompt"
-    batch_size = 32
     figures = FIGURES
-
-    def deviations(self, settings: Settings, available: int | None) -> list[str]:
-        return [d for d in settings.paper_deviations(available) if not d.startswith("granularity")]
+    chunk_size = CHUNK_SIZE
 
     def spec(self, settings: Settings, config: Any = None) -> EffectSpec:
         """Every component of the set alone and every pair together, at the final position."""
-        from hydra_jax.effects.matrix import EffectSpec
         from hydra_jax.effects.results import JOIN
 
-        head = settings.granularity == "head"
-        measure = ("head_out" if head else "attn_out", "mlp_out")
-        common = dict(
-            measure=measure,
-            kind=settings.kind,
-            position=settings.position,
-            target=settings.target,
-            n_resamples=settings.n_resamples,
-            chunk_size=settings.chunk_size or CHUNK_SIZE,
-        )
         if config is None:  # settings checked without a model: the singles stand for the set
-            ablate = (
-                tuple(c.strip() for c in settings.components.split(",")) if settings.components else measure
-            )
-            return EffectSpec(ablate=ablate, **common)
+            return self.set_spec(settings, None)
         parts = component_set(settings, config)
         pairs = tuple(f"{a.label}{JOIN}{b.label}" for a, b in itertools.combinations(parts, 2))
-        return EffectSpec(ablate=tuple(c.label for c in parts) + pairs, **common)
+        return self.set_spec(settings, tuple(c.label for c in parts) + pairs)
 
     def summarise(
         self, chunks: EffectMatrix | Chunks, *, labels: Labels, n_prompts: int, n_bootstrap: int, seed: int
@@ -117,43 +98,16 @@ class Pairs(Protocol):
         return "\n".join(lines)
 
     def html(self, *, em: EffectMatrix, summary: PairsSummary, record: RunRecord) -> str:
-        import base64
-        import html
-
-        png = io.BytesIO()
-        interaction_heatmap(summary, record.meta()).savefig(png, format="png", dpi=80, bbox_inches="tight")
-        rows = "".join(
-            f"<tr><td>{html.escape(p['pair'])}</td><td>{p['interaction']:+.3f}</td><td>{p['te_pair']:+.3f}</td>"
-            f"<td>{p['te_a'] + p['te_b']:+.3f}</td></tr>"
+        rows = [
+            [p["pair"], f"{p['interaction']:+.3f}", f"{p['te_pair']:+.3f}", f"{p['te_a'] + p['te_b']:+.3f}"]
             for p in summary.ranked(TOP_PAIRS)
+        ]
+        return html_card(
+            f"hydra_jax pairs protocol: {len(summary.components)} components, {len(summary.pairs)} pairs",
+            interaction_heatmap(summary, record.meta()),
+            ["pair", "I", "TE(a&b)", "TE(a)+TE(b)"],
+            rows,
         )
-        image = base64.b64encode(png.getvalue()).decode()
-        return (
-            f"<div><p>hydra_jax pairs protocol: {len(summary.components)} components, {len(summary.pairs)} "
-            f'pairs</p><img src="data:image/png;base64,{image}"/><table><thead><tr><th>pair</th><th>I</th>'
-            f"<th>TE(a&amp;b)</th><th>TE(a)+TE(b)</th></tr></thead><tbody>{rows}</tbody></table></div>"
-        )
-
-
-def component_set(settings: Settings, config: Any) -> list[Component]:
-    """The components paired: --components, or every attention and MLP layer (every head)."""
-    from hydra_jax.effects.results import Component, components, order_key
-    from hydra_jax.model.sites import Site
-
-    if settings.components:
-        parts = []
-        for text in settings.components.split(","):
-            c = Component.parse(text.strip())
-            c.check(config)
-            parts.append(c)
-        parts = sorted(dict.fromkeys(parts), key=order_key)
-        if len(parts) < 2:
-            raise ValueError(
-                f"--components needs at least two components to pair, got {settings.components!r}."
-            )
-        return parts
-    sites = (Site.HEAD_OUT,) if settings.granularity == "head" else (Site.ATTN_OUT, Site.MLP_OUT)
-    return components(sites, config)
 
 
 # --------------------------------------------------------------------------
