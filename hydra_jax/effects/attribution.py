@@ -377,13 +377,14 @@ def naive_attribution(
     cfg = plan.config
     n_layers = cfg.n_layers
     rows, w, scale, resid = _naive_rows(inputs, plan=plan)
-    grad = _naive_gradient(cfg, plan)
     sets = []
     for layer in [None, *range(n_layers)]:  # one full backward pass each
         stop = np.zeros(n_layers, bool)
         if layer is not None:
             stop[layer] = True
-        sets.append(grad(inputs.params, inputs.tokens, inputs.valid, w, jnp.asarray(stop)))
+        sets.append(
+            _naive_gradient(inputs.params, inputs.tokens, inputs.valid, w, jnp.asarray(stop), cfg=cfg)
+        )
     grads = jax.tree.map(lambda *x: jnp.stack(x), *sets)  # {site: [L + 1, L, B, X]}
     change = jnp.stack(
         [
@@ -416,39 +417,37 @@ def _naive_rows(inputs: CoreInputs, *, plan: Plan) -> tuple[dict[str, Array], Ar
     return rows, w, scale, clean[Site.RESID_PRE]
 
 
-def _naive_gradient(cfg: Any, plan: Plan) -> Any:
-    """A jitted full forward and backward: ∂m/∂(every site at the final position), with the
-    layers flagged in `stop` [L] dropped."""
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _naive_gradient(
+    params: Params, tokens: Array, valid: Array, w: Array, stop: Array, *, cfg: Any
+) -> dict[str, Array]:
+    """A full forward and backward pass: ∂m/∂(every site at the final position), with the layers
+    flagged in `stop` [L] dropped."""
+    params = cast_params(params, cfg)
+    b, t = tokens.shape
+    ctx, positions = context(cfg, valid, frozenset())
+    z0 = jax.lax.stop_gradient(embed(params, cfg, jnp.where(valid, tokens, 0), positions))
+    flags = layer_flags(cfg)
+    zeros = {
+        Site.RESID_PRE.value: jnp.zeros((cfg.n_layers, b, cfg.d_model), jnp.float32),
+        Site.ATTN_OUT.value: jnp.zeros((cfg.n_layers, b, cfg.d_model), jnp.float32),
+        Site.MLP_OUT.value: jnp.zeros((cfg.n_layers, b, cfg.d_model), jnp.float32),
+        Site.MLP_HIDDEN.value: jnp.zeros((cfg.n_layers, b, cfg.d_mlp), jnp.float32),
+        "probs": jnp.zeros((cfg.n_layers, b, cfg.n_heads, t), jnp.float32),
+    }
 
-    @jax.jit
-    def grad(params: Params, tokens: Array, valid: Array, w: Array, stop: Array) -> dict[str, Array]:
-        params = cast_params(params, cfg)
-        b, t = tokens.shape
-        ctx, positions = context(cfg, valid, frozenset())
-        z0 = jax.lax.stop_gradient(embed(params, cfg, jnp.where(valid, tokens, 0), positions))
-        flags = layer_flags(cfg)
-        zeros = {
-            Site.RESID_PRE.value: jnp.zeros((cfg.n_layers, b, cfg.d_model), jnp.float32),
-            Site.ATTN_OUT.value: jnp.zeros((cfg.n_layers, b, cfg.d_model), jnp.float32),
-            Site.MLP_OUT.value: jnp.zeros((cfg.n_layers, b, cfg.d_model), jnp.float32),
-            Site.MLP_HIDDEN.value: jnp.zeros((cfg.n_layers, b, cfg.d_mlp), jnp.float32),
-            "probs": jnp.zeros((cfg.n_layers, b, cfg.n_heads, t), jnp.float32),
-        }
+    def logit(offsets: dict[str, Array]) -> Array:
+        z = z0
+        for layer in range(cfg.n_layers):  # unrolled: every layer its own code
+            p = {name: x[layer] for name, x in params["blocks"].items()}
+            local = None if flags is None else flags[layer]
+            off = {name: x[layer] for name, x in offsets.items()}
+            z, _ = block(p, z, ctx, {}, {}, None, local=local, offsets=off, stop=stop[layer])
+        z_final = z[:, -1].astype(jnp.float32)
+        dot = jnp.einsum("bd,bd->b", z_final, w, precision="highest")
+        return jnp.sum(layers.norm_scale(z_final, cfg) * dot)
 
-        def logit(offsets: dict[str, Array]) -> Array:
-            z = z0
-            for layer in range(cfg.n_layers):  # unrolled: every layer its own code
-                p = {name: x[layer] for name, x in params["blocks"].items()}
-                local = None if flags is None else flags[layer]
-                off = {name: x[layer] for name, x in offsets.items()}
-                z, _ = block(p, z, ctx, {}, {}, None, local=local, offsets=off, stop=stop[layer])
-            z_final = z[:, -1].astype(jnp.float32)
-            dot = jnp.einsum("bd,bd->b", z_final, w, precision="highest")
-            return jnp.sum(layers.norm_scale(z_final, cfg) * dot)
-
-        return jax.grad(logit)(zeros)
-
-    return grad
+    return jax.grad(logit)(zeros)
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "plan"))
