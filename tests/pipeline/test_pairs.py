@@ -12,7 +12,7 @@ import pytest
 import hydra_jax as hj
 from hydra_jax.effects.matrix import effect_matrix
 from hydra_jax.pipeline.options import Settings
-from hydra_jax.pipeline.protocols.pairs import pairs_summary
+from hydra_jax.pipeline.protocols.pairs import backup_check, pairs_summary
 from hydra_jax.sweeps import sweep
 from hydra_jax.sweeps.report import report_from_store
 from hydra_jax.testing import planted_backup_model
@@ -81,3 +81,20 @@ def test_analyze_and_a_sweep_store_report_the_same_interactions(tmp_path):
     for mine, theirs in zip(report.summary.pairs, result.summary.pairs, strict=True):
         assert mine["pair"] == theirs["pair"]
         np.testing.assert_allclose(mine["interaction"], theirs["interaction"], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_ablating_the_planted_backup_with_the_primary_removes_all_of_its_self_repair(alpha):
+    """A k-part row (`backup_check`): the primary's self-repair alone is alpha x its loss; with its
+    backup ablated too, ablating the primary costs exactly its own loss: 100% removed."""
+    model, batch = planted_backup_model(alpha)
+    check = backup_check(
+        model, batch, "head_out.0.0", ["head_out.1.0"], kind="zero", position="all", n_bootstrap=50
+    )
+    np.testing.assert_allclose(check["self_repair"], -alpha * check["own"], rtol=1e-5)
+    np.testing.assert_allclose(check["removed"], 1.0, atol=1e-5)
+    assert check["removed_ci"][0] <= 1.0 + 1e-5 <= check["removed_ci"][1] + 2e-5
+    bystanders = backup_check(
+        model, batch, "head_out.0.0", ["head_out.0.1", "head_out.1.1"], kind="zero", position="all"
+    )
+    np.testing.assert_allclose(bystanders["removed"], 0.0, atol=1e-5)  # heads that write nothing carry none

@@ -270,6 +270,72 @@ def _backups(singles, index, labels, change, te, parts, joints) -> list[dict[str
     return out
 
 
+def backup_check(
+    model: Any,
+    batch: Any,
+    primary: str,
+    backups: tuple[str, ...] | list[str],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    **settings: Any,
+) -> dict[str, Any]:
+    """How much of a primary component's self-repair goes away when its backups are ablated too.
+
+    One effect matrix of three rows: the primary S alone, the backups B together, and S with B
+    (a joint row of 1 + len(B) parts). S's self-repair alone is TE(S) − own_S; with B gone it is
+    what ablating S still costs beyond its own loss, TE(S&B) − TE(B) − own_S; the share removed
+    is 1 − the second / the first (1: the backups carried all of it; ratios of means over prompts,
+    with a bootstrap interval). `settings` are `effect_matrix`'s (kind, n_resamples, source, ...).
+
+    Returns:
+        {"primary", "backups", "te", "own", "self_repair", "te_backups", "te_joint",
+        "self_repair_without_backups", "removed", "removed_ci", "n_prompts"}.
+    """
+    from hydra_jax.effects.matrix import effect_matrix
+    from hydra_jax.effects.results import JOIN, Component, ablation
+
+    backups = tuple(backups)
+    if not backups:
+        raise ValueError("backup_check needs at least one backup component.")
+    site = Component.parse(primary).site.value
+    measure = ("head_out" if site == "head_out" else "attn_out", "mlp_out")
+    if site == "mlp_hidden":
+        measure = ("attn_out", "mlp_hidden")
+    rows = (primary, JOIN.join(backups) if len(backups) > 1 else backups[0], JOIN.join((primary, *backups)))
+    em = effect_matrix(model, batch, ablate=rows, measure=measure, **settings)
+    labels = em.labels
+    order = [labels.ablated.index(ablation(r).label) for r in rows]  # the matrix keeps model order
+    te = np.asarray(em.total, np.float64)[order]  # [3, B]: S, B, S&B
+    measured = [Component.parse(m) for m in labels.measured]
+    target = Component.parse(primary)
+    own_index = [
+        i for i, m in enumerate(measured) if m == target or (m.layer, m.site) == (target.layer, target.site)
+    ]
+    if not own_index:
+        raise ValueError(f"{primary!r} is not among the measured components {list(labels.measured)[:4]}...")
+    own = np.asarray(em.delta_direct, np.float64)[order[0], own_index].sum(0)  # [B] the primary's own change
+    alone = te[0] - own
+    without = te[2] - te[1] - own
+    draws = np.random.default_rng(seed).integers(0, te.shape[1], (n_bootstrap, te.shape[1]))
+    boot = 1 - without[draws].mean(1) / alone[draws].mean(1)
+    lo, hi = (1 - ci) / 2, (1 + ci) / 2
+    return {
+        "primary": primary,
+        "backups": list(backups),
+        "te": float(te[0].mean()),
+        "own": float(own.mean()),
+        "self_repair": float(alone.mean()),
+        "te_backups": float(te[1].mean()),
+        "te_joint": float(te[2].mean()),
+        "self_repair_without_backups": float(without.mean()),
+        "removed": float(1 - without.mean() / alone.mean()),
+        "removed_ci": [float(np.quantile(boot, lo)), float(np.quantile(boot, hi))],
+        "n_prompts": int(te.shape[1]),
+    }
+
+
 # --------------------------------------------------------------------------
 # Report
 
