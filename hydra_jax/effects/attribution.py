@@ -4,11 +4,13 @@ exact effects the engine computes for the same rows.
 
 For an ablation that writes ĉ in place of a component's clean output c (the same ĉ the engine
 writes: `EffectSpec`'s kind, resamples and seed), with m the centred target logit at the final
-position (the quantity whose change is the total effect, SPEC §2):
+position (the quantity whose change is the total effect, SPEC §4):
 
     DLA      ⟨w s, Δ⟩: the change of the component's own direct effect, the clean final-norm
-             scale s frozen (Δ the change of what it writes to the residual stream). What a
-             logit lens reads; blind to everything downstream.
+             scale s frozen (Δ the change of what it writes to the residual stream): ΔDE(c|c),
+             which is −DE(c), the usual clean direct logit attribution, under zero ablation,
+             and holds DE(ĉ) too under mean or resample ablation (so that every estimate
+             estimates the same TE). Blind to everything downstream.
     AtP      ⟨∂m/∂c, ĉ − c⟩ at the clean run (Nanda 2022; Kramár et al. 2024, arXiv 2403.00745,
              eq. 4): the first-order Taylor term. Every row from one backward pass. It equals
              the engine's forward-mode `linear_total` (`EffectSpec(linearise=True)`), computed

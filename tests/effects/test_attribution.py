@@ -47,6 +47,8 @@ def test_one_call_equals_the_naive_reference_on_every_family(family_model):
     fast = attribution(family_model, batch, **spec)
     ref = naive_attribution(family_model, batch, **spec)
     assert_estimates_equal(fast, ref)
+    em = effect_matrix(family_model, batch, linearise=True, **spec)  # AtP = the forward-mode term
+    np.testing.assert_allclose(fast.atp, np.asarray(em.linear_total), atol=5e-6 * np.abs(em.total).max())
     assert fast.dropped.shape == (family_model.config.n_layers, len(fast.labels.ablated), batch.size)
     for method in METHODS:
         assert fast.estimate(method).shape == fast.atp.shape
