@@ -54,6 +54,10 @@ def test_on_the_planted_repair_model_dla_ranks_the_repaired_component_first_and_
     assert worst["label"] == "attn_out.0" and abs(worst["te"]) < 1e-4 * abs(worst["estimate"])
     np.testing.assert_allclose(worst["explained"], 1.0, rtol=1e-4)  # DLA − TE = −(CE + norm), exactly
     np.testing.assert_allclose(exact["attn_out.0"]["self_repair"], 1.0, rtol=1e-4)
+    # The repaired component is DLA's top-1 false positive, and it has strong self-repair; AtP has none.
+    one = attribution_summary(em, labels=em.labels, n_prompts=batch.size, n_bootstrap=10, top=1)
+    assert one.method("dla")["false_positives"] == {"components": ["attn_out.0"], "strong_repair_share": 1.0}
+    assert one.method("atp")["false_positives"]["components"] == []
     lo, hi = atp["spearman_ci"]
     assert lo <= atp["spearman"] + 1e-9 and atp["spearman"] <= hi + 1e-9
 

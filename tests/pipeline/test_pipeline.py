@@ -301,7 +301,8 @@ def test_a_protocol_is_one_module_picked_up_by_settings_cli_analyze_and_sweep(
 
 def test_an_unknown_protocol_is_named_with_the_known_ones():
     with pytest.raises(
-        ValueError, match=r"Unknown protocol 'tokenz' \(--protocol\); choose one of attribution, pairs, paper, tokens"
+        ValueError,
+        match=r"Unknown protocol 'tokenz' \(--protocol\); choose one of attribution, pairs, paper, tokens",
     ):
         Settings(protocol="tokenz")
 

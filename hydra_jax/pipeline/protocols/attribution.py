@@ -26,7 +26,8 @@ It reports, per method, with bootstrap intervals over prompts:
 - the components each signed method gets most wrong, with the compensation (attention + MLP
   ΔDE) and norm term beside the error: for DLA they explain all of it (DLA − TE = −(CE + norm)
   exactly); for AtP, how much;
-- which misses are self-repair: the share of each method's top-10 false negatives whose
+- which errors are self-repair: the share of each method's top-10 false negatives (in the exact
+  top 10, not in its own) and false positives (in its top 10, not in the exact one) whose
   self-repair fraction 1 − TE / own is at least one half, beside that share among all components.
 
 Deviations from the AtP* paper are the estimator module's (`hydra_jax.effects.attribution`):
@@ -144,7 +145,9 @@ class AttributionSummary:
             "spearman_ci", signed_spearman (signed methods), false_negatives {"10", "1%", "5%"}
             (share of the exact top k missed) with "k", relative_error {"median", "p90", "n"}
             (signed methods), worst (signed methods: the components it gets most wrong), and
-            misses: the top-10 false negatives and the share of them with strong self-repair.
+            misses, false_positives: the top-`top` false negatives (in the exact top, not the
+            method's) and false positives (in the method's top, not the exact one), each with the
+            share of them with strong self-repair.
         strong_repair_share: the share of all components with strong self-repair (of those with
             a self-repair fraction).
         n_prompts, ci: prompts measured, the intervals' coverage.
@@ -187,9 +190,11 @@ def attribution_summary(
     n_bootstrap: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
+    top: int = 10,
 ) -> AttributionSummary:
     """The attribution protocol's statistics from effect matrices computed with
-    `EffectSpec(attribution=True)` (one in memory, or chunks), with bootstrap intervals over prompts."""
+    `EffectSpec(attribution=True)` (one in memory, or chunks), with bootstrap intervals over prompts;
+    `top` is the k of the lists of misses and false positives."""
     stream = (lambda: iter([(slice(0, n_prompts), chunks)])) if not callable(chunks) else chunks
     a = len(labels.ablated)
     names = ("te", "own", "compensation", "norm", *METHODS)
@@ -244,11 +249,12 @@ def attribution_summary(
             },
             "k": {key: min(k, a) for key, k in ks.items()},
         }
-        misses = sorted(exact_top["10"] - _top(importance[method], min(10, a)))
-        entry["misses"] = {
-            "components": [labels.ablated[i] for i in misses],
-            "strong_repair_share": float(strong[misses].mean()) if misses else None,
-        }
+        mine, theirs = _top(importance[method], min(top, a)), _top(importance["te"], min(top, a))
+        for key, wrong in (("misses", sorted(theirs - mine)), ("false_positives", sorted(mine - theirs))):
+            entry[key] = {
+                "components": [labels.ablated[i] for i in wrong],
+                "strong_repair_share": float(strong[wrong].mean()) if wrong else None,
+            }
         if signed:
             entry["signed_spearman"] = float(_spearman(mean[method], mean["te"]))
             rel = np.abs(mean[method] - mean["te"])[sized] / np.abs(mean["te"])[sized]
@@ -381,16 +387,23 @@ def report_markdown(summary: AttributionSummary, record: RunRecord) -> str:
             if share is None
             else f"{share:.0%} of the components do."
         )
-        + " Of each method's top-10 false negatives, the share with strong self-repair:",
+        + " Of each method's top-10 errors, the share with strong self-repair (a repaired component "
+        "looks more important to its direct effect than to ablation: a false positive of DLA):",
         "",
-        "| method | top-10 misses | with strong self-repair |",
-        "|---|---|---|",
+        "| method | top-10 misses | with strong self-repair | top-10 false positives | "
+        "with strong self-repair |",
+        "|---|---|---|---|---|",
     ]
+
+    def share_of(x: dict[str, Any]) -> str:
+        s = x["strong_repair_share"]
+        return "n/a" if s is None else f"{s:.0%}"
+
     for m in summary.methods:
-        s = m["misses"]["strong_repair_share"]
+        miss, extra = m["misses"], m["false_positives"]
         lines.append(
-            f"| {NAMES[m['method']]} | {', '.join(m['misses']['components']) or 'none'} | "
-            f"{'n/a' if s is None else f'{s:.0%}'} |"
+            f"| {NAMES[m['method']]} | {', '.join(miss['components']) or 'none'} | {share_of(miss)} | "
+            f"{', '.join(extra['components']) or 'none'} | {share_of(extra)} |"
         )
     for m in summary.methods:
         if not m["signed"]:
