@@ -1,7 +1,7 @@
 """What a protocol's matrix costs: one compiled call per batch against the research scripts' loop.
 
 Run: `python benchmarks/protocol_cost.py --protocol tokens|pairs [--model PATH] [--prompts N]
-[--seq-len 128] [--repeats 1] [--json PATH]`.
+[--components N] [--seq-len 128] [--repeats 1] [--json PATH]`.
 
 On one batch, the protocol's effect matrix as `hydra-jax analyze --protocol P` computes it:
 
@@ -9,7 +9,8 @@ On one batch, the protocol's effect matrix as `hydra-jax analyze --protocol P` c
           tokens; every head ablated at every position (resample, one source sequence), every
           position measured on its next token
   pairs   the first --prompts prompts of ../shared/data/known_1000.json; every attention and MLP
-          layer alone and every pair of them together (mean ablation), at the final position
+          layer (or the first --components of them) alone and every pair of them together (mean
+          ablation), at the final position
 
 against
 
@@ -54,6 +55,13 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=None, help="default: the protocol's")
+    parser.add_argument(
+        "--components",
+        type=int,
+        default=None,
+        help="pairs: the first N of the component set (every attention and MLP layer, in model order) "
+        "and their pairs, to size the loop to the machine; default: all",
+    )
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args()
 
@@ -80,7 +88,15 @@ def main() -> int:
         n = args.prompts or 8
         facts = load_counterfact(KNOWN_1000)
         batch = Batch.from_prompts(tokenizer, list(facts.prompts[:n]))
-        settings = Settings(protocol="pairs", model=args.model, kind="mean", chunk_size=args.chunk_size)
+        components = None
+        if args.components is not None:
+            from hydra_jax.pipeline.protocols import component_set
+
+            every = component_set(Settings(protocol="pairs", model=args.model), c)
+            components = ",".join(x.label for x in every[: args.components])
+        settings = Settings(
+            protocol="pairs", model=args.model, kind="mean", chunk_size=args.chunk_size, components=components
+        )
         spec = settings.spec_for(c)
     rate_before = matmul_rate(((2048, 2048, 2048), (512, 576, 1536)), repeats=3)
     compiled = compile_effect_matrix(model, batch, spec)
