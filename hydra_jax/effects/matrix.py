@@ -662,16 +662,10 @@ def naive_effect_matrix(
         return direct_effect(v, w, scale, config)
 
     def measured_de(cache: dict) -> jnp.ndarray:  # [M, B] with the clean (frozen) scale
-        out, neuron_de = [], {}
-        for c in measured:
-            if c.site is Site.MLP_HIDDEN:
-                if c.layer not in neuron_de:  # [F, B]: every neuron of the layer at once
-                    neuron_de[c.layer] = de(_neuron_outputs(params, config, cache, c.layer))
-                out.append(neuron_de[c.layer][c.neurons[0]])
-            else:
-                v = cache[c.site][c.layer, :, -1]
-                out.append(de(v[:, c.head] if c.head is not None else v))
-        return jnp.stack(out)
+        def neuron_de(layer: int) -> jnp.ndarray:  # [F, B]: every neuron of the layer at once
+            return de(_neuron_outputs(params, config, cache, layer))
+
+        return _stacked_de(cache, measured, de, neuron_de, every=False)
 
     def target_logit(z_final: jnp.ndarray) -> jnp.ndarray:  # the centred logit before any soft-cap
         lg = unembed(params, config, z_final, capped=False)[0]
@@ -751,11 +745,11 @@ def _naive_per_position(
         lead = v.shape[:-3]
         return direct_effect(v.reshape(*lead, b * t, v.shape[-1]), w, scale, config).reshape(*lead, b, t)
 
-    def component_de(cache: dict, c: Component) -> jnp.ndarray:  # [B, T]
-        if c.site is Site.MLP_HIDDEN:
-            return de(_neuron_outputs(params, config, cache, c.layer, every=True)[c.neurons[0]])
-        v = cache[c.site][c.layer]
-        return de(v[:, :, c.head] if c.head is not None else v)
+    def components_de(cache: dict, components: list[Component]) -> jnp.ndarray:  # [N, B, T]
+        def neuron_de(layer: int) -> jnp.ndarray:  # [F, B, T]: every neuron of the layer at once
+            return de(_neuron_outputs(params, config, cache, layer, every=True))
+
+        return _stacked_de(cache, components, de, neuron_de, every=True)
 
     def target_logit(z_final: jnp.ndarray) -> jnp.ndarray:  # [B, T] centred, before any soft-cap
         lg = unembed(params, config, z_final, capped=False)[0]
@@ -763,8 +757,8 @@ def _naive_per_position(
         return jnp.take_along_axis(centred, jnp.asarray(nxt)[..., None], axis=-1)[..., 0]
 
     clean_target = target_logit(clean[Site.RESID_FINAL])
-    clean_de = jnp.stack([component_de(clean, c) for c in measured])  # [M, B, T]
-    scores = np.stack([np.where(has_next, component_de(clean, c), np.nan) for c in ablated])  # [A, B, T]
+    clean_de = components_de(clean, measured)  # [M, B, T]
+    scores = np.where(has_next[None], np.asarray(components_de(clean, ablated)), np.nan)  # [A, B, T]
     if thresholds is None:
         thresholds = (
             np.full(len(ablated), -np.inf, np.float32)
@@ -794,7 +788,7 @@ def _naive_per_position(
             dot = jnp.einsum("btd,btd->bt", z_new.astype(jnp.float32), dot_w, precision="highest")
             per_position = (
                 target_logit(z_new) - clean_target,
-                jnp.stack([component_de(cache, m) for m in measured]) - clean_de,
+                components_de(cache, measured) - clean_de,
                 (s_new - scale.reshape(b, t)) * dot,
             )
             runs.append([(x * jnp.broadcast_to(inst[i], x.shape)).sum(-1) for x in per_position])
@@ -815,6 +809,35 @@ def _naive_per_position(
         instances=jnp.asarray(inst.sum(-1)),
         instance_direct=jnp.asarray((inst * np.nan_to_num(scores)).sum(-1)),
     )
+
+
+def _stacked_de(
+    cache: dict, components: list[Component], de: Any, neuron_de: Any, every: bool
+) -> jnp.ndarray:
+    """[N, B, (T,)] the components' direct effects read from one run's `cache`: one `de` call per
+    site for layers and heads (outputs stacked [n, B, (T,) D]), and `neuron_de(layer)` [F, B, (T,)]
+    once per layer for neurons. The reference loop's reading of a run, as a research script
+    vectorises it (not one call per component)."""
+    out: list[Any] = [None] * len(components)
+    for site in (Site.ATTN_OUT, Site.MLP_OUT, Site.HEAD_OUT, Site.RESID_PRE):
+        idx = [i for i, c in enumerate(components) if c.site is site]
+        if not idx:
+            continue
+        at = np.array([components[i].layer for i in idx])
+        if site is Site.HEAD_OUT:  # [L, B, T, H, D] -> [n, B, T, D]
+            v = cache[site][at, :, :, np.array([components[i].head for i in idx])]
+        else:
+            v = cache[site][at]  # [n, B, T, D]
+        values = de(v if every else v[:, :, -1])
+        for j, i in enumerate(idx):
+            out[i] = values[j]
+    by_layer: dict[int, Any] = {}
+    for i, c in enumerate(components):
+        if c.site is Site.MLP_HIDDEN:
+            if c.layer not in by_layer:
+                by_layer[c.layer] = neuron_de(c.layer)
+            out[i] = by_layer[c.layer][c.neurons[0]]
+    return jnp.stack(out)
 
 
 def _neuron_outputs(params: dict, config: Any, cache: dict, layer: int, every: bool = False) -> jnp.ndarray:
