@@ -104,18 +104,25 @@ class Attribution:
     @property
     def graddrop(self) -> np.ndarray:
         """[A, B] AtP+GradDrop: (1 / (L − 1)) Σ_ℓ |AtP_ℓ| (Kramár et al. eq. 11), a magnitude."""
-        return np.abs(self.dropped).sum(axis=0) / max(self.n_layers - 1, 1)
+        return graddrop_score(self.dropped)
 
     @property
     def atp_star(self) -> np.ndarray:
         """[A, B] AtP*: (1 / (L − 1)) Σ_ℓ |AtP+QK_ℓ|, a magnitude."""
-        return np.abs(self.dropped_qk).sum(axis=0) / max(self.n_layers - 1, 1)
+        return graddrop_score(self.dropped_qk)
 
     def estimate(self, method: str) -> np.ndarray:
         """[A, B] the estimate `method` (one of `METHODS`)."""
         if method not in METHODS:
             raise ValueError(f"Unknown attribution method {method!r}; the methods are {list(METHODS)}.")
         return np.asarray(getattr(self, method))
+
+
+def graddrop_score(dropped: Any) -> np.ndarray:
+    """[A, B] GradDrop's score from the signed estimates with each layer's gradient dropped
+    [L, A, B]: (1 / (L − 1)) Σ_ℓ |I_ℓ| (Kramár et al. eq. 11; the node's own layer's term is 0)."""
+    dropped = np.asarray(dropped, np.float64)
+    return np.abs(dropped).sum(axis=0) / max(dropped.shape[0] - 1, 1)
 
 
 def attribution(
@@ -172,14 +179,31 @@ def attribution_core(inputs: CoreInputs, *, plan: Plan) -> dict[str, Array]:
     if plan.position != "final" or plan.per_position:
         raise ValueError("attribution_core computes final-position estimates only.")
     params = cast_params(inputs.params, cfg)
-    sites = {Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT}
-    sites |= {Site.HEAD_OUT} if Site.HEAD_OUT in plan.ablated else set()
-    sites |= {Site.MLP_HIDDEN} if Site.MLP_HIDDEN in plan.ablated else set()
+    clean, w, scale = _clean_run(params, plan, inputs)
+    return estimates(params, plan, inputs, clean, w, scale)
+
+
+def _clean_run(params: Params, plan: Plan, inputs: CoreInputs) -> tuple[dict[Any, Array], Array, Array]:
+    """The clean run over every position (resid_pre, attn_out, mlp_out and the ablated sites, with
+    keys and values), the target direction w [B, D] and the final-norm scale [B]."""
+    cfg = plan.config
+    sites = {Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT} | set(plan.ablated)
     z, clean = trunk(params, cfg, inputs.tokens, inputs.valid, capture=frozenset(sites), keep_kv=True)
     logits, scale = unembed(params, cfg, z[:, -1])  # [B, V], [B]
     target = jnp.argmax(logits, axis=-1) if plan.target == "argmax" else inputs.answers
     w, _ = target_direction(params, cfg, target)
-    return estimates(params, plan, inputs, clean, w, scale)
+    return clean, w, scale
+
+
+def _edit_rows(params: Params, plan: Plan, inputs: CoreInputs, clean: dict[Any, Array]) -> dict[str, Array]:
+    """Every row once per resample (the engine's `_row_inputs`), with the clean value it replaces
+    ("here_wide"/"here_hidden" [N, B, X]) and its edit ĉ − c ("step_wide"/"step_hidden")."""
+    per_row, here, value = _row_inputs(params, plan.config, plan, inputs, clean)
+    rows = dict(per_row)
+    for name in value:
+        rows["here_" + name] = jnp.repeat(here[name], plan.n_resamples, axis=0)
+        rows["step_" + name] = value[name] - rows["here_" + name]
+    return rows
 
 
 def estimates(
@@ -191,11 +215,7 @@ def estimates(
     effect engine calls it too, for `EffectSpec(attribution=True)`, on its own clean run)."""
     cfg = plan.config
     k = plan.n_resamples
-    per_row, here, value = _row_inputs(params, cfg, plan, inputs, clean)
-    rows = dict(per_row)
-    for name in value:  # the edit ĉ − c of each row ([N, B, X]) and the clean value it replaces
-        rows["here_" + name] = jnp.repeat(here[name], k, axis=0)
-        rows["step_" + name] = value[name] - rows["here_" + name]
+    rows = _edit_rows(params, plan, inputs, clean)
 
     ctx, _ = context(cfg, inputs.valid, frozenset(), final=True)
     xs = {
@@ -405,16 +425,8 @@ def _naive_rows(inputs: CoreInputs, *, plan: Plan) -> tuple[dict[str, Array], Ar
     layer's clean input over every position [L, B, T, D]."""
     cfg = plan.config
     params = cast_params(inputs.params, cfg)
-    sites = {Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT} | set(plan.ablated)
-    z, clean = trunk(params, cfg, inputs.tokens, inputs.valid, capture=frozenset(sites))
-    logits, scale = unembed(params, cfg, z[:, -1])
-    target = jnp.argmax(logits, axis=-1) if plan.target == "argmax" else inputs.answers
-    w, _ = target_direction(params, cfg, target)
-    per_row, here, value = _row_inputs(params, cfg, plan, inputs, clean)
-    rows = dict(per_row)
-    for name in value:
-        rows["here_" + name] = jnp.repeat(here[name], plan.n_resamples, axis=0)
-        rows["step_" + name] = value[name] - rows["here_" + name]
+    clean, w, scale = _clean_run(params, plan, inputs)
+    rows = _edit_rows(params, plan, inputs, clean)
     rows["delta"] = jax.vmap(lambda row: _written(params, cfg, row))(rows)
     return rows, w, scale, clean[Site.RESID_PRE]
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hydra_jax.effects.attribution import METHODS, SIGNED, graddrop_score
 from hydra_jax.pipeline.protocols import Chunks, ComponentSet, component_set, html_card, write_files
 
 if TYPE_CHECKING:
@@ -51,8 +52,6 @@ if TYPE_CHECKING:
     from hydra_jax.pipeline.record import RunRecord
 
 CHUNK_SIZE = 64  # rows per step when --chunk-size is not given
-METHODS = ("dla", "atp", "atp_qk", "graddrop", "atp_star")
-SIGNED = ("dla", "atp", "atp_qk")
 NAMES = {
     "dla": "DLA",
     "atp": "AtP",
@@ -206,7 +205,6 @@ def attribution_summary(
                 "(`hydra-jax analyze --protocol attribution`)."
             )
         d = em.decompose()
-        n_layers = em.atp_dropped.shape[0]
         x["te"][:, at] = np.asarray(em.total, np.float64)
         x["own"][:, at] = np.asarray(d.own, np.float64)
         x["compensation"][:, at] = np.asarray(d.attention, np.float64) + np.asarray(d.mlp, np.float64)
@@ -214,9 +212,9 @@ def attribution_summary(
         x["dla"][:, at] = x["own"][:, at]
         x["atp"][:, at] = np.asarray(em.atp, np.float64)
         x["atp_qk"][:, at] = np.asarray(em.atp_qk, np.float64)
-        # GradDrop and AtP*: (1 / (L − 1)) Σ_ℓ |estimate with layer ℓ's gradient dropped| per prompt.
-        x["graddrop"][:, at] = np.abs(np.asarray(em.atp_dropped, np.float64)).sum(0) / max(n_layers - 1, 1)
-        x["atp_star"][:, at] = np.abs(np.asarray(em.atp_qk_dropped, np.float64)).sum(0) / max(n_layers - 1, 1)
+        # GradDrop and AtP*: (1 / (L − 1)) Σ_ℓ |estimate with layer ℓ's gradient dropped| per prompt
+        x["graddrop"][:, at] = graddrop_score(em.atp_dropped)
+        x["atp_star"][:, at] = graddrop_score(em.atp_qk_dropped)
     mean = {name: v.mean(-1) for name, v in x.items()}
     importance = {name: np.abs(x[name]).mean(-1) for name in ("te", *METHODS)}
     rng = np.random.default_rng(seed)
